@@ -1,0 +1,19 @@
+"""deepeq: Deep Equilibrium Models in PyTorch."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._fixed_point import fixed_point as fixed_point
+from ._solution import Solution as Solution
+from ._solution import Stats as Stats
+from ._solution import Status as Status
+from .solvers import SOLVERS as SOLVERS
+from .solvers import AbstractSolver as AbstractSolver
+from .solvers import Anderson as Anderson
+from .solvers import Broyden as Broyden
+from .solvers import Picard as Picard
+from .solvers import make_solver as make_solver
+
+try:
+    __version__ = version("deepeq")
+except PackageNotFoundError:  # running from a source tree that was not pip-installed
+    __version__ = "0.0.0+unknown"

@@ -1,0 +1,293 @@
+"""The one driver loop: ``fixed_point(f, z0, solver, ...)``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ._flatten import Layout, check_output, flatten, layout_of, unflatten
+from ._solution import Solution, Stats, Status
+from ._types import FixedPointFn, State
+from .solvers import AbstractSolver, Anderson
+
+
+def _map_args(args: Any, fn) -> Any:
+    if isinstance(args, Tensor):
+        return fn(args)
+    if isinstance(args, tuple | list):
+        return type(args)(_map_args(a, fn) for a in args)
+    return args
+
+
+def _check_args(args: Any, layout: Layout, path: str = "args") -> None:
+    if isinstance(args, Tensor):
+        if args.dim() == 0 or args.shape[0] != layout.batch:
+            raise ValueError(
+                f"{path} must be batched along dim 0 like z0 (batch size {layout.batch}); got shape "
+                f"{tuple(args.shape)}. Tensors shared by all samples (weights, constants) should "
+                f"be captured by f instead of passed in args."
+            )
+        if args.device != layout.device:
+            raise ValueError(
+                f"{path} is on {args.device} but z0 is on {layout.device}; move them to one device."
+            )
+    elif isinstance(args, tuple | list):
+        for i, a in enumerate(args):
+            _check_args(a, layout, f"{path}[{i}]")
+
+
+class _Evaluator:
+    """The flat map solvers call. Counts NFE, slices ``args`` to the active samples (or runs f on
+    the full batch when samples are not independent) and checks what f returns."""
+
+    def __init__(self, f: FixedPointFn, layout: Layout, args: tuple, independent: bool, z: Tensor):
+        self.f, self.layout, self.independent = f, layout, independent
+        self.args = args  # sliced to the active rows when independent
+        self.full_args = args
+        self.active = torch.arange(layout.batch, device=layout.device)  # original sample ids
+        self.full_z = z.clone() if not independent else None  # frozen rows keep their value
+        self.nfe = 0
+        self.sample_evals = 0
+
+    def set_active(self, keep: Tensor) -> None:
+        self.active = self.active[keep]
+        if self.independent:
+            self.args = _map_args(self.args, lambda a: a[keep])
+
+    def __call__(self, z: Tensor, rows: Tensor | None = None) -> Tensor:
+        self.nfe += 1
+        if self.independent:
+            args = self.args if rows is None else _map_args(self.args, lambda a: a[rows])
+            if z.shape[0] == self.layout.batch:
+                out = self.f(unflatten(z, self.layout), *args)
+            else:
+                try:
+                    out = self.f(unflatten(z, self.layout), *args)
+                except RuntimeError as e:
+                    raise RuntimeError(
+                        f"f failed when evaluated on {z.shape[0]} of the {self.layout.batch} "
+                        f"samples (deepeq evaluates f only on samples that have not converged "
+                        f"yet). If f uses per-sample tensors, pass them through args=(...) so "
+                        f"they are sliced alike, or pass independent=False. Original error: {e}"
+                    ) from e
+            check_output(out, self.layout, z.shape[0])
+            self.sample_evals += z.shape[0]
+            return flatten(out, self.layout).to(self.layout.dtype)
+        ids = self.active if rows is None else self.active[rows]
+        if rows is None:
+            self.full_z.index_copy_(0, ids, z)
+            full = self.full_z
+        else:
+            full = self.full_z.index_copy(0, ids, z)
+        out = self.f(unflatten(full, self.layout), *self.full_args)
+        check_output(out, self.layout, self.layout.batch)
+        self.sample_evals += self.layout.batch
+        return flatten(out, self.layout).to(self.layout.dtype)[ids]
+
+
+def _norms(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.linalg.vector_norm(fz - z, dim=1), torch.linalg.vector_norm(fz, dim=1)
+
+
+def fixed_point(
+    f: FixedPointFn,
+    z0: State,
+    solver: AbstractSolver | None = None,
+    *,
+    args: tuple = (),
+    independent: bool = True,
+    throw: bool = False,
+    nonfinite: Literal["raise", "return"] = "raise",
+    trace: bool = False,
+) -> Solution:
+    """Solve ``z* = f(z*, *args)`` per sample, starting from ``z0``.
+
+    Each sample stops as soon as ``||f(z) - z|| <= atol + rtol * ||f(z)||`` (norms over all
+    non-batch dimensions) and is then frozen: its iterate and its solver history no longer
+    change. With ``independent=True`` (default) f is then evaluated only on the still-active
+    samples, with every tensor in ``args`` sliced alike, so compute falls as samples converge
+    and a sample's result does not depend on its batch-mates. Each sample returns its
+    lowest-residual iterate (ranked by ``residual / (atol + rtol*||f(z)||)``).
+
+    The solve runs without building an autograd graph.
+
+    Args:
+        f: ``f(z, *args) -> z_next`` with the structure, shapes, dtype and device of ``z``.
+        z0: initial state, a tensor ``(B, ...)`` or a tuple/list of tensors sharing the batch
+            size B (flattened once to ``(B, D)``; solvers only see the flat form).
+        solver: a solver object (``Picard``, ``Anderson``, ``Broyden``); default ``Anderson()``.
+        args: extra arguments of f. Tensors must be batched along dim 0 like z0 (input
+            injection, memory, masks); they are sliced to the active samples. Nested
+            tuples/lists are sliced leaf-wise; non-tensor leaves pass through unchanged.
+        independent: set False when f mixes samples (batch statistics) or closes over
+            per-sample tensors: f then always runs on the full batch, converged samples held at
+            their returned values, and only their rows of the output are used.
+        throw: raise ``RuntimeError`` when some sample hits ``max_steps`` without converging.
+        nonfinite: ``"raise"`` (default) raises ``FloatingPointError`` naming the step and the
+            samples where f produced inf/nan; ``"return"`` stops those samples, returns their
+            lowest-residual finite iterate and sets ``Status.NONFINITE``.
+        trace: record each sample's residual at every step in ``stats.trace``/``rel_trace``.
+
+    Returns:
+        A :class:`Solution` with ``value`` (the structure of z0), ``status`` and ``stats``.
+
+    Raises:
+        TypeError, ValueError: bad z0, args, solver or f output (the message says which).
+        FloatingPointError: inf/nan with ``nonfinite="raise"``.
+        RuntimeError: ``throw=True`` and max_steps reached.
+
+    Example:
+        >>> import torch, deepeq
+        >>> x = torch.randn(4, 8, dtype=torch.float64)
+        >>> W = 0.3 * torch.eye(8, dtype=torch.float64)
+        >>> sol = deepeq.fixed_point(lambda z, x: torch.tanh(z @ W + x), torch.zeros_like(x),
+        ...                          deepeq.Broyden(rtol=1e-10), args=(x,))
+        >>> sol.status
+        <Status.CONVERGED: 'converged: every sample met ||f(z)-z|| <= atol + rtol*||f(z)||'>
+        >>> bool(torch.allclose(sol.value, torch.tanh(sol.value @ W + x)))
+        True
+    """
+    if solver is None:
+        solver = Anderson()
+    if not isinstance(solver, AbstractSolver):
+        raise TypeError(
+            f"solver must be a deepeq solver object such as deepeq.Anderson(); got "
+            f"{type(solver).__name__}. Use deepeq.make_solver(name, **hyperparams) for strings."
+        )
+    if nonfinite not in ("raise", "return"):
+        raise ValueError(f"nonfinite must be 'raise' or 'return'; got {nonfinite!r}.")
+    if not callable(f):
+        raise TypeError(f"f must be callable f(z, *args) -> z; got {type(f).__name__}.")
+    if not isinstance(args, tuple | list):
+        args = (args,)
+    layout = layout_of(z0)
+    _check_args(args, layout)
+    with torch.no_grad():
+        return _solve(f, z0, solver, layout, tuple(args), independent, throw, nonfinite, trace)
+
+
+def _solve(f, z0, solver, layout, args, independent, throw, nonfinite, trace) -> Solution:
+    t0 = time.perf_counter()
+    B, dev = layout.batch, layout.device
+    z = flatten(z0, layout).detach()
+    finite0 = torch.isfinite(z).all(1)
+    if not bool(finite0.all()):
+        bad = (~finite0).nonzero().flatten().tolist()
+        raise ValueError(f"z0 contains non-finite values (inf/nan) for samples {bad[:10]}.")
+    ev = _Evaluator(f, layout, args, independent, z)
+    fz = ev(z)
+    res, fnorm = _norms(z, fz)
+    atol, rtol, max_steps = solver.atol, solver.rtol, solver.max_steps
+    tiny = torch.finfo(res.dtype).tiny
+
+    def key_of(res: Tensor, fnorm: Tensor) -> Tensor:
+        # Ranks a sample's iterates by residual / tolerance (the quantity the stopping rule
+        # bounds by 1), in float64 so that a zero tolerance cannot overflow it to inf.
+        if atol == 0 and rtol == 0:
+            return res.double()
+        return res.double() / (atol + rtol * fnorm.double()).clamp_min(1e-300)
+
+    # Full-batch outputs, written when a sample leaves the active set.
+    out_z = torch.empty_like(z)
+    out_res = torch.empty_like(res)
+    out_fnorm = torch.empty_like(res)
+    out_steps = torch.zeros(B, dtype=torch.long, device=dev)
+    out_best = torch.zeros(B, dtype=torch.long, device=dev)
+    out_nonfinite = torch.zeros(B, dtype=torch.bool, device=dev)
+    if trace:
+        tr = torch.full((B, max_steps + 1), float("nan"), dtype=res.dtype, device=dev)
+        tr_rel = tr.clone()
+
+    # Best-so-far of the active rows (compacted together with the solver state).
+    key = key_of(res, fnorm)
+    best_z, best_res, best_fnorm, best_key = z, res, fnorm, key
+    best_step = torch.zeros(B, dtype=torch.long, device=dev)
+    state = solver.init(ev, z, fz)
+    buffer_bytes = sum(t.numel() * t.element_size() for t in state if isinstance(t, Tensor))
+
+    k = 0
+    while True:
+        if trace:
+            tr[ev.active, k] = res
+            tr_rel[ev.active, k] = res / fnorm.clamp_min(tiny)
+        bad = ~torch.isfinite(res) | ~torch.isfinite(fnorm)
+        done = (res <= atol + rtol * fnorm) | bad
+        # One host synchronisation per step: needed to decide whether to stop.
+        if k >= max_steps or bool(done.any()):
+            if k >= max_steps:
+                done = torch.ones_like(done)
+            if nonfinite == "raise" and bool(bad.any()):
+                ids = ev.active[bad].tolist()
+                raise FloatingPointError(
+                    f"f produced non-finite values (inf/nan) at step {k} for sample(s) {ids[:10]}"
+                    f" (solver {type(solver).__name__}). Check f for overflow or divergence "
+                    f"(e.g. lower the learning rate, add normalisation or damping), or pass "
+                    f"nonfinite='return' to get Status.NONFINITE with the last finite iterate."
+                )
+            idx = done.nonzero().squeeze(1)
+            ids = ev.active[idx]
+            out_z[ids] = best_z[idx]
+            out_res[ids] = best_res[idx]
+            out_fnorm[ids] = best_fnorm[idx]
+            out_best[ids] = best_step[idx]
+            out_steps[ids] = k
+            out_nonfinite[ids] = bad[idx]
+            if ev.full_z is not None:
+                ev.full_z[ids] = best_z[idx]
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            if keep.numel() < done.numel():
+                z, fz = z[keep], fz[keep]
+                best_z, best_res, best_fnorm = best_z[keep], best_res[keep], best_fnorm[keep]
+                best_key, best_step = best_key[keep], best_step[keep]
+                state = solver.compact(state, keep)
+                ev.set_active(keep)
+        k += 1
+        z, fz, state = solver.step(ev, z, fz, state)
+        res, fnorm = _norms(z, fz)
+        key = key_of(res, fnorm)
+        better = key < best_key  # NaN never improves, so best stays finite
+        best_z = torch.where(better.unsqueeze(1), z, best_z)
+        best_res = torch.where(better, res, best_res)
+        best_fnorm = torch.where(better, fnorm, best_fnorm)
+        best_key = torch.where(better, key, best_key)
+        best_step = torch.where(better, k, best_step)
+
+    converged = out_res <= atol + rtol * out_fnorm
+    if bool(out_nonfinite.any()):
+        status = Status.NONFINITE
+    elif bool(converged.all()):
+        status = Status.CONVERGED
+    else:
+        status = Status.MAX_STEPS
+    trace_abs = trace_rel = None
+    if trace:
+        S = int(out_steps.max())
+        cols = torch.arange(S + 1, device=dev).unsqueeze(0)
+        fill = torch.minimum(cols, out_steps.unsqueeze(1))  # repeat the last value after a stop
+        trace_abs = tr[:, : S + 1].gather(1, fill)
+        trace_rel = tr_rel[:, : S + 1].gather(1, fill)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    stats = Stats(
+        abs_residual=out_res,
+        rel_residual=out_res / out_fnorm.clamp_min(tiny),
+        num_steps=out_steps,
+        best_step=out_best,
+        converged=converged,
+        nonfinite=out_nonfinite,
+        nfe=ev.nfe,
+        sample_evals=ev.sample_evals,
+        wall_time=time.perf_counter() - t0,
+        buffer_bytes=buffer_bytes,
+        trace=trace_abs,
+        rel_trace=trace_rel,
+    )
+    sol = Solution(value=unflatten(out_z, layout), status=status, stats=stats)
+    if throw and status is Status.MAX_STEPS:
+        sol.raise_for_status()
+    return sol

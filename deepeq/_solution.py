@@ -1,0 +1,95 @@
+"""Result records: Status, Stats and Solution."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ._types import State
+
+
+class Status(enum.Enum):
+    """Outcome of a fixed-point solve. Each value is the human-readable explanation."""
+
+    CONVERGED = "converged: every sample met ||f(z)-z|| <= atol + rtol*||f(z)||"
+    MAX_STEPS = (
+        "reached max_steps before ||f(z)-z|| <= atol + rtol*||f(z)|| for every sample; "
+        "increase max_steps, loosen atol/rtol, try another solver, or check that f is contractive"
+    )
+    NONFINITE = (
+        "non-finite values (inf/nan) appeared in f(z) for some samples; those samples return "
+        "their lowest-residual finite iterate. Check f for overflow or lower the learning rate"
+    )
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Per-sample statistics of one solve. Every per-sample tensor has shape ``(B,)`` and lives on
+    the device of ``z0``.
+
+    Attributes:
+        abs_residual: ``||f(z*) - z*||`` of the returned iterate (norm over all non-batch dims).
+        rel_residual: ``abs_residual / ||f(z*)||``.
+        num_steps: solver steps this sample took before it converged or stopped (0 = z0 was
+            already converged). Line-search trial evaluations are not steps.
+        best_step: the step whose iterate is returned (the sample's lowest-residual iterate).
+        converged: bool mask, ``abs_residual <= atol + rtol * ||f(z*)||``.
+        nonfinite: bool mask of samples stopped because f produced inf/nan.
+        nfe: number of calls of ``f`` (each call may cover only the still-active samples).
+        sample_evals: per-sample evaluations summed over calls (``nfe * B`` when nothing is
+            masked); this is what compute scales with.
+        wall_time: seconds spent in the solve (device synchronised at the end).
+        buffer_bytes: bytes of solver buffers (histories, Gram matrices) allocated for the solve.
+        trace: ``(B, S + 1)`` absolute residual of each sample's current iterate at step 0..S
+            (S = the largest ``num_steps``; after a sample stops its last value is repeated), or
+            None when ``trace=False``.
+        rel_trace: the same for the relative residual.
+    """
+
+    abs_residual: Tensor
+    rel_residual: Tensor
+    num_steps: Tensor
+    best_step: Tensor
+    converged: Tensor
+    nonfinite: Tensor
+    nfe: int
+    sample_evals: int
+    wall_time: float
+    buffer_bytes: int
+    trace: Tensor | None = None
+    rel_trace: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Solution:
+    """What :func:`deepeq.fixed_point` returns.
+
+    Attributes:
+        value: the equilibrium ``z*`` with the structure of ``z0``: for each sample its
+            lowest-residual iterate (never one extra application of f).
+        status: a :class:`Status`; ``CONVERGED`` only if every sample converged.
+        stats: a :class:`Stats` record.
+    """
+
+    value: State
+    status: Status
+    stats: Stats
+
+    def raise_for_status(self) -> Solution:
+        """Raise ``RuntimeError`` with the status explanation unless every sample converged.
+
+        Returns:
+            ``self``, so calls can be chained.
+        """
+        if self.status is not Status.CONVERGED:
+            s = self.stats
+            bad = (~s.converged).nonzero().flatten().tolist()
+            raise RuntimeError(
+                f"fixed_point did not converge ({self.status.name}): {self.status.value}. "
+                f"{len(bad)} of {s.converged.numel()} samples failed (first: {bad[:8]}); "
+                f"max abs residual {s.abs_residual.max().item():.3e}, "
+                f"max rel residual {s.rel_residual.max().item():.3e}."
+            )
+        return self

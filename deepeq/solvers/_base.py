@@ -1,0 +1,80 @@
+"""The solver protocol shared by Picard, Anderson and Broyden."""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._types import FlatFn
+
+
+class AbstractSolver(abc.ABC):
+    """Finds ``z`` with ``f(z) = z``. Concrete solvers are frozen dataclasses holding
+    hyper-parameters only; per-call state lives in the object returned by :meth:`init`.
+
+    The driver (:func:`deepeq.fixed_point`) owns the loop: it evaluates the stopping rule
+    ``||f(z) - z|| <= atol + rtol * ||f(z)||`` per sample, keeps each sample's best iterate, and
+    drops converged samples from the active set. Solvers therefore only see the still-active rows
+    as ``(b, D)`` tensors, and every tensor in their state must be batch-first so that the driver
+    can drop rows with :meth:`compact`.
+    """
+
+    atol: float
+    rtol: float
+    max_steps: int
+
+    @abc.abstractmethod
+    def init(self, f: FlatFn, z: Tensor, fz: Tensor) -> Any:
+        """Build the solver state (e.g. a history buffer) for ``z``, ``fz = f(z)`` of shape (B, D)."""
+
+    @abc.abstractmethod
+    def step(self, f: FlatFn, z: Tensor, fz: Tensor, state: Any) -> tuple[Tensor, Tensor, Any]:
+        """One iteration: return ``(z_next, f(z_next), new_state)``, evaluating ``f`` itself."""
+
+    def compact(self, state: Any, keep: Tensor) -> Any:
+        """Keep only rows ``keep`` (int64 indices) of every batch-first tensor in ``state``."""
+        return type(state)(
+            *(x[keep] if isinstance(x, Tensor) and x.dim() > 0 else x for x in state)
+        )
+
+    def _validate(self) -> None:
+        name = type(self).__name__
+        for field in ("atol", "rtol"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise TypeError(f"{name}.{field} must be a float; got {v!r}.")
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name}.{field} must be finite and >= 0; got {v!r}.")
+        _check_int(name, "max_steps", self.max_steps, 1)
+        damping = getattr(self, "damping", 0.0)
+        if isinstance(damping, bool) or not isinstance(damping, int | float):
+            raise TypeError(f"{name}.damping must be a float in [0, 1); got {damping!r}.")
+        if not 0.0 <= damping < 1.0:
+            raise ValueError(
+                f"{name}.damping must be in [0, 1) (z <- (1-damping)*f(z) + damping*z, "
+                f"0 = no damping); got {damping!r}."
+            )
+
+
+def _check_int(name: str, field: str, v: object, minimum: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}.{field} must be an int >= {minimum}; got {v!r}.")
+    if v < minimum:
+        raise ValueError(f"{name}.{field} must be >= {minimum}; got {v!r}.")
+
+
+def _check_float(name: str, field: str, v: object, minimum: float, strict: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise TypeError(f"{name}.{field} must be a finite float; got {v!r}.")
+    if v < minimum or (strict and v == minimum):
+        op = ">" if strict else ">="
+        raise ValueError(f"{name}.{field} must be {op} {minimum}; got {v!r}.")
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype for small solver-internal reductions (Gram matrices): at least float32."""
+    return torch.promote_types(dtype, torch.float32)

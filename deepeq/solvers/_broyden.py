@@ -1,0 +1,124 @@
+"""Broyden's ("good") quasi-Newton method with a bounded low-rank inverse Jacobian."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._types import FlatFn
+from ._base import AbstractSolver, _check_int
+
+
+class _BroydenState(NamedTuple):
+    U: Tensor  # (B, m, D)  rank-one factors: J⁻¹ ≈ -I + Σ_i u_i v_iᵀ; only [:, :count] is used
+    V: Tensor  # (B, m, D)
+    count: int  # slots in use (the same for every active sample)
+
+
+def _lowrank(A: Tensor, C: Tensor, x: Tensor) -> Tensor:
+    """Σ_i a_i (c_i·x) for A, C of shape (B, n, D) and x (B, D) -> (B, D)."""
+    if A.shape[1] == 0:
+        return torch.zeros_like(x)
+    return torch.bmm(torch.bmm(C, x.unsqueeze(2)).transpose(1, 2), A).squeeze(1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Broyden(AbstractSolver):
+    """Broyden's good method on ``g(z) = f(z) - z`` (Broyden 1965; the DEQ papers' solver).
+
+    Keeps an approximation of the inverse Jacobian of g, ``J⁻¹ ≈ -I + Σ_i u_i v_iᵀ``, starting from
+    ``-I`` (so the first step is a Picard step). Each step moves ``z <- z + a Δz`` with
+    ``Δz = -J⁻¹ g`` and updates ``J⁻¹`` by the Sherman–Morrison rank-one "good Broyden" formula
+    with ``s = a Δz``, ``y = g_new - g``:
+    ``J⁻¹ <- J⁻¹ + (s - J⁻¹y)(sᵀJ⁻¹) / (sᵀJ⁻¹y)``.
+    The factors live in one contiguous ``(B, m, D)`` buffer pair allocated once per solve; when all
+    ``m = history_length`` slots are used the approximation restarts from ``-I`` (limited memory). An update whose
+    denominator is ~0 or non-finite is skipped for that sample (NaN-safe).
+
+    With ``line_search=True`` a sample whose full step does not decrease ``||g||`` backtracks
+    (halving ``a``, at most ``backtracks`` times); only the failing samples are re-evaluated,
+    and these trial evaluations count in ``nfe`` but not in ``num_steps``.
+
+    Args:
+        atol: absolute tolerance of the stopping rule ``||f(z)-z|| <= atol + rtol*||f(z)||``.
+        rtol: relative tolerance of the same rule.
+        max_steps: iteration cap; reaching it gives ``Status.MAX_STEPS``.
+        history_length: m, number of rank-one updates kept.
+        line_search: per-sample backtracking on ``||g||``.
+        backtracks: maximum halvings per step when ``line_search`` is on.
+
+    Example:
+        >>> import torch, deepeq
+        >>> sol = deepeq.fixed_point(torch.cos, torch.zeros(4, 1, dtype=torch.float64), deepeq.Broyden(atol=1e-10, rtol=0.0))
+        >>> sol.status.name, round(sol.value[0].item(), 8)
+        ('CONVERGED', 0.73908513)
+    """
+
+    atol: float = 0.0
+    rtol: float = 1e-3
+    max_steps: int = 30
+    history_length: int = 20
+    line_search: bool = False
+    backtracks: int = 4
+
+    def __post_init__(self) -> None:
+        self._validate()
+        _check_int("Broyden", "history_length", self.history_length, 1)
+        _check_int("Broyden", "backtracks", self.backtracks, 0)
+        if not isinstance(self.line_search, bool):
+            raise TypeError(f"Broyden.line_search must be a bool; got {self.line_search!r}.")
+
+    def init(self, f: FlatFn, z: Tensor, fz: Tensor) -> _BroydenState:
+        B, D = z.shape
+        m = self.history_length
+        # Uninitialised on purpose: slots are written before they are read (count tracks them).
+        return _BroydenState(z.new_empty(B, m, D), z.new_empty(B, m, D), 0)
+
+    def step(self, f: FlatFn, z: Tensor, fz: Tensor, state: _BroydenState):
+        U, V, n = state
+        Un, Vn = U[:, :n], V[:, :n]  # the used slots only: no work on empty history
+        g = fz - z
+        dz = g - _lowrank(Un, Vn, g)  # -J⁻¹g = g - Σ u_i (v_i·g)
+        z_new = z + dz
+        fz_new = f(z_new)
+        if self.line_search:
+            z_new, fz_new = self._backtrack(f, z, g, dz, z_new, fz_new)
+        s = z_new - z
+        y = (fz_new - z_new) - g
+        if n == self.history_length:
+            # History full: restart from J⁻¹ = -I (this update is made relative to -I). Overwriting
+            # the oldest factor instead leaves the others describing a matrix that no longer
+            # exists, which diverged in tests.
+            n, Jy, sJ = 0, -y, -s
+        else:
+            Jy = -y + _lowrank(Un, Vn, y)  # J⁻¹y
+            sJ = -s + _lowrank(Vn, Un, s)  # sᵀJ⁻¹ = -s + Σ (s·u_i) v_i
+        denom = torch.linalg.vecdot(sJ, y)
+        eps = torch.finfo(z.dtype).eps
+        ok = torch.isfinite(denom) & (denom.abs() > eps * s.norm(dim=1) * Jy.norm(dim=1))
+        u = (s - Jy) / torch.where(ok, denom, torch.ones_like(denom)).unsqueeze(1)
+        # A skipped update (denominator ~0 or non-finite) writes a zero factor for that sample.
+        ok = (ok & torch.isfinite(u).all(1) & torch.isfinite(sJ).all(1)).unsqueeze(1)
+        U[:, n] = torch.where(ok, u, 0.0)
+        V[:, n] = torch.where(ok, sJ, 0.0)
+        return z_new, fz_new, _BroydenState(U, V, n + 1)
+
+    def _backtrack(self, f, z, g, dz, z_new, fz_new):
+        gnorm = g.norm(dim=1)
+        scale = torch.ones_like(gnorm)
+        for _ in range(self.backtracks):
+            gn = (fz_new - z_new).norm(dim=1)
+            # Sufficient decrease of ||g|| (Armijo-style, c = 1e-4); NaN counts as failure.
+            fail = ~(gn <= (1.0 - 1e-4 * scale) * gnorm)
+            if not bool(fail.any()):
+                break
+            rows = fail.nonzero().squeeze(1)
+            scale[rows] *= 0.5
+            z_try = z[rows] + scale[rows].unsqueeze(1) * dz[rows]
+            fz_try = f(z_try, rows=rows)
+            z_new = z_new.index_copy(0, rows, z_try)
+            fz_new = fz_new.index_copy(0, rows, fz_try)
+        return z_new, fz_new

@@ -1,0 +1,40 @@
+"""Every docstring example runs (doctest), and the README's demo command runs."""
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import deepeq
+from deepeq.__main__ import main
+
+MODULES = [
+    m.name for m in pkgutil.walk_packages(deepeq.__path__, "deepeq.") if m.name != "deepeq.__main__"
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
+
+
+def test_doctests_exist():
+    total = sum(
+        doctest.testmod(importlib.import_module(n), report=False).attempted for n in MODULES
+    )
+    assert total >= 10
+
+
+def test_demo_smoke(capsys):
+    assert main(["demo", "--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| attention |") == 3 and out.count("| conv |") == 3
+    assert "CONVERGED" in out
+
+
+def test_version_command(capsys):
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out.strip() == deepeq.__version__
