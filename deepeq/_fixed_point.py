@@ -88,8 +88,10 @@ class _Evaluator:
         return flatten(out, self.layout).to(self.layout.dtype)[ids]
 
 
-def _norms(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.linalg.vector_norm(fz - z, dim=1), torch.linalg.vector_norm(fz, dim=1)
+def _norms(z: Tensor, fz: Tensor) -> Tensor:
+    """``(2, b)``: row 0 ``||f(z) - z||``, row 1 ``||f(z)||``, computed in at least float32."""
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    return torch.linalg.vector_norm(torch.stack((fz - z, fz)), dim=2, dtype=dtype)
 
 
 def fixed_point(
@@ -179,44 +181,54 @@ def _solve(f, z0, solver, layout, args, independent, throw, nonfinite, trace) ->
         raise ValueError(f"z0 contains non-finite values (inf/nan) for samples {bad[:10]}.")
     ev = _Evaluator(f, layout, args, independent, z)
     fz = ev(z)
-    res, fnorm = _norms(z, fz)
+    norms = _norms(z, fz)  # (2, b): residual, ||f(z)||
     atol, rtol, max_steps = solver.atol, solver.rtol, solver.max_steps
-    tiny = torch.finfo(res.dtype).tiny
 
-    def key_of(res: Tensor, fnorm: Tensor) -> Tensor:
-        # Ranks a sample's iterates by residual / tolerance (the quantity the stopping rule
-        # bounds by 1), in float64 so that a zero tolerance cannot overflow it to inf.
-        if atol == 0 and rtol == 0:
-            return res.double()
-        return res.double() / (atol + rtol * fnorm.double()).clamp_min(1e-300)
+    # The stopping rule res <= atol + rtol*||f(z)|| as "key <= threshold", with as few tensor
+    # ops as possible (per-op overhead dominates the loop when f is cheap). The key also ranks a
+    # sample's iterates: the returned one minimises it.
+    if rtol == 0:
+        threshold = atol
+
+        def key_of(norms: Tensor) -> Tensor:
+            return norms[0]
+    elif atol == 0:
+        threshold = rtol
+
+        def key_of(norms: Tensor) -> Tensor:
+            return norms[0] / norms[1]
+    else:
+        threshold = 1.0
+
+        def key_of(norms: Tensor) -> Tensor:
+            return norms[0] / (norms[1] * rtol + atol)
 
     # Full-batch outputs, written when a sample leaves the active set.
     out_z = torch.empty_like(z)
-    out_res = torch.empty_like(res)
-    out_fnorm = torch.empty_like(res)
+    out_norms = torch.empty_like(norms)
     out_steps = torch.zeros(B, dtype=torch.long, device=dev)
     out_best = torch.zeros(B, dtype=torch.long, device=dev)
     out_nonfinite = torch.zeros(B, dtype=torch.bool, device=dev)
     if trace:
-        tr = torch.full((B, max_steps + 1), float("nan"), dtype=res.dtype, device=dev)
-        tr_rel = tr.clone()
+        tr = torch.full((2, B, max_steps + 1), float("nan"), dtype=norms.dtype, device=dev)
 
     # Best-so-far of the active rows (compacted together with the solver state).
-    key = key_of(res, fnorm)
-    best_z, best_res, best_fnorm, best_key = z, res, fnorm, key
+    key = key_of(norms)
+    best_z, best_norms, best_key = z, norms, key
     best_step = torch.zeros(B, dtype=torch.long, device=dev)
     state = solver.init(ev, z, fz)
     buffer_bytes = sum(t.numel() * t.element_size() for t in state if isinstance(t, Tensor))
 
+    on_cpu = dev.type == "cpu"
     k = 0
     while True:
         if trace:
-            tr[ev.active, k] = res
-            tr_rel[ev.active, k] = res / fnorm.clamp_min(tiny)
-        bad = ~torch.isfinite(res) | ~torch.isfinite(fnorm)
-        done = (res <= atol + rtol * fnorm) | bad
-        # One host synchronisation per step: needed to decide whether to stop.
-        if k >= max_steps or bool(done.any()):
+            tr[:, ev.active, k] = norms
+        # NaN/inf keys map to 0, i.e. "done": the exact reason is sorted out below, only on the
+        # (rare) steps where some sample stops. One host synchronisation per step.
+        if k >= max_steps or bool((torch.nan_to_num(key, 0.0, 0.0) <= threshold).any()):
+            bad = ~torch.isfinite(norms).all(0)
+            done = bad | (best_key <= threshold)
             if k >= max_steps:
                 done = torch.ones_like(done)
             if nonfinite == "raise" and bool(bad.any()):
@@ -230,8 +242,7 @@ def _solve(f, z0, solver, layout, args, independent, throw, nonfinite, trace) ->
             idx = done.nonzero().squeeze(1)
             ids = ev.active[idx]
             out_z[ids] = best_z[idx]
-            out_res[ids] = best_res[idx]
-            out_fnorm[ids] = best_fnorm[idx]
+            out_norms[:, ids] = best_norms[:, idx]
             out_best[ids] = best_step[idx]
             out_steps[ids] = k
             out_nonfinite[ids] = bad[idx]
@@ -242,21 +253,26 @@ def _solve(f, z0, solver, layout, args, independent, throw, nonfinite, trace) ->
                 break
             if keep.numel() < done.numel():
                 z, fz = z[keep], fz[keep]
-                best_z, best_res, best_fnorm = best_z[keep], best_res[keep], best_fnorm[keep]
+                best_z, best_norms = best_z[keep], best_norms[:, keep]
                 best_key, best_step = best_key[keep], best_step[keep]
                 state = solver.compact(state, keep)
                 ev.set_active(keep)
         k += 1
         z, fz, state = solver.step(ev, z, fz, state)
-        res, fnorm = _norms(z, fz)
-        key = key_of(res, fnorm)
-        better = key < best_key  # NaN never improves, so best stays finite
-        best_z = torch.where(better.unsqueeze(1), z, best_z)
-        best_res = torch.where(better, res, best_res)
-        best_fnorm = torch.where(better, fnorm, best_fnorm)
-        best_key = torch.where(better, key, best_key)
-        best_step = torch.where(better, k, best_step)
+        norms = _norms(z, fz)
+        key = key_of(norms)
+        better = key < best_key  # NaN never improves, so the best iterate stays finite
+        if on_cpu and bool(better.all()):
+            # Common case, cheap to detect on CPU (no device to wait for): no masking needed.
+            best_z, best_norms, best_key = z, norms, key
+            best_step = best_step.fill_(k)
+        else:
+            best_z = torch.where(better.unsqueeze(1), z, best_z)
+            best_norms = torch.where(better, norms, best_norms)
+            best_key = torch.where(better, key, best_key)
+            best_step = torch.where(better, k, best_step)
 
+    out_res, out_fnorm = out_norms[0], out_norms[1]
     converged = out_res <= atol + rtol * out_fnorm
     if bool(out_nonfinite.any()):
         status = Status.NONFINITE
@@ -269,13 +285,13 @@ def _solve(f, z0, solver, layout, args, independent, throw, nonfinite, trace) ->
         S = int(out_steps.max())
         cols = torch.arange(S + 1, device=dev).unsqueeze(0)
         fill = torch.minimum(cols, out_steps.unsqueeze(1))  # repeat the last value after a stop
-        trace_abs = tr[:, : S + 1].gather(1, fill)
-        trace_rel = tr_rel[:, : S + 1].gather(1, fill)
+        trace_abs = tr[0, :, : S + 1].gather(1, fill)
+        trace_rel = (tr[0] / tr[1]).nan_to_num(nan=0.0)[:, : S + 1].gather(1, fill)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     stats = Stats(
         abs_residual=out_res,
-        rel_residual=out_res / out_fnorm.clamp_min(tiny),
+        rel_residual=(out_res / out_fnorm).nan_to_num(nan=0.0),  # 0/0: f(z) = z = 0
         num_steps=out_steps,
         best_step=out_best,
         converged=converged,

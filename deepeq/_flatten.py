@@ -91,6 +91,15 @@ def unflatten(z: Tensor, layout: Layout) -> State:
 
 def check_output(fz: object, layout: Layout, batch: int) -> None:
     """Raise a clear error if ``f(z)`` does not match the structure of ``z`` (``batch`` rows)."""
+    if (
+        layout.kind is Tensor
+        and isinstance(fz, Tensor)
+        and fz.shape[0] == batch
+        and fz.shape[1:] == layout.shapes[0]
+        and fz.dtype == layout.dtype
+        and fz.device == layout.device
+    ):
+        return  # fast path: called once per solver step
     expected = _describe_layout(layout, batch)
     if layout.kind is Tensor:
         parts = [fz] if isinstance(fz, Tensor) else None

@@ -9,14 +9,16 @@ import torch
 from torch import Tensor
 
 from .._types import FlatFn
-from ._base import AbstractSolver, _check_float, _check_int, work_dtype
+from ._base import AbstractSolver, _check_float, _check_int, bmv, bvm, work_dtype
 
 
 class _AndersonState(NamedTuple):
     F: Tensor  # (B, m, D)  f(z_i) for the last m iterates (ring buffer)
     G: Tensor  # (B, m, D)  residuals g_i = f(z_i) - z_i
-    H: Tensor  # (B, m, m)  Gram matrix <g_i, g_j>, updated one row/column per step
-    valid: Tensor  # (B, m)  which slots take part in the mixing (per sample: restarts)
+    H: Tensor  # (B, m, m)  <g_i, g_j> (diagonal times 1 + ridge) on valid slots, identity rows
+    #                       and columns on invalid (unfilled or restarted) slots; dtype >= fp32
+    valid: Tensor  # (B, m)  0/1 in H's dtype: which slots take part in the mixing (per sample)
+    eye: Tensor  # (m, m)  identity (constant, used by restarts)
     count: int  # iterates written so far; the ring slot is count % m
 
 
@@ -26,23 +28,25 @@ class Anderson(AbstractSolver):
 
     With the last ``m = history_length`` iterates ``z_i``, values ``f_i = f(z_i)`` and residuals
     ``g_i = f_i - z_i``, each step solves, per sample,
-    ``α = argmin ||Σ α_i g_i||² + λ||α||²`` subject to ``Σ α_i = 1``, i.e. ``α ∝ (H + λI)⁻¹ 1``
+    ``α = argmin ||Σ α_i g_i||² + ridge Σ_i H_ii α_i²`` subject to ``Σ α_i = 1``, i.e.
+    ``α ∝ (H + ridge·diag(H))⁻¹ 1``
     with the Gram matrix ``H_ij = <g_i, g_j>``, and moves to
     ``z <- (1 - damping) Σ α_i f_i + damping Σ α_i z_i``.
 
     The Gram matrix is updated incrementally (one new row/column per step, O(mD) instead of
-    O(m²D)). The ridge is *relative*: ``λ = ridge * mean_i H_ii``, so the regularisation shrinks
+    O(m²D)). The ridge is *relative* (scaled per slot by ``H_ii = ||g_i||²``), so the regularisation shrinks
     with the residuals and the method does not stall at small residuals (an absolute λ does).
     Safeguard: when the mixing system is singular, produces non-finite weights, or a weight
     exceeds ``max_weight`` in magnitude (an ill-conditioned history), that sample takes a damped
-    Picard step instead and its history restarts from the current iterate. Never crashes.
+    Picard step instead and its history is cleared (refilled from the next iterate on).
+    Never crashes; never synchronises with the host.
 
     Args:
         atol: absolute tolerance of the stopping rule ``||f(z)-z|| <= atol + rtol*||f(z)||``.
         rtol: relative tolerance of the same rule.
         max_steps: iteration cap; reaching it gives ``Status.MAX_STEPS``.
         history_length: m, number of past iterates mixed.
-        ridge: relative Tikhonov factor (λ / mean diagonal of H).
+        ridge: relative Tikhonov factor (multiplies the diagonal of H).
         damping: β in ``[0, 1)``; 0 takes the pure mixed ``f`` values.
         max_weight: restart threshold on ``max_i |α_i|``.
 
@@ -72,46 +76,50 @@ class Anderson(AbstractSolver):
     def init(self, f: FlatFn, z: Tensor, fz: Tensor) -> _AndersonState:
         B, D = z.shape
         m = self.history_length
-        wd = work_dtype(z.dtype)
+        wd = work_dtype(z.dtype)  # fp32 for fp32/bf16/fp16 states, fp64 for fp64
+        eye = torch.eye(m, dtype=wd, device=z.device)
         return _AndersonState(
-            F=z.new_zeros(B, m, D),
+            F=z.new_zeros(B, m, D),  # zeros, not empty: 0 * uninitialised memory may be NaN
             G=z.new_zeros(B, m, D),
-            H=torch.zeros(B, m, m, dtype=wd, device=z.device),
-            valid=torch.zeros(B, m, dtype=torch.bool, device=z.device),
+            H=eye.expand(B, m, m).clone(),
+            valid=torch.zeros(B, m, dtype=wd, device=z.device),
+            eye=eye,
             count=0,
         )
 
+    def compact(self, state: _AndersonState, keep: Tensor) -> _AndersonState:
+        F, G, H, valid, eye, count = state
+        return _AndersonState(F[keep], G[keep], H[keep], valid[keep], eye, count)
+
     def step(self, f: FlatFn, z: Tensor, fz: Tensor, state: _AndersonState):
-        F, G, H, valid, count = state
-        m = self.history_length
-        s = count % m
+        # Written for few tensor ops per step: with cheap f the per-op overhead dominates.
+        F, G, H, valid, eye, count = state
+        s = count % self.history_length
         g = fz - z
         F[:, s] = fz
         G[:, s] = g
-        h = torch.bmm(G, g.unsqueeze(2)).squeeze(2).to(H.dtype)  # (B, m)
+        valid[:, s] = 1.0
+        # Incremental Gram update: one new row/column, O(mD); invalid slots stay decoupled.
+        h = bmv(G, g).to(H.dtype).mul_(valid)  # (B, m)
         H[:, s, :] = h
         H[:, :, s] = h
-        valid[:, s] = True
-
-        # Solve (H + λI) y = 1 on the valid slots; invalid slots get an identity row and a
-        # zero right-hand side, so their weight is exactly 0. Solved in float64: m is tiny.
-        vm = valid.to(torch.float64)
-        Hd = H.to(torch.float64) * vm.unsqueeze(2) * vm.unsqueeze(1)
-        diag = torch.diagonal(Hd, dim1=1, dim2=2)
-        tiny = torch.finfo(torch.float64).tiny
-        A = Hd + torch.diag_embed(self.ridge * diag + (1.0 - vm) + tiny)
-        y, info = torch.linalg.solve_ex(A, vm)
+        H[:, s, s] *= 1.0 + self.ridge
+        # Invalid slots are identity rows with a zero right-hand side: their weight is exactly 0.
+        y = torch.linalg.solve_ex(H, valid)[0]
         alpha = y / y.sum(1, keepdim=True)
-        bad = (info != 0) | ~torch.isfinite(alpha).all(1) | (alpha.abs().amax(1) > self.max_weight)
-        onehot = torch.zeros_like(vm)
-        onehot[:, s] = 1.0
-        alpha = torch.where(bad.unsqueeze(1), onehot, alpha).to(z.dtype)
-        # Restart: a bad sample keeps only its current iterate in the history.
-        valid.copy_(torch.where(bad.unsqueeze(1), onehot.bool(), valid))
+        # Safeguard: a singular system gives inf/NaN weights, an ill-conditioned one huge
+        # weights. Those samples take a Picard step and clear their history (the next step
+        # starts a fresh one). On CPU the rare restart is skipped after a cheap check; on an
+        # accelerator it is applied with masks so that the loop never waits for the device.
+        bad = ~(alpha.abs().amax(1, keepdim=True) <= self.max_weight)  # (B, 1)
+        if z.device.type != "cpu" or bool(bad.any()):
+            alpha = torch.where(bad, eye[s], alpha)
+            valid = valid.masked_fill(bad, 0.0)
+            H = torch.where(bad.unsqueeze(2), eye, H)
 
-        a = alpha.unsqueeze(1)  # (B, 1, m)
-        z_next = torch.bmm(a, F).squeeze(1)  # Σ α_i f_i
+        a = alpha.to(z.dtype)  # (B, m)
+        z_next = bvm(a, F)  # Σ α_i f_i
         if self.damping:
             # Σ α_i z_i = Σ α_i (f_i - g_i), so the damped mix is Σ α f - damping Σ α g.
-            z_next = z_next - self.damping * torch.bmm(a, G).squeeze(1)
-        return z_next, f(z_next), _AndersonState(F, G, H, valid, count + 1)
+            z_next = z_next - self.damping * bvm(a, G)
+        return z_next, f(z_next), _AndersonState(F, G, H, valid, eye, count + 1)

@@ -78,3 +78,24 @@ def _check_float(name: str, field: str, v: object, minimum: float, strict: bool 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype for small solver-internal reductions (Gram matrices): at least float32."""
     return torch.promote_types(dtype, torch.float32)
+
+
+# Batched products with a short "history" axis n (n ≤ a few dozen). On CPU, bmm takes a slow
+# matrix-vector path for these shapes (measured 1.5-3x slower than multiply-and-sum up to
+# B*n*D = 2^22 elements, bench notes in docs/benchmarks.md); elsewhere, and for large
+# tensors where the (B, n, D) temporary would cost memory, bmm is used.
+_SMALL = 1 << 22
+
+
+def bmv(A: Tensor, x: Tensor) -> Tensor:
+    """``A @ x`` per sample: A (B, n, D), x (B, D) -> (B, n)."""
+    if A.device.type == "cpu" and A.numel() <= _SMALL:
+        return (A * x.unsqueeze(1)).sum(2)
+    return torch.bmm(A, x.unsqueeze(2)).squeeze(2)
+
+
+def bvm(w: Tensor, A: Tensor) -> Tensor:
+    """``Σ_i w_i A_i`` per sample: w (B, n), A (B, n, D) -> (B, D)."""
+    if A.device.type == "cpu" and A.numel() <= _SMALL:
+        return (w.unsqueeze(2) * A).sum(1)
+    return torch.bmm(w.unsqueeze(1), A).squeeze(1)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._types import FlatFn
-from ._base import AbstractSolver, _check_int
+from ._base import AbstractSolver, _check_int, bmv, bvm
 
 
 class _BroydenState(NamedTuple):
@@ -18,11 +18,12 @@ class _BroydenState(NamedTuple):
     count: int  # slots in use (the same for every active sample)
 
 
-def _lowrank(A: Tensor, C: Tensor, x: Tensor) -> Tensor:
-    """Σ_i a_i (c_i·x) for A, C of shape (B, n, D) and x (B, D) -> (B, D)."""
+def _lowrank(x: Tensor, A: Tensor, C: Tensor, beta: float, alpha: float) -> Tensor:
+    """``beta * x + alpha * Σ_i a_i (c_i·x)`` for x (B, D) and A, C (B, n, D)."""
     if A.shape[1] == 0:
-        return torch.zeros_like(x)
-    return torch.bmm(torch.bmm(C, x.unsqueeze(2)).transpose(1, 2), A).squeeze(1)
+        return x if beta == 1 else beta * x
+    w = bmv(C, x)  # (B, n)
+    return torch.add(x if beta == 1 else beta * x, bvm(w, A), alpha=alpha)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,32 +79,31 @@ class Broyden(AbstractSolver):
         return _BroydenState(z.new_empty(B, m, D), z.new_empty(B, m, D), 0)
 
     def step(self, f: FlatFn, z: Tensor, fz: Tensor, state: _BroydenState):
+        # Written for few tensor ops per step: with cheap f the per-op overhead dominates.
         U, V, n = state
         Un, Vn = U[:, :n], V[:, :n]  # the used slots only: no work on empty history
         g = fz - z
-        dz = g - _lowrank(Un, Vn, g)  # -J⁻¹g = g - Σ u_i (v_i·g)
+        dz = _lowrank(g, Un, Vn, beta=1.0, alpha=-1.0)  # -J⁻¹g = g - Σ u_i (v_i·g)
         z_new = z + dz
         fz_new = f(z_new)
         if self.line_search:
             z_new, fz_new = self._backtrack(f, z, g, dz, z_new, fz_new)
         s = z_new - z
-        y = (fz_new - z_new) - g
+        y = fz_new - z_new - g
         if n == self.history_length:
             # History full: restart from J⁻¹ = -I (this update is made relative to -I). Overwriting
             # the oldest factor instead leaves the others describing a matrix that no longer
             # exists, which diverged in tests.
             n, Jy, sJ = 0, -y, -s
         else:
-            Jy = -y + _lowrank(Un, Vn, y)  # J⁻¹y
-            sJ = -s + _lowrank(Vn, Un, s)  # sᵀJ⁻¹ = -s + Σ (s·u_i) v_i
+            Jy = _lowrank(y, Un, Vn, beta=-1.0, alpha=1.0)  # J⁻¹y = -y + Σ u_i (v_i·y)
+            sJ = _lowrank(s, Vn, Un, beta=-1.0, alpha=1.0)  # sᵀJ⁻¹ = -s + Σ (s·u_i) v_i
         denom = torch.linalg.vecdot(sJ, y)
-        eps = torch.finfo(z.dtype).eps
-        ok = torch.isfinite(denom) & (denom.abs() > eps * s.norm(dim=1) * Jy.norm(dim=1))
-        u = (s - Jy) / torch.where(ok, denom, torch.ones_like(denom)).unsqueeze(1)
-        # A skipped update (denominator ~0 or non-finite) writes a zero factor for that sample.
-        ok = (ok & torch.isfinite(u).all(1) & torch.isfinite(sJ).all(1)).unsqueeze(1)
-        U[:, n] = torch.where(ok, u, 0.0)
-        V[:, n] = torch.where(ok, sJ, 0.0)
+        # Skip (zero factor) when the denominator is ~0 relative to its factors, or NaN.
+        scale = torch.linalg.vector_norm(torch.stack((s, Jy)), dim=2).prod(0)
+        inv = torch.where(denom.abs() > torch.finfo(z.dtype).eps * scale, denom.reciprocal(), 0.0)
+        U[:, n] = (s - Jy).mul_(inv.unsqueeze(1))
+        V[:, n] = sJ
         return z_new, fz_new, _BroydenState(U, V, n + 1)
 
     def _backtrack(self, f, z, g, dz, z_new, fz_new):

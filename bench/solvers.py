@@ -1,0 +1,172 @@
+"""Solver benchmark: deepeq vs torchdeq 0.1.0 on the same problems, tolerances and caps, in one run.
+
+    .venv/bin/python bench/solvers.py [--repeats 5] [--device cpu|cuda] [--problems linear0.5,attention]
+
+For every problem x solver it prints NFE (calls of f, counted by a wrapper for both libraries),
+per-sample evaluations, the final max relative residual ||f(z)-z||/||f(z)|| of the RETURNED value
+(recomputed here, identically for both), whether that meets the tolerance, the median wall time,
+the solver buffer bytes, and deepeq's time as a fraction of torchdeq's (lower is better).
+torchdeq is the optional `bench` extra (`pip install -e .[bench]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import deepeq  # noqa: E402
+from deepeq._demo import make_layer  # noqa: E402
+
+try:
+    from torchdeq.solver import get_solver as tdq_get_solver
+except ImportError:  # pragma: no cover - optional
+    tdq_get_solver = None
+
+
+def linear(rho, B=8, D=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
+    A = ((q * torch.linspace(-rho, rho, D, dtype=torch.float64)) @ q.T).float()
+    x = torch.randn(B, D, generator=g)
+    return (lambda z, x: z @ A.T + x), x
+
+
+def tanh_mlp(B=8, D=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(D, D, generator=g)
+    W = 0.9 * W / torch.linalg.matrix_norm(W, 2)
+    x = torch.randn(B, D, generator=g)
+    return (lambda z, x: torch.tanh(z @ W.T + x)), x
+
+
+def layer(kind):
+    mod, x = make_layer(kind, batch=8)
+    return mod, x
+
+
+# name -> (builder, tolerance (relative), max_steps)
+PROBLEMS = {
+    "linear0.5": (lambda: linear(0.5), 1e-4, 100),
+    "linear0.9": (lambda: linear(0.9), 1e-4, 100),
+    "linear0.99": (lambda: linear(0.99), 1e-4, 100),
+    "tanh_mlp": (tanh_mlp, 1e-4, 100),
+    "attention": (lambda: layer("attention"), 1e-3, 40),
+    "conv": (lambda: layer("conv"), 1e-3, 40),
+}
+
+
+class Counter:
+    def __init__(self, f):
+        self.f, self.calls, self.rows = f, 0, 0
+
+    def __call__(self, z, *a):
+        self.calls += 1
+        self.rows += z.shape[0]
+        return self.f(z, *a)
+
+
+def deepeq_run(name, f, x, tol, steps):
+    solver = {
+        "picard": deepeq.Picard(rtol=tol, max_steps=steps),
+        "anderson": deepeq.Anderson(rtol=tol, max_steps=steps, history_length=5, ridge=1e-4),
+        "broyden": deepeq.Broyden(rtol=tol, max_steps=steps, history_length=20),
+    }[name]
+    c = Counter(f)
+    sol = deepeq.fixed_point(c, torch.zeros_like(x), solver, args=(x,), nonfinite="return")
+    return sol.value, c, sol.stats.buffer_bytes
+
+
+def torchdeq_run(name, f, x, tol, steps):
+    key, kw = {
+        "picard": ("fixed_point_iter", {"tau": 1.0}),
+        "anderson": ("anderson", {"m": 5, "lam": 1e-4, "tau": 1.0}),
+        "broyden": ("broyden", {}),
+    }[name]
+    c = Counter(f)
+    z, _, _ = tdq_get_solver(key)(
+        lambda z: c(z, x), torch.zeros_like(x), max_iter=steps, tol=tol, stop_mode="rel", **kw
+    )
+    B, D = x.shape[0], x[0].numel()
+    el = x.element_size()
+    buf = {"picard": 0, "anderson": 2 * B * 5 * D * el, "broyden": 2 * B * D * steps * el}[name]
+    return z, c, buf
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(run, name, f, x, tol, steps, repeats, device):
+    run(name, f, x, tol, steps)  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        z, c, buf = run(name, f, x, tol, steps)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    fz = f(z, x)
+    rel = ((fz - z).flatten(1).norm(dim=1) / fz.flatten(1).norm(dim=1)).max().item()
+    return dict(ms=1e3 * statistics.median(times), nfe=c.calls, rows=c.rows, rel=rel, buf=buf)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--problems", default=",".join(PROBLEMS))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    libs = [("deepeq", deepeq_run)] + ([("torchdeq", torchdeq_run)] if tdq_get_solver else [])
+    dev_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine()
+    )
+    print(
+        f"# bench/solvers.py  torch {torch.__version__}  device {device} ({dev_name})  threads {torch.get_num_threads()}  repeats {args.repeats}"
+    )
+    if tdq_get_solver is None:
+        print("# torchdeq not installed: deepeq rows only (pip install -e .[bench])")
+    print(
+        "| problem | solver | library | NFE | sample evals | max rel residual | tol met | ms (median) | buffers KiB | time deepeq/torchdeq |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    with torch.no_grad():
+        for prob in args.problems.split(","):
+            build, tol, steps = PROBLEMS[prob]
+            f, x = build()
+            if isinstance(f, torch.nn.Module):
+                f = f.to(device)
+            x = x.to(device)
+            for name in ("picard", "anderson", "broyden"):
+                res = {
+                    lib: measure(run, name, f, x, tol, steps, args.repeats, device)
+                    for lib, run in libs
+                }
+                for lib, r in res.items():
+                    ratio = (
+                        f"{res['deepeq']['ms'] / res['torchdeq']['ms']:.2f}"
+                        if lib == "deepeq" and "torchdeq" in res
+                        else ""
+                    )
+                    print(
+                        f"| {prob} (tol {tol:g}, cap {steps}) | {name} | {lib} | {r['nfe']} | {r['rows']} | "
+                        f"{r['rel']:.2e} | {'yes' if r['rel'] <= tol else 'NO'} | {r['ms']:.2f} | "
+                        f"{r['buf'] / 1024:.0f} | {ratio} |"
+                    )
+                sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
