@@ -16,13 +16,11 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import deepeq  # noqa: E402
-from deepeq._demo import make_layer  # noqa: E402
+import deepeq
+from deepeq._demo import make_layer
 
 try:
     from torchdeq.solver import get_solver as tdq_get_solver
