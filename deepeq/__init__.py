@@ -3,9 +3,15 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from ._fixed_point import fixed_point as fixed_point
+from ._solution import BackwardStats as BackwardStats
 from ._solution import Solution as Solution
 from ._solution import Stats as Stats
 from ._solution import Status as Status
+from .backward import AbstractBackward as AbstractBackward
+from .backward import ImplicitBackward as ImplicitBackward
+from .backward import PhantomBackward as PhantomBackward
+from .backward import UnrolledBackward as UnrolledBackward
+from .nn import DEQ as DEQ
 from .solvers import SOLVERS as SOLVERS
 from .solvers import AbstractSolver as AbstractSolver
 from .solvers import Anderson as Anderson

@@ -2,96 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from ._flatten import Layout, check_output, flatten, layout_of, unflatten
+from ._driver import check_args, solve
+from ._flatten import check_output, flatten, layout_of, unflatten
 from ._solution import Solution, Stats, Status
 from ._types import FixedPointFn, State
+from .backward import AbstractBackward, ImplicitBackward
 from .solvers import AbstractSolver, Anderson
-
-
-def _map_args(args: Any, fn) -> Any:
-    if isinstance(args, Tensor):
-        return fn(args)
-    if isinstance(args, tuple | list):
-        return type(args)(_map_args(a, fn) for a in args)
-    return args
-
-
-def _check_args(args: Any, layout: Layout, path: str = "args") -> None:
-    if isinstance(args, Tensor):
-        if args.dim() == 0 or args.shape[0] != layout.batch:
-            raise ValueError(
-                f"{path} must be batched along dim 0 like z0 (batch size {layout.batch}); got shape "
-                f"{tuple(args.shape)}. Tensors shared by all samples (weights, constants) should "
-                f"be captured by f instead of passed in args."
-            )
-        if args.device != layout.device:
-            raise ValueError(
-                f"{path} is on {args.device} but z0 is on {layout.device}; move them to one device."
-            )
-    elif isinstance(args, tuple | list):
-        for i, a in enumerate(args):
-            _check_args(a, layout, f"{path}[{i}]")
-
-
-class _Evaluator:
-    """The flat map solvers call. Counts NFE, slices ``args`` to the active samples (or runs f on
-    the full batch when samples are not independent) and checks what f returns."""
-
-    def __init__(self, f: FixedPointFn, layout: Layout, args: tuple, independent: bool, z: Tensor):
-        self.f, self.layout, self.independent = f, layout, independent
-        self.args = args  # sliced to the active rows when independent
-        self.full_args = args
-        self.active = torch.arange(layout.batch, device=layout.device)  # original sample ids
-        self.full_z = z.clone() if not independent else None  # frozen rows keep their value
-        self.nfe = 0
-        self.sample_evals = 0
-
-    def set_active(self, keep: Tensor) -> None:
-        self.active = self.active[keep]
-        if self.independent:
-            self.args = _map_args(self.args, lambda a: a[keep])
-
-    def __call__(self, z: Tensor, rows: Tensor | None = None) -> Tensor:
-        self.nfe += 1
-        if self.independent:
-            args = self.args if rows is None else _map_args(self.args, lambda a: a[rows])
-            if z.shape[0] == self.layout.batch:
-                out = self.f(unflatten(z, self.layout), *args)
-            else:
-                try:
-                    out = self.f(unflatten(z, self.layout), *args)
-                except RuntimeError as e:
-                    raise RuntimeError(
-                        f"f failed when evaluated on {z.shape[0]} of the {self.layout.batch} "
-                        f"samples (deepeq evaluates f only on samples that have not converged "
-                        f"yet). If f uses per-sample tensors, pass them through args=(...) so "
-                        f"they are sliced alike, or pass independent=False. Original error: {e}"
-                    ) from e
-            check_output(out, self.layout, z.shape[0])
-            self.sample_evals += z.shape[0]
-            return flatten(out, self.layout).to(self.layout.dtype)
-        ids = self.active if rows is None else self.active[rows]
-        if rows is None:
-            self.full_z.index_copy_(0, ids, z)
-            full = self.full_z
-        else:
-            full = self.full_z.index_copy(0, ids, z)
-        out = self.f(unflatten(full, self.layout), *self.full_args)
-        check_output(out, self.layout, self.layout.batch)
-        self.sample_evals += self.layout.batch
-        return flatten(out, self.layout).to(self.layout.dtype)[ids]
-
-
-def _norms(z: Tensor, fz: Tensor) -> Tensor:
-    """``(2, b)``: row 0 ``||f(z) - z||``, row 1 ``||f(z)||``, computed in at least float32."""
-    dtype = torch.promote_types(z.dtype, torch.float32)
-    return torch.linalg.vector_norm(torch.stack((fz - z, fz)), dim=2, dtype=dtype)
 
 
 def fixed_point(
@@ -100,6 +21,7 @@ def fixed_point(
     solver: AbstractSolver | None = None,
     *,
     args: tuple = (),
+    backward: AbstractBackward | None = None,
     independent: bool = True,
     throw: bool = False,
     nonfinite: Literal["raise", "return"] = "raise",
@@ -114,7 +36,10 @@ def fixed_point(
     and a sample's result does not depend on its batch-mates. Each sample returns its
     lowest-residual iterate (ranked by ``residual / (atol + rtol*||f(z)||)``).
 
-    The solve runs without building an autograd graph.
+    Gradients follow ``backward`` (default :class:`ImplicitBackward`): the iterations run
+    without an autograd graph and ``z*`` is differentiated implicitly, so memory is that of
+    one call of f. No graph is built when autograd is not recording (``torch.no_grad()``) or
+    when nothing f depends on requires grad.
 
     Args:
         f: ``f(z, *args) -> z_next`` with the structure, shapes, dtype and device of ``z``.
@@ -124,6 +49,9 @@ def fixed_point(
         args: extra arguments of f. Tensors must be batched along dim 0 like z0 (input
             injection, memory, masks); they are sliced to the active samples. Nested
             tuples/lists are sliced leaf-wise; non-tensor leaves pass through unchanged.
+        backward: how gradients reach f's parameters, ``args`` and whatever f closes over:
+            ``ImplicitBackward()`` (default), ``PhantomBackward(steps=k)`` or
+            ``UnrolledBackward()``.
         independent: set False when f mixes samples (batch statistics) or closes over
             per-sample tensors: f then always runs on the full batch, converged samples held at
             their returned values, and only their rows of the output are used.
@@ -139,6 +67,7 @@ def fixed_point(
     Raises:
         TypeError, ValueError: bad z0, args, solver or f output (the message says which).
         FloatingPointError: inf/nan with ``nonfinite="raise"``.
+        RuntimeError: double backward through ``ImplicitBackward``.
         RuntimeError: ``throw=True`` and max_steps reached.
 
     Example:
@@ -165,145 +94,49 @@ def fixed_point(
         raise TypeError(f"f must be callable f(z, *args) -> z; got {type(f).__name__}.")
     if not isinstance(args, tuple | list):
         args = (args,)
+    if backward is None:
+        backward = ImplicitBackward()
+    if not isinstance(backward, AbstractBackward):
+        raise TypeError(
+            f"backward must be a deepeq backward rule such as deepeq.ImplicitBackward(); got "
+            f"{type(backward).__name__}."
+        )
     layout = layout_of(z0)
-    _check_args(args, layout)
-    with torch.no_grad():
-        return _solve(f, z0, solver, layout, tuple(args), independent, throw, nonfinite, trace)
+    check_args(args, layout)
+    problem = Problem(f, z0, solver, layout, tuple(args), independent, throw, nonfinite, trace)
+    if not torch.is_grad_enabled():
+        return problem.finish(*problem.solve())
+    return backward.apply(problem)
 
 
-def _solve(f, z0, solver, layout, args, independent, throw, nonfinite, trace) -> Solution:
-    t0 = time.perf_counter()
-    B, dev = layout.batch, layout.device
-    z = flatten(z0, layout).detach()
-    finite0 = torch.isfinite(z).all(1)
-    if not bool(finite0.all()):
-        bad = (~finite0).nonzero().flatten().tolist()
-        raise ValueError(f"z0 contains non-finite values (inf/nan) for samples {bad[:10]}.")
-    ev = _Evaluator(f, layout, args, independent, z)
-    fz = ev(z)
-    norms = _norms(z, fz)  # (2, b): residual, ||f(z)||
-    atol, rtol, max_steps = solver.atol, solver.rtol, solver.max_steps
+class Problem:
+    """One validated fixed-point problem, handed to a backward rule's ``apply``."""
 
-    # The stopping rule res <= atol + rtol*||f(z)|| as "key <= threshold", with as few tensor
-    # ops as possible (per-op overhead dominates the loop when f is cheap). The key also ranks a
-    # sample's iterates: the returned one minimises it.
-    if rtol == 0:
-        threshold = atol
+    def __init__(self, f, z0, solver, layout, args, independent, throw, nonfinite, trace):
+        self.f, self.solver, self.layout, self.args = f, solver, layout, args
+        self.independent, self.throw, self.nonfinite, self.trace = (
+            independent,
+            throw,
+            nonfinite,
+            trace,
+        )
+        self.z0 = flatten(z0, layout).detach()
 
-        def key_of(norms: Tensor) -> Tensor:
-            return norms[0]
-    elif atol == 0:
-        threshold = rtol
+    def solve(self) -> tuple[Tensor, Status, Stats]:
+        """Run the solver (recording autograd only if grad mode is on): flat z*, status, stats."""
+        return solve(
+            self.f, self.z0, self.solver, self.layout, self.args, self.independent,
+            self.nonfinite, self.trace,
+        )  # fmt: skip
 
-        def key_of(norms: Tensor) -> Tensor:
-            return norms[0] / norms[1]
-    else:
-        threshold = 1.0
+    def call(self, z: Tensor) -> Tensor:
+        """``f`` on the full batch of flat ``z`` (B, D) -> flat ``f(z)`` in z0's dtype."""
+        out = self.f(unflatten(z, self.layout), *self.args)
+        check_output(out, self.layout, self.layout.batch)
+        return flatten(out, self.layout).to(self.layout.dtype)
 
-        def key_of(norms: Tensor) -> Tensor:
-            return norms[0] / (norms[1] * rtol + atol)
-
-    # Full-batch outputs, written when a sample leaves the active set.
-    out_z = torch.empty_like(z)
-    out_norms = torch.empty_like(norms)
-    out_steps = torch.zeros(B, dtype=torch.long, device=dev)
-    out_best = torch.zeros(B, dtype=torch.long, device=dev)
-    out_nonfinite = torch.zeros(B, dtype=torch.bool, device=dev)
-    if trace:
-        tr = torch.full((2, B, max_steps + 1), float("nan"), dtype=norms.dtype, device=dev)
-
-    # Best-so-far of the active rows (compacted together with the solver state).
-    key = key_of(norms)
-    best_z, best_norms, best_key = z, norms, key
-    best_step = torch.zeros(B, dtype=torch.long, device=dev)
-    state = solver.init(ev, z, fz)
-    buffer_bytes = sum(t.numel() * t.element_size() for t in state if isinstance(t, Tensor))
-
-    on_cpu = dev.type == "cpu"
-    k = 0
-    while True:
-        if trace:
-            tr[:, ev.active, k] = norms
-        # NaN/inf keys map to 0, i.e. "done": the exact reason is sorted out below, only on the
-        # (rare) steps where some sample stops. One host synchronisation per step.
-        if k >= max_steps or bool((torch.nan_to_num(key, 0.0, 0.0) <= threshold).any()):
-            bad = ~torch.isfinite(norms).all(0)
-            done = bad | (best_key <= threshold)
-            if k >= max_steps:
-                done = torch.ones_like(done)
-            if nonfinite == "raise" and bool(bad.any()):
-                ids = ev.active[bad].tolist()
-                raise FloatingPointError(
-                    f"f produced non-finite values (inf/nan) at step {k} for sample(s) {ids[:10]}"
-                    f" (solver {type(solver).__name__}). Check f for overflow or divergence "
-                    f"(e.g. lower the learning rate, add normalisation or damping), or pass "
-                    f"nonfinite='return' to get Status.NONFINITE with the last finite iterate."
-                )
-            idx = done.nonzero().squeeze(1)
-            ids = ev.active[idx]
-            out_z[ids] = best_z[idx]
-            out_norms[:, ids] = best_norms[:, idx]
-            out_best[ids] = best_step[idx]
-            out_steps[ids] = k
-            out_nonfinite[ids] = bad[idx]
-            if ev.full_z is not None:
-                ev.full_z[ids] = best_z[idx]
-            keep = (~done).nonzero().squeeze(1)
-            if keep.numel() == 0:
-                break
-            if keep.numel() < done.numel():
-                z, fz = z[keep], fz[keep]
-                best_z, best_norms = best_z[keep], best_norms[:, keep]
-                best_key, best_step = best_key[keep], best_step[keep]
-                state = solver.compact(state, keep)
-                ev.set_active(keep)
-        k += 1
-        z, fz, state = solver.step(ev, z, fz, state)
-        norms = _norms(z, fz)
-        key = key_of(norms)
-        better = key < best_key  # NaN never improves, so the best iterate stays finite
-        if on_cpu and bool(better.all()):
-            # Common case, cheap to detect on CPU (no device to wait for): no masking needed.
-            best_z, best_norms, best_key = z, norms, key
-            best_step = best_step.fill_(k)
-        else:
-            best_z = torch.where(better.unsqueeze(1), z, best_z)
-            best_norms = torch.where(better, norms, best_norms)
-            best_key = torch.where(better, key, best_key)
-            best_step = torch.where(better, k, best_step)
-
-    out_res, out_fnorm = out_norms[0], out_norms[1]
-    converged = out_res <= atol + rtol * out_fnorm
-    if bool(out_nonfinite.any()):
-        status = Status.NONFINITE
-    elif bool(converged.all()):
-        status = Status.CONVERGED
-    else:
-        status = Status.MAX_STEPS
-    trace_abs = trace_rel = None
-    if trace:
-        S = int(out_steps.max())
-        cols = torch.arange(S + 1, device=dev).unsqueeze(0)
-        fill = torch.minimum(cols, out_steps.unsqueeze(1))  # repeat the last value after a stop
-        trace_abs = tr[0, :, : S + 1].gather(1, fill)
-        trace_rel = (tr[0] / tr[1]).nan_to_num(nan=0.0)[:, : S + 1].gather(1, fill)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    stats = Stats(
-        abs_residual=out_res,
-        rel_residual=(out_res / out_fnorm).nan_to_num(nan=0.0),  # 0/0: f(z) = z = 0
-        num_steps=out_steps,
-        best_step=out_best,
-        converged=converged,
-        nonfinite=out_nonfinite,
-        nfe=ev.nfe,
-        sample_evals=ev.sample_evals,
-        wall_time=time.perf_counter() - t0,
-        buffer_bytes=buffer_bytes,
-        trace=trace_abs,
-        rel_trace=trace_rel,
-    )
-    sol = Solution(value=unflatten(out_z, layout), status=status, stats=stats)
-    if throw and status is Status.MAX_STEPS:
-        sol.raise_for_status()
-    return sol
+    def finish(self, value: Tensor, status: Status, stats: Stats, **extra: Any) -> Solution:
+        sol = Solution(value=unflatten(value, self.layout), status=status, stats=stats, **extra)
+        if self.throw and status is Status.MAX_STEPS:
+            sol.raise_for_status()
+        return sol

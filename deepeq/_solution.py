@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -62,20 +62,61 @@ class Stats:
     rel_trace: Tensor | None = None
 
 
+@dataclass
+class BackwardStats:
+    """Filled in by :class:`deepeq.ImplicitBackward` each time ``.backward()`` runs through the
+    equilibrium (a mutable holder: the forward pass creates it empty). Per-sample tensors are
+    ``(B,)``; everything is None until the first backward pass.
+
+    Attributes:
+        calls: how many backward passes ran through this solution.
+        status: :class:`Status` of the backward linear solve ``g = J_fᵀ g + dL/dz*``.
+        abs_residual: ``||J_fᵀ g + dL/dz* - g||`` per sample at the returned g.
+        rel_residual: the same relative to ``||J_fᵀ g + dL/dz*||``.
+        num_steps: solver steps per sample.
+        converged: bool mask (met the backward solver's tolerance).
+        fallback: bool mask of samples whose backward solve diverged (non-finite, or residual
+            above the starting residual ``||dL/dz*||``) and got the fallback gradient.
+        nfe: vector-Jacobian products used by the backward solve (plus fallback ones).
+        wall_time: seconds spent in the backward solve.
+    """
+
+    calls: int = 0
+    status: Status | None = None
+    abs_residual: Tensor | None = None
+    rel_residual: Tensor | None = None
+    num_steps: Tensor | None = None
+    converged: Tensor | None = None
+    fallback: Tensor | None = None
+    nfe: int | None = None
+    wall_time: float | None = None
+
+
 @dataclass(frozen=True)
 class Solution:
-    """What :func:`deepeq.fixed_point` returns.
+    """What :func:`deepeq.fixed_point` (and :class:`deepeq.DEQ`) return.
 
     Attributes:
         value: the equilibrium ``z*`` with the structure of ``z0``: for each sample its
-            lowest-residual iterate (never one extra application of f).
+            lowest-residual iterate (never one extra application of f). Wired into autograd by
+            the backward rule (``PhantomBackward`` returns its last damped step instead).
         status: a :class:`Status`; ``CONVERGED`` only if every sample converged.
-        stats: a :class:`Stats` record.
+        stats: a :class:`Stats` record of the forward solve.
+        backward: :class:`BackwardStats` filled in during ``.backward()`` (ImplicitBackward
+            only; None otherwise or when no graph was built).
+        fz: ``(B, D)`` flat ``f(z*)`` from the one tracked call of f (ImplicitBackward with
+            autograd recording), else None. With ``z_leaf`` it gives the Jacobian at the
+            equilibrium without another call of f (Jacobian regularisation).
+        z_leaf: ``(B, D)`` flat leaf tensor (``requires_grad=True``) that ``fz`` was computed
+            from, else None.
     """
 
     value: State
     status: Status
     stats: Stats
+    backward: BackwardStats | None = field(default=None, repr=False)
+    fz: Tensor | None = field(default=None, repr=False)
+    z_leaf: Tensor | None = field(default=None, repr=False)
 
     def raise_for_status(self) -> Solution:
         """Raise ``RuntimeError`` with the status explanation unless every sample converged.

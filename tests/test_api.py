@@ -76,12 +76,19 @@ def test_dtype_and_device_preserved(dtype, device):
     )
 
 
-def test_no_graph_even_with_parameters():
+def test_graph_only_when_something_requires_grad():
     lin = torch.nn.Linear(4, 4)
     with torch.no_grad():
         lin.weight.mul_(0.1)
+    with torch.no_grad():
+        sol = deepeq.fixed_point(lambda z: lin(z), torch.zeros(2, 4))
+    assert sol.value.grad_fn is None and sol.backward is None
     sol = deepeq.fixed_point(lambda z: lin(z), torch.zeros(2, 4))
-    assert sol.value.grad_fn is None and not sol.value.requires_grad
+    assert sol.value.requires_grad and sol.backward is not None
+    lin.requires_grad_(False)
+    sol = deepeq.fixed_point(lambda z: lin(z), torch.zeros(2, 4))
+    assert not sol.value.requires_grad and sol.backward is None
+    assert sol.fz is not None and sol.z_leaf is not None and sol.z_leaf.requires_grad
 
 
 # --- bad input gets one clear error -------------------------------------------------------

@@ -12,6 +12,13 @@ from deepeq import Anderson, Broyden, Picard, Status
 TIGHT = dict(atol=1e-11, rtol=0.0)
 
 
+@pytest.fixture(autouse=True)
+def _forward_only():
+    """These tests are about the forward solve: no autograd, so no extra tracked call of f."""
+    with torch.no_grad():
+        yield
+
+
 def solvers_for(rho: float):
     """Each solver with a step budget that the problem's difficulty needs."""
     picard_steps = int(math.log(1e-13) / math.log(rho)) + 20

@@ -94,6 +94,8 @@ class Anderson(AbstractSolver):
     def step(self, f: FlatFn, z: Tensor, fz: Tensor, state: _AndersonState):
         # Written for few tensor ops per step: with cheap f the per-op overhead dominates.
         F, G, H, valid, eye, count = state
+        if torch.is_grad_enabled():  # UnrolledBackward: keep the tensors autograd saved intact
+            F, G, H, valid = F.clone(), G.clone(), H.clone(), valid.clone()
         s = count % self.history_length
         g = fz - z
         F[:, s] = fz

@@ -102,6 +102,8 @@ class Broyden(AbstractSolver):
         # Skip (zero factor) when the denominator is ~0 relative to its factors, or NaN.
         scale = torch.linalg.vector_norm(torch.stack((s, Jy)), dim=2).prod(0)
         inv = torch.where(denom.abs() > torch.finfo(z.dtype).eps * scale, denom.reciprocal(), 0.0)
+        if torch.is_grad_enabled():  # UnrolledBackward: keep the tensors autograd saved intact
+            U, V = U.clone(), V.clone()
         U[:, n] = (s - Jy).mul_(inv.unsqueeze(1))
         V[:, n] = sJ
         return z_new, fz_new, _BroydenState(U, V, n + 1)

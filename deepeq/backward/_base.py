@@ -1,0 +1,21 @@
+"""The backward-rule protocol."""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .._fixed_point import Problem
+    from .._solution import Solution
+
+
+class AbstractBackward(abc.ABC):
+    """How gradients flow through a fixed-point solve. Concrete rules are frozen dataclasses
+    holding options only; :func:`deepeq.fixed_point` calls :meth:`apply` when autograd is
+    recording."""
+
+    @abc.abstractmethod
+    def apply(self, problem: Problem) -> Solution:
+        """Run the forward solve (``problem.solve()``) and return a Solution whose value is wired
+        into autograd by this rule. ``problem.call(z)`` evaluates f on the full flat batch."""

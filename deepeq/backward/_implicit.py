@@ -1,0 +1,194 @@
+"""Implicit differentiation of the equilibrium (IFT), without tensor hooks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .._driver import solve as driver_solve
+from .._flatten import layout_of
+from .._solution import BackwardStats, Status
+from ..solvers import AbstractSolver, Anderson
+from ..solvers._base import _check_int
+from ._base import AbstractBackward
+
+logger = logging.getLogger("deepeq")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImplicitBackward(AbstractBackward):
+    """Implicit-function-theorem gradients (Bai et al. 2019, Theorem 1).
+
+    The forward iterations run without an autograd graph; then ONE tracked call ``f(z*)`` is
+    made from a detached leaf ``z*``. In the backward pass, with ``v = dL/dz*`` and
+    ``J = ∂f/∂z`` at ``z*``, the linear fixed point ``g = Jᵀ g + v`` is solved per sample by
+    ``solver`` using vector-Jacobian products through that single call, and ``g`` is then
+    propagated through it to f's parameters, ``args`` and anything f closes over:
+    ``dL/dθ = gᵀ ∂f/∂θ = v (I - J)⁻¹ ∂f/∂θ``. Memory is that of one call of f, whatever the
+    number of forward steps. Implemented with a module-level ``torch.autograd.Function``.
+
+    Samples that reach ``max_steps`` with a shrinking residual are normal (counted in
+    ``Solution.backward``). A sample whose backward solve *diverged* (non-finite, or final
+    residual above the starting residual ``||v||``) gets the ``fallback``: ``"phantom"``
+    (default) replaces its g by the phantom gradient at ``z*``,
+    ``g = (1-β) Σ_{i<k} ((1-β) Jᵀ + β I)^i v`` with ``k = fallback_steps`` and
+    ``β = fallback_damping`` (``k=1, β=0`` is the Jacobian-free gradient ``g = v``);
+    ``"raise"`` raises ``FloatingPointError``. Fallbacks are counted in ``Solution.backward``
+    and logged on the ``"deepeq"`` logger (never a Python warning).
+
+    Double backward (``create_graph=True`` through the equilibrium) is not supported and
+    raises ``RuntimeError``.
+
+    Args:
+        solver: solver for the backward linear fixed point (own tolerances).
+        fallback: ``"phantom"`` or ``"raise"``.
+        fallback_steps: k of the phantom fallback.
+        fallback_damping: β of the phantom fallback, in ``[0, 1)``.
+
+    Example:
+        >>> import torch, deepeq
+        >>> A = torch.tensor([[0.5]], dtype=torch.float64)
+        >>> x = torch.tensor([[1.0]], dtype=torch.float64, requires_grad=True)
+        >>> sol = deepeq.fixed_point(lambda z, x: z @ A.T + x, torch.zeros(1, 1, dtype=torch.float64),
+        ...                          deepeq.Broyden(rtol=1e-12), args=(x,),
+        ...                          backward=deepeq.ImplicitBackward(solver=deepeq.Broyden(rtol=1e-12)))
+        >>> sol.value.backward()
+        >>> round(x.grad.item(), 8)  # (1 - 0.5)^-1
+        2.0
+        >>> sol.backward.status.name
+        'CONVERGED'
+    """
+
+    solver: AbstractSolver = field(default_factory=lambda: Anderson(rtol=1e-4, max_steps=30))
+    fallback: Literal["phantom", "raise"] = "phantom"
+    fallback_steps: int = 1
+    fallback_damping: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.solver, AbstractSolver):
+            raise TypeError(
+                f"ImplicitBackward.solver must be a deepeq solver object such as "
+                f"deepeq.Anderson(rtol=1e-4); got {type(self.solver).__name__}."
+            )
+        if self.fallback not in ("phantom", "raise"):
+            raise ValueError(
+                f"ImplicitBackward.fallback must be 'phantom' or 'raise'; got {self.fallback!r}."
+            )
+        _check_int("ImplicitBackward", "fallback_steps", self.fallback_steps, 1)
+        d = self.fallback_damping
+        if isinstance(d, bool) or not isinstance(d, int | float) or not 0.0 <= d < 1.0:
+            raise ValueError(
+                f"ImplicitBackward.fallback_damping must be a float in [0, 1); got {d!r}."
+            )
+
+    def apply(self, problem):
+        with torch.no_grad():
+            z, status, stats = problem.solve()
+        z_leaf = z.detach().requires_grad_()
+        with torch.enable_grad():
+            fz = problem.call(z_leaf)
+        if not _reaches_other_leaves(fz, z_leaf):
+            # Nothing f depends on requires grad: plain values, no graph kept.
+            return problem.finish(z, status, stats, fz=fz, z_leaf=z_leaf)
+        holder = BackwardStats()
+        value = _ImplicitFunction.apply(fz, z_leaf, z, self, holder)
+        return problem.finish(value, status, stats, backward=holder, fz=fz, z_leaf=z_leaf)
+
+
+def _reaches_other_leaves(fz: Tensor, z_leaf: Tensor) -> bool:
+    """Does fz's graph reach any tensor requiring grad other than z_leaf? (Early-exit search.)"""
+    if fz.grad_fn is None:
+        return False
+    seen, stack = set(), [fz.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None and var is not z_leaf:
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
+
+
+class _ImplicitFunction(torch.autograd.Function):
+    """Identity on z* in the forward pass; IFT linear solve in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, fz, z_leaf, z, rule, holder):
+        ctx.save_for_backward(fz, z_leaf)
+        ctx.rule, ctx.holder = rule, holder
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, v):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "ImplicitBackward does not support double backward (create_graph=True through "
+                "the equilibrium). For Jacobian regularisation differentiate the tracked call "
+                "instead (deepeq.jacobian_penalty(sol.fz, sol.z_leaf)); for higher-order "
+                "gradients use backward=deepeq.UnrolledBackward()."
+            )
+        fz, z_leaf = ctx.saved_tensors
+        rule, holder = ctx.rule, ctx.holder
+        t0 = time.perf_counter()
+        v = v.contiguous()
+
+        def vjp(g: Tensor) -> Tensor:
+            return torch.autograd.grad(fz, z_leaf, g, retain_graph=True)[0]
+
+        def h(g: Tensor) -> Tensor:  # the linear fixed-point map g -> Jᵀ g + v
+            return vjp(g) + v
+
+        # The vjp runs on the full batch (one recorded graph), so samples are not independent
+        # for the driver; converged samples are still frozen.
+        g, status, st = driver_solve(
+            h, torch.zeros_like(v), rule.solver, layout_of(v), (), False, "return", False
+        )
+        v_norm = torch.linalg.vector_norm(v, dim=1, dtype=st.abs_residual.dtype)
+        diverged = st.nonfinite | (st.abs_residual > v_norm)
+        nfe = st.nfe
+        if bool(diverged.any()):
+            ids = diverged.nonzero().flatten().tolist()
+            msg = (
+                f"ImplicitBackward: the backward solve diverged for {len(ids)} of {v.shape[0]} "
+                f"samples (first: {ids[:8]}; residual above ||dL/dz*|| or non-finite)"
+            )
+            if rule.fallback == "raise":
+                raise FloatingPointError(
+                    msg + ". The Jacobian at the equilibrium is probably not contractive: add "
+                    "Jacobian regularisation or weight normalisation, use a stronger backward "
+                    "solver, or use fallback='phantom'."
+                )
+            g_fb, k = _phantom_adjoint(vjp, v, rule.fallback_steps, rule.fallback_damping)
+            nfe += k
+            g = torch.where(diverged.unsqueeze(1), g_fb, torch.nan_to_num(g))
+            logger.info("%s; used the phantom gradient (k=%d).", msg, rule.fallback_steps)
+        holder.calls += 1
+        holder.status = status
+        holder.abs_residual = st.abs_residual
+        holder.rel_residual = st.rel_residual
+        holder.num_steps = st.num_steps
+        holder.converged = st.converged
+        holder.fallback = diverged
+        holder.nfe = nfe
+        holder.wall_time = time.perf_counter() - t0
+        if status is Status.NONFINITE and not bool(diverged.any()):  # pragma: no cover
+            raise AssertionError("non-finite backward samples must be marked diverged")
+        return g, None, None, None, None
+
+
+def _phantom_adjoint(vjp, v: Tensor, steps: int, damping: float) -> tuple[Tensor, int]:
+    """``(1-β) Σ_{i<k} M^i v`` with ``M = (1-β) Jᵀ + β I``: the adjoint of k damped steps
+    linearised at z*. Returns it and the number of vjps used."""
+    w, acc = v, v
+    for _ in range(steps - 1):
+        w = (1 - damping) * vjp(w) + damping * w
+        acc = acc + w
+    return (1 - damping) * acc, steps - 1

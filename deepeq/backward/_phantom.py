@@ -1,0 +1,51 @@
+"""Phantom gradients: k damped differentiable steps from the equilibrium."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..solvers._base import _check_int
+from ._base import AbstractBackward
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhantomBackward(AbstractBackward):
+    """Solve without a graph, then take ``steps`` damped steps
+    ``z <- (1 - damping) f(z) + damping z`` from ``z*`` with autograd recording, and return the
+    last one (so the value is NOT exactly the solver's ``z*``: one more damped application of f
+    per step). ``steps=1, damping=0`` is the Jacobian-free / one-step gradient (JFB). Memory is
+    that of ``steps`` calls of f. (Geng et al. 2021, "On training implicit models".)
+
+    Args:
+        steps: k, number of differentiable steps (>= 1).
+        damping: in ``[0, 1)``; same convention as the solvers.
+
+    Example:
+        >>> import torch, deepeq
+        >>> x = torch.tensor([[1.0]], requires_grad=True)
+        >>> sol = deepeq.fixed_point(lambda z, x: 0.5 * z + x, torch.zeros(1, 1), deepeq.Picard(rtol=1e-8, max_steps=100),
+        ...                          args=(x,), backward=deepeq.PhantomBackward(steps=1))
+        >>> sol.value.backward()
+        >>> x.grad.item()  # one step: d f / d x
+        1.0
+    """
+
+    steps: int = 1
+    damping: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_int("PhantomBackward", "steps", self.steps, 1)
+        d = self.damping
+        if isinstance(d, bool) or not isinstance(d, int | float) or not 0.0 <= d < 1.0:
+            raise ValueError(f"PhantomBackward.damping must be a float in [0, 1); got {d!r}.")
+
+    def apply(self, problem):
+        with torch.no_grad():
+            z, status, stats = problem.solve()
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                fz = problem.call(z)
+                z = fz if self.damping == 0 else fz.lerp(z, self.damping)
+        return problem.finish(z, status, stats)

@@ -1,0 +1,160 @@
+"""``DEQ``: the equilibrium layer every model builds on."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .._fixed_point import fixed_point
+from .._solution import Solution
+from .._types import State
+from ..backward import AbstractBackward, ImplicitBackward
+from ..solvers import AbstractSolver, Anderson
+
+
+class DEQ(nn.Module):
+    """Deep equilibrium layer: ``z* = f(z*, x)``, differentiated by ``backward``.
+
+    ``f`` is an ``nn.Module`` called as ``f(z, x)``; ``x`` is a tensor or a tuple of tensors
+    batched along dim 0 (input injection, memory, masks: the engine slices them together with
+    ``z`` when only some samples are still iterating); ``z`` is a tensor or a tuple of tensors
+    (multiscale states).
+
+    Initial state, in order of precedence: the ``z0`` argument; the previous call's
+    equilibrium when ``warm_start=True`` and x has the same shapes (e.g. consecutive segments of a
+    sequence; call :meth:`reset_warm_start` between unrelated batches); ``f.init_state(x)``
+    when f defines it; ``torch.zeros_like(x)``.
+
+    In training mode ``solver`` is used, in eval mode ``eval_solver`` (default: ``solver``;
+    the papers use more steps at evaluation). Gradients follow autograd, not the module mode:
+    in eval mode they still flow when grad is enabled and something requires it.
+
+    Mixed precision: under ``torch.autocast`` f runs in the autocast dtype while the solver
+    state, residuals and the backward linear solve stay in the dtype of ``z0`` (keep z0 in
+    float32).
+
+    Args:
+        f: the layer ``f(z, x)``.
+        solver: forward solver in training mode.
+        backward: gradient rule (default ``ImplicitBackward()``).
+        eval_solver: forward solver in eval mode (default: ``solver``).
+        independent: False if f mixes samples (see :func:`deepeq.fixed_point`).
+        nonfinite: ``"raise"`` or ``"return"`` (see :func:`deepeq.fixed_point`).
+        warm_start: start from the previous call's equilibrium when shapes match.
+        trace: record per-step residuals in ``solution.stats.trace``.
+
+    Example:
+        >>> import torch, deepeq
+        >>> class Layer(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin = torch.nn.Linear(8, 8)
+        ...     def forward(self, z, x):
+        ...         return torch.tanh(0.5 * self.lin(z) + x)
+        >>> torch.manual_seed(0) and None
+        >>> deq = deepeq.DEQ(Layer(), solver=deepeq.Anderson(rtol=1e-5))
+        >>> x = torch.randn(4, 8)
+        >>> z, sol = deq(x)
+        >>> z.pow(2).sum().backward()
+        >>> sol.status.name, deq.f.lin.weight.grad is not None
+        ('CONVERGED', True)
+    """
+
+    def __init__(
+        self,
+        f: nn.Module,
+        solver: AbstractSolver | None = None,
+        backward: AbstractBackward | None = None,
+        eval_solver: AbstractSolver | None = None,
+        *,
+        independent: bool = True,
+        nonfinite: Literal["raise", "return"] = "raise",
+        warm_start: bool = False,
+        trace: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(f, nn.Module):
+            raise TypeError(
+                f"DEQ(f) needs an nn.Module f(z, x) so that its parameters are registered; got "
+                f"{type(f).__name__}. For a plain function use deepeq.fixed_point."
+            )
+        for name, s in (("solver", solver), ("eval_solver", eval_solver)):
+            if s is not None and not isinstance(s, AbstractSolver):
+                raise TypeError(
+                    f"DEQ {name} must be a deepeq solver object such as deepeq.Anderson(); got "
+                    f"{type(s).__name__}. Use deepeq.make_solver(name, **hp) for strings."
+                )
+        if backward is not None and not isinstance(backward, AbstractBackward):
+            raise TypeError(
+                f"DEQ backward must be a deepeq backward rule such as deepeq.ImplicitBackward(); "
+                f"got {type(backward).__name__}."
+            )
+        self.f = f
+        self.solver = solver if solver is not None else Anderson()
+        self.eval_solver = eval_solver if eval_solver is not None else self.solver
+        self.backward_rule = backward if backward is not None else ImplicitBackward()
+        self.independent, self.nonfinite = independent, nonfinite
+        self.warm_start, self.trace = warm_start, trace
+        self._last: State | None = None
+        self._last_sig: tuple | None = None
+
+    def reset_warm_start(self) -> None:
+        """Forget the stored equilibrium (warm start begins from the default z0 again)."""
+        self._last = None
+        self._last_sig = None
+
+    def _initial_state(self, x: Any, z0: State | None) -> State:
+        if z0 is not None:
+            return z0
+        if self.warm_start and self._last is not None and self._last_sig == _signature(x):
+            return self._last
+        init = getattr(self.f, "init_state", None)
+        if callable(init):
+            return init(x)
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"DEQ cannot build a default z0 for x of type {type(x).__name__}: pass z0=..., "
+                f"or define f.init_state(x) returning the initial state."
+            )
+        return torch.zeros_like(x)
+
+    def forward(self, x: Any, z0: State | None = None) -> tuple[State, Solution]:
+        """Solve for the equilibrium.
+
+        Args:
+            x: input injection, a tensor ``(B, ...)`` or a tuple of such tensors.
+            z0: optional initial state.
+
+        Returns:
+            ``(z_star, solution)``; ``z_star`` is ``solution.value``.
+        """
+        solver = self.solver if self.training else self.eval_solver
+        sol = fixed_point(
+            self.f,
+            self._initial_state(x, z0),
+            solver,
+            args=(x,),
+            backward=self.backward_rule,
+            independent=self.independent,
+            nonfinite=self.nonfinite,
+            trace=self.trace,
+        )
+        if self.warm_start:
+            v = sol.value
+            self._last = v.detach() if isinstance(v, Tensor) else type(v)(p.detach() for p in v)
+            self._last_sig = _signature(x)
+        return sol.value, sol
+
+    def extra_repr(self) -> str:
+        return (
+            f"solver={self.solver}, eval_solver={self.eval_solver}, "
+            f"backward={self.backward_rule}, warm_start={self.warm_start}"
+        )
+
+
+def _signature(x: Any) -> tuple:
+    """Shapes, dtypes and devices of the tensors in x: warm start requires an identical one."""
+    parts = [x] if isinstance(x, Tensor) else list(x) if isinstance(x, tuple | list) else []
+    return tuple((tuple(p.shape), p.dtype, p.device) for p in parts if isinstance(p, Tensor))
