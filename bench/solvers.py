@@ -28,35 +28,35 @@ except ImportError:  # pragma: no cover - optional
     tdq_get_solver = None
 
 
-def linear(rho, B=8, D=256, seed=0):
+def linear(rho, device, B=8, D=256, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
-    A = ((q * torch.linspace(-rho, rho, D, dtype=torch.float64)) @ q.T).float()
+    A = ((q * torch.linspace(-rho, rho, D, dtype=torch.float64)) @ q.T).float().to(device)
     x = torch.randn(B, D, generator=g)
     return (lambda z, x: z @ A.T + x), x
 
 
-def tanh_mlp(B=8, D=256, seed=0):
+def tanh_mlp(device, B=8, D=256, seed=0):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(D, D, generator=g)
-    W = 0.9 * W / torch.linalg.matrix_norm(W, 2)
+    W = (0.9 * W / torch.linalg.matrix_norm(W, 2)).to(device)
     x = torch.randn(B, D, generator=g)
     return (lambda z, x: torch.tanh(z @ W.T + x)), x
 
 
-def layer(kind):
+def layer(kind, device):
     mod, x = make_layer(kind, batch=8)
     return mod, x
 
 
 # name -> (builder, tolerance (relative), max_steps)
 PROBLEMS = {
-    "linear0.5": (lambda: linear(0.5), 1e-4, 100),
-    "linear0.9": (lambda: linear(0.9), 1e-4, 100),
-    "linear0.99": (lambda: linear(0.99), 1e-4, 100),
+    "linear0.5": (lambda d: linear(0.5, d), 1e-4, 100),
+    "linear0.9": (lambda d: linear(0.9, d), 1e-4, 100),
+    "linear0.99": (lambda d: linear(0.99, d), 1e-4, 100),
     "tanh_mlp": (tanh_mlp, 1e-4, 100),
-    "attention": (lambda: layer("attention"), 1e-3, 40),
-    "conv": (lambda: layer("conv"), 1e-3, 40),
+    "attention": (lambda d: layer("attention", d), 1e-3, 40),
+    "conv": (lambda d: layer("conv", d), 1e-3, 40),
 }
 
 
@@ -143,7 +143,7 @@ def main(argv=None):
     with torch.no_grad():
         for prob in args.problems.split(","):
             build, tol, steps = PROBLEMS[prob]
-            f, x = build()
+            f, x = build(device)
             if isinstance(f, torch.nn.Module):
                 f = f.to(device)
             x = x.to(device)
