@@ -33,7 +33,7 @@ def linear(rho, device, B=8, D=256, seed=0):
     q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
     A = ((q * torch.linspace(-rho, rho, D, dtype=torch.float64)) @ q.T).float().to(device)
     x = torch.randn(B, D, generator=g)
-    return (lambda z, x: z @ A.T + x), x
+    return (lambda z, x: z @ A.T + x), x, torch.zeros_like(x)
 
 
 def tanh_mlp(device, B=8, D=256, seed=0):
@@ -41,12 +41,30 @@ def tanh_mlp(device, B=8, D=256, seed=0):
     W = torch.randn(D, D, generator=g)
     W = (0.9 * W / torch.linalg.matrix_norm(W, 2)).to(device)
     x = torch.randn(B, D, generator=g)
-    return (lambda z, x: torch.tanh(z @ W.T + x)), x
+    return (lambda z, x: torch.tanh(z @ W.T + x)), x, torch.zeros_like(x)
+
+
+def mixed_mlp(device, B=32, D=1024, seed=0):
+    """Per-sample difficulty: f(z, x) = tanh(s_b * W2 relu(W1 z) + u_b), s_b from 0.3 to 3.0
+    (stored in x's last column), so easy samples converge long before hard ones."""
+    g = torch.Generator().manual_seed(seed)
+    W1 = torch.randn(D, D, generator=g) / D**0.5
+    W2 = torch.randn(D, D, generator=g)
+    W2 = (W2 / torch.linalg.matrix_norm(W2 @ W1, 2)).to(device)
+    W1 = W1.to(device)
+    u = torch.randn(B, D, generator=g)
+    scale = torch.linspace(0.3, 3.0, B).unsqueeze(1)
+    x = torch.cat([u, scale], dim=1)
+
+    def f(z, x):
+        return torch.tanh(x[:, -1:] * (torch.relu(z @ W1.T) @ W2.T) + x[:, :-1])
+
+    return f, x, torch.zeros(B, D)
 
 
 def layer(kind, device):
     mod, x = make_layer(kind, batch=8)
-    return mod, x
+    return mod, x, torch.zeros_like(x)
 
 
 # name -> (builder, tolerance (relative), max_steps)
@@ -55,6 +73,7 @@ PROBLEMS = {
     "linear0.9": (lambda d: linear(0.9, d), 1e-4, 100),
     "linear0.99": (lambda d: linear(0.99, d), 1e-4, 100),
     "tanh_mlp": (tanh_mlp, 1e-4, 100),
+    "mixed_mlp": (mixed_mlp, 1e-4, 100),
     "attention": (lambda d: layer("attention", d), 1e-3, 40),
     "conv": (lambda d: layer("conv", d), 1e-3, 40),
 }
@@ -70,18 +89,18 @@ class Counter:
         return self.f(z, *a)
 
 
-def deepeq_run(name, f, x, tol, steps):
+def deepeq_run(name, f, x, z0, tol, steps):
     solver = {
         "picard": deepeq.Picard(rtol=tol, max_steps=steps),
         "anderson": deepeq.Anderson(rtol=tol, max_steps=steps, history_length=5, ridge=1e-4),
         "broyden": deepeq.Broyden(rtol=tol, max_steps=steps, history_length=20),
     }[name]
     c = Counter(f)
-    sol = deepeq.fixed_point(c, torch.zeros_like(x), solver, args=(x,), nonfinite="return")
+    sol = deepeq.fixed_point(c, z0, solver, args=(x,), nonfinite="return")
     return sol.value, c, sol.stats.buffer_bytes
 
 
-def torchdeq_run(name, f, x, tol, steps):
+def torchdeq_run(name, f, x, z0, tol, steps):
     key, kw = {
         "picard": ("fixed_point_iter", {"tau": 1.0}),
         "anderson": ("anderson", {"m": 5, "lam": 1e-4, "tau": 1.0}),
@@ -89,10 +108,10 @@ def torchdeq_run(name, f, x, tol, steps):
     }[name]
     c = Counter(f)
     z, _, _ = tdq_get_solver(key)(
-        lambda z: c(z, x), torch.zeros_like(x), max_iter=steps, tol=tol, stop_mode="rel", **kw
+        lambda z: c(z, x), z0, max_iter=steps, tol=tol, stop_mode="rel", **kw
     )
-    B, D = x.shape[0], x[0].numel()
-    el = x.element_size()
+    B, D = z0.shape[0], z0[0].numel()
+    el = z0.element_size()
     buf = {"picard": 0, "anderson": 2 * B * 5 * D * el, "broyden": 2 * B * D * steps * el}[name]
     return z, c, buf
 
@@ -102,13 +121,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(run, name, f, x, tol, steps, repeats, device):
-    run(name, f, x, tol, steps)  # warm-up
+def measure(run, name, f, x, z0, tol, steps, repeats, device):
+    run(name, f, x, z0, tol, steps)  # warm-up
     times = []
     for _ in range(repeats):
         sync(device)
         t0 = time.perf_counter()
-        z, c, buf = run(name, f, x, tol, steps)
+        z, c, buf = run(name, f, x, z0, tol, steps)
         sync(device)
         times.append(time.perf_counter() - t0)
     fz = f(z, x)
@@ -143,13 +162,13 @@ def main(argv=None):
     with torch.no_grad():
         for prob in args.problems.split(","):
             build, tol, steps = PROBLEMS[prob]
-            f, x = build(device)
+            f, x, z0 = build(device)
             if isinstance(f, torch.nn.Module):
                 f = f.to(device)
-            x = x.to(device)
+            x, z0 = x.to(device), z0.to(device)
             for name in ("picard", "anderson", "broyden"):
                 res = {
-                    lib: measure(run, name, f, x, tol, steps, args.repeats, device)
+                    lib: measure(run, name, f, x, z0, tol, steps, args.repeats, device)
                     for lib, run in libs
                 }
                 for lib, r in res.items():

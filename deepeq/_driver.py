@@ -91,6 +91,11 @@ def _norms(z: Tensor, fz: Tensor) -> Tensor:
     return torch.linalg.vector_norm(torch.stack((fz - z, fz)), dim=2, dtype=dtype)
 
 
+#: When stopped samples are compacted out of the active set: "auto" (at once on CPU; in batches
+#: of at least a quarter of the rows on accelerators), True (always in batches) or False (at once).
+LAZY_COMPACTION: bool | str = "auto"
+
+
 def solve(f, z, solver, layout, args, independent, nonfinite, trace):
     """The driver loop on flat ``z`` (B, D). Returns (z*, status, stats)."""
     t0 = time.perf_counter()
@@ -141,17 +146,25 @@ def solve(f, z, solver, layout, args, independent, nonfinite, trace):
     buffer_bytes = sum(t.numel() * t.element_size() for t in state if isinstance(t, Tensor))
 
     on_cpu = dev.type == "cpu"
+    lazy = independent and (not on_cpu if LAZY_COMPACTION == "auto" else LAZY_COMPACTION)
+    frozen: Tensor | None = None  # stopped rows not yet compacted away (lazy mode)
     k = 0
     while True:
         if trace:
             tr[:, ev.active, k] = norms
         # NaN/inf keys map to 0, i.e. "done": the exact reason is sorted out below, only on the
         # (rare) steps where some sample stops. One host synchronisation per step.
-        if k >= max_steps or bool((torch.nan_to_num(key, 0.0, 0.0) <= threshold).any()):
+        stop = torch.nan_to_num(key, 0.0, 0.0) <= threshold
+        if frozen is not None:
+            stop &= ~frozen
+        if k >= max_steps or bool(stop.any()):
             bad = ~torch.isfinite(norms).all(0)
             done = bad | (best_key <= threshold)
             if k >= max_steps:
                 done = torch.ones_like(done)
+            if frozen is not None:  # already recorded; they only await compaction
+                bad &= ~frozen
+                done &= ~frozen
             if nonfinite == "raise" and bool(bad.any()):
                 ids = ev.active[bad].tolist()
                 raise FloatingPointError(
@@ -163,21 +176,29 @@ def solve(f, z, solver, layout, args, independent, nonfinite, trace):
             idx = done.nonzero().squeeze(1)
             ids = ev.active[idx]
             out_z[ids] = best_z[idx]
-            out_norms[:, ids] = best_norms[:, idx]
+            out_norms[:, ids] = best_norms[:, idx].detach()
             out_best[ids] = best_step[idx]
             out_steps[ids] = k
             out_nonfinite[ids] = bad[idx]
             if ev.full_z is not None:
                 ev.full_z = ev.full_z.index_copy(0, ids, best_z[idx])
-            keep = (~done).nonzero().squeeze(1)
+            gone = done if frozen is None else done | frozen
+            keep = (~gone).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
-            if keep.numel() < done.numel():
+            # Drop stopped samples from the active set. On an accelerator, where every gather is
+            # a kernel launch and compute does not fall with fewer rows until many are gone,
+            # stopped rows are only marked (their results are already recorded above) until a
+            # quarter of the rows have stopped.
+            if not lazy or keep.numel() <= 0.75 * gone.numel():
                 z, fz = z[keep], fz[keep]
                 best_z, best_norms = best_z[keep], best_norms[:, keep]
                 best_key, best_step = best_key[keep], best_step[keep]
                 state = solver.compact(state, keep)
                 ev.set_active(keep)
+                frozen = None
+            else:
+                frozen = gone
         k += 1
         z, fz, state = solver.step(ev, z, fz, state)
         norms = _norms(z.detach(), fz.detach()) if grad else _norms(z, fz)

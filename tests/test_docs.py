@@ -3,6 +3,8 @@
 import doctest
 import importlib
 import pkgutil
+import re
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +40,12 @@ def test_demo_smoke(capsys):
 def test_version_command(capsys):
     assert main(["version"]) == 0
     assert capsys.readouterr().out.strip() == deepeq.__version__
+
+
+def test_readme_python_blocks_run(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    assert "CONVERGED" not in capsys.readouterr().err

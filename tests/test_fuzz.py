@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import deepeq
+import deepeq._driver
 from deepeq import Status
 
 SOLVERS = st.sampled_from(["picard", "anderson", "broyden", "broyden_ls"])
@@ -24,7 +25,7 @@ def _make(name, max_steps, atol, rtol, param):
     return deepeq.Picard(atol=atol, rtol=rtol, max_steps=max_steps, damping=(param - 1) / 10)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**31 - 1),
     batch=st.integers(1, 5),
@@ -38,9 +39,10 @@ def _make(name, max_steps, atol, rtol, param):
     atol=st.sampled_from([0.0, 1e-8, 1e-4]),
     rtol=st.sampled_from([0.0, 1e-6, 1e-3]),
     mode=st.sampled_from(["raise", "return"]),
+    lazy=st.booleans(),
 )
 def test_random_maps_are_handled_honestly(
-    seed, batch, dim, scale, kind, nan_bound, solver, param, max_steps, atol, rtol, mode
+    seed, batch, dim, scale, kind, nan_bound, solver, param, max_steps, atol, rtol, mode, lazy
 ):
     g = torch.Generator().manual_seed(seed)
     W = scale * torch.randn(dim, dim, generator=g, dtype=torch.float64) / max(dim, 1) ** 0.5
@@ -55,11 +57,14 @@ def test_random_maps_are_handled_honestly(
 
     s = _make(solver, max_steps, atol, rtol, param)
     z0 = torch.zeros_like(x)
+    old, deepeq._driver.LAZY_COMPACTION = deepeq._driver.LAZY_COMPACTION, lazy
     try:
         sol = deepeq.fixed_point(f, z0, s, args=(x,), nonfinite=mode)
     except FloatingPointError as e:
         assert mode == "raise" and "non-finite" in str(e)
         return
+    finally:
+        deepeq._driver.LAZY_COMPACTION = old
     st_ = sol.stats
     assert torch.isfinite(sol.value).all(), "silent NaN in the returned value"
     assert st_.nonfinite.any() == (sol.status is Status.NONFINITE)

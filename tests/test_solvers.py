@@ -7,9 +7,17 @@ import torch
 from problems import DOTTIE, Counting, linear_problem, tanh_mlp_problem
 
 import deepeq
+import deepeq._driver
 from deepeq import Anderson, Broyden, Picard, Status
 
 TIGHT = dict(atol=1e-11, rtol=0.0)
+
+
+@pytest.fixture(params=["at_once", "lazy"])
+def compaction(request, monkeypatch):
+    """Both compaction policies: at once (CPU default) and in batches (accelerator default)."""
+    monkeypatch.setattr(deepeq._driver, "LAZY_COMPACTION", request.param == "lazy")
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -119,7 +127,7 @@ def _scaled_problem(gen, batch=6, dim=10):
 
 
 @pytest.mark.parametrize("solver", ALL, ids=repr)
-def test_per_sample_independence(solver, gen):
+def test_per_sample_independence(solver, gen, compaction):
     f, x, s = _scaled_problem(gen)
     batch = deepeq.fixed_point(f, torch.zeros_like(x), solver, args=(x, s))
     for i in range(x.shape[0]):
@@ -135,7 +143,7 @@ def test_per_sample_independence(solver, gen):
 
 
 @pytest.mark.parametrize("solver", ALL, ids=repr)
-def test_easy_samples_stop_early_and_stay_frozen(solver, gen):
+def test_easy_samples_stop_early_and_stay_frozen(solver, gen, compaction):
     f, x, s = _scaled_problem(gen)
     counting = Counting(f)
     sol = deepeq.fixed_point(counting, torch.zeros_like(x), solver, args=(x, s), trace=True)
@@ -180,7 +188,7 @@ def test_max_steps_status_and_throw(solver, gen):
 
 
 @pytest.mark.parametrize("solver", ALL, ids=repr)
-def test_best_iterate_is_lowest_residual(solver, gen):
+def test_best_iterate_is_lowest_residual(solver, gen, compaction):
     # Oscillating map (eigenvalues near -1): residuals are not monotone.
     f, b, _ = linear_problem(0.97, dim=8, batch=4, gen=gen)
     sol = deepeq.fixed_point(
@@ -220,7 +228,7 @@ def test_nonfinite_raises_with_step_and_sample():
 
 
 @pytest.mark.parametrize("solver", ALL, ids=repr)
-def test_nonfinite_return_mode(solver):
+def test_nonfinite_return_mode(solver, compaction):
     x, f = NAN_X, _nan_beyond(20.5)
     sol = deepeq.fixed_point(f, torch.zeros_like(x), solver, args=(x, NAN_C), nonfinite="return")
     if getattr(solver, "line_search", False):
