@@ -135,6 +135,31 @@ def measure(run, name, f, x, z0, tol, steps, repeats, device):
     return dict(ms=1e3 * statistics.median(times), nfe=c.calls, rows=c.rows, rel=rel, buf=buf)
 
 
+def per_step(device, repeats, steps=100):
+    """Microseconds per solver step with every step forced (tolerance 0), f = linear0.99."""
+    f, x, z0 = linear(0.99, device)
+    x, z0 = x.to(device), z0.to(device)
+    print(f"# per-step cost, linear0.99 (B=8, D=256), {steps} forced steps, device {device}")
+    print("| solver | deepeq us/step | torchdeq us/step | ratio |")
+    print("|---|---|---|---|")
+    with torch.no_grad():
+        for name in ("picard", "anderson", "broyden"):
+            us = {}
+            for lib, run in (("deepeq", deepeq_run), ("torchdeq", torchdeq_run)):
+                run(name, f, x, z0, 0.0, steps)
+                times = []
+                for _ in range(repeats):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    run(name, f, x, z0, 0.0, steps)
+                    sync(device)
+                    times.append(time.perf_counter() - t0)
+                us[lib] = 1e6 * statistics.median(times) / steps
+            print(
+                f"| {name} | {us['deepeq']:.0f} | {us['torchdeq']:.0f} | {us['deepeq'] / us['torchdeq']:.2f} |"
+            )
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -142,8 +167,15 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--problems", default=",".join(PROBLEMS))
+    p.add_argument(
+        "--per-step",
+        action="store_true",
+        help="only the per-step cost on linear0.99 (100 forced steps)",
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.per_step:
+        return per_step(device, args.repeats)
     libs = [("deepeq", deepeq_run)] + ([("torchdeq", torchdeq_run)] if tdq_get_solver else [])
     dev_name = (
         torch.cuda.get_device_name(device)
