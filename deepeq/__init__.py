@@ -12,6 +12,11 @@ from .backward import ImplicitBackward as ImplicitBackward
 from .backward import PhantomBackward as PhantomBackward
 from .backward import UnrolledBackward as UnrolledBackward
 from .nn import DEQ as DEQ
+from .regularization import JacobianSchedule as JacobianSchedule
+from .regularization import jacobian_penalty as jacobian_penalty
+from .regularization import spectral_norm as spectral_norm
+from .regularization import spectral_radius as spectral_radius
+from .regularization import weight_norm as weight_norm
 from .solvers import SOLVERS as SOLVERS
 from .solvers import AbstractSolver as AbstractSolver
 from .solvers import Anderson as Anderson

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._context import _SAMPLE_INDEX
 from ._flatten import Layout, check_output, flatten, unflatten
 from ._solution import Stats, Status
 from ._types import FixedPointFn
@@ -63,6 +64,7 @@ class _Evaluator:
             if z.shape[0] == self.layout.batch:
                 out = self.f(unflatten(z, self.layout), *args)
             else:
+                token = _SAMPLE_INDEX.set(self.active if rows is None else self.active[rows])
                 try:
                     out = self.f(unflatten(z, self.layout), *args)
                 except RuntimeError as e:
@@ -70,8 +72,11 @@ class _Evaluator:
                         f"f failed when evaluated on {z.shape[0]} of the {self.layout.batch} "
                         f"samples (deepeq evaluates f only on samples that have not converged "
                         f"yet). If f uses per-sample tensors, pass them through args=(...) so "
-                        f"they are sliced alike, or pass independent=False. Original error: {e}"
+                        f"they are sliced alike (or select rows with deepeq.nn.sample_index()), "
+                        f"or pass independent=False. Original error: {e}"
                     ) from e
+                finally:
+                    _SAMPLE_INDEX.reset(token)
             check_output(out, self.layout, z.shape[0])
             self.sample_evals += z.shape[0]
             return flatten(out, self.layout).to(self.layout.dtype)

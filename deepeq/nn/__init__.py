@@ -1,3 +1,6 @@
-"""Modules: the DEQ layer (and, later, shared blocks for the model zoo)."""
+"""Modules: the DEQ layer, variational dropout, and the per-sample context for state inside f."""
 
+from .._context import sample_index as sample_index
 from .deq import DEQ as DEQ
+from .dropout import VariationalDropout as VariationalDropout
+from .dropout import reset_deq_state as reset_deq_state

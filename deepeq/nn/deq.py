@@ -6,12 +6,14 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .._fixed_point import fixed_point
 from .._solution import Solution
 from .._types import State
 from ..backward import AbstractBackward, ImplicitBackward
 from ..solvers import AbstractSolver, Anderson
+from .dropout import reset_deq_state
 
 
 class DEQ(nn.Module):
@@ -30,6 +32,11 @@ class DEQ(nn.Module):
     In training mode ``solver`` is used, in eval mode ``eval_solver`` (default: ``solver``;
     the papers use more steps at evaluation). Gradients follow autograd, not the module mode:
     in eval mode they still flow when grad is enabled and something requires it.
+
+    Once per forward, before solving, the layer calls ``reset_deq_state()`` on every submodule
+    of f that defines it (e.g. :class:`deepeq.nn.VariationalDropout` draws a fresh mask) and
+    computes parametrised weights (:func:`deepeq.weight_norm`, :func:`deepeq.spectral_norm`)
+    once; every iteration, the tracked call and the backward solve then share them.
 
     Mixed precision: under ``torch.autocast`` f runs in the autocast dtype while the solver
     state, residuals and the backward linear solve stay in the dtype of ``z0`` (keep z0 in
@@ -131,16 +138,25 @@ class DEQ(nn.Module):
             ``(z_star, solution)``; ``z_star`` is ``solution.value``.
         """
         solver = self.solver if self.training else self.eval_solver
-        sol = fixed_point(
-            self.f,
-            self._initial_state(x, z0),
-            solver,
-            args=(x,),
-            backward=self.backward_rule,
-            independent=self.independent,
-            nonfinite=self.nonfinite,
-            trace=self.trace,
-        )
+        reset_deq_state(self.f)  # fresh dropout masks etc., once per forward
+        z_init = self._initial_state(x, z0)
+        # Parametrised weights (weight/spectral norm) are computed once, here, with autograd in
+        # the caller's mode, and reused by every call of f in this forward.
+        with parametrize.cached():
+            for m in self.f.modules():
+                if parametrize.is_parametrized(m):
+                    for name in m.parametrizations:
+                        getattr(m, name)
+            sol = fixed_point(
+                self.f,
+                z_init,
+                solver,
+                args=(x,),
+                backward=self.backward_rule,
+                independent=self.independent,
+                nonfinite=self.nonfinite,
+                trace=self.trace,
+            )
         if self.warm_start:
             v = sol.value
             self._last = v.detach() if isinstance(v, Tensor) else type(v)(p.detach() for p in v)

@@ -1,0 +1,138 @@
+"""Jacobian regularisation (Bai et al. 2021) and spectral-radius monitoring at an equilibrium."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+
+def _check_pair(fz: Tensor, z: Tensor, name: str) -> None:
+    if not isinstance(fz, Tensor) or not isinstance(z, Tensor):
+        raise TypeError(
+            f"{name}(fz, z) takes tensors; got {type(fz).__name__}, {type(z).__name__}."
+        )
+    if fz.shape != z.shape or fz.dim() < 2:
+        raise ValueError(
+            f"{name}: fz and z must have the same shape (B, ...); got {tuple(fz.shape)} and "
+            f"{tuple(z.shape)}. Pass solution.fz and solution.z_leaf (flat (B, D))."
+        )
+    if not z.requires_grad or fz.grad_fn is None:
+        raise ValueError(
+            f"{name}: fz must be computed from z with autograd recording (z.requires_grad=True). "
+            f"Use solution.fz and solution.z_leaf from a fixed_point/DEQ call made with grad "
+            f"enabled and ImplicitBackward (they are None otherwise)."
+        )
+
+
+def _randn(shape, generator, dtype, device) -> Tensor:
+    """Normal samples on ``device``, drawn on the generator's device when one is given."""
+    dev = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, dtype=dtype, device=dev).to(device)
+
+
+def jacobian_penalty(
+    fz: Tensor,
+    z: Tensor,
+    *,
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+    reduction: Literal["mean", "none"] = "mean",
+) -> Tensor:
+    """Hutchinson estimate of ``||J_f(z)||_F² / d``, ``J_f = ∂f/∂z``, ``d = numel(z) / B``.
+
+    With Gaussian probes ``ε ~ N(0, I_d)``, ``E[||εᵀ J||²] = ||J||_F²`` (Bai et al. 2021, eq. 7);
+    each probe costs one vector-Jacobian product through the recorded call ``fz = f(z)``, made
+    with ``create_graph=True`` so that the estimate is differentiable with respect to f's
+    parameters. This is the squared Frobenius norm, not the trace-like ``εᵀ J ε`` (which can be
+    negative). Samples are independent (J is block-diagonal over the batch).
+
+    Args:
+        fz: ``f(z)``, shape ``(B, ...)``, recorded by autograd from ``z``
+            (``solution.fz`` of an ImplicitBackward solve).
+        z: the leaf ``fz`` was computed from (``solution.z_leaf``).
+        num_samples: M, number of probes averaged.
+        generator: optional generator for the probes (reproducibility).
+        reduction: ``"mean"`` over the batch (a scalar) or ``"none"`` (shape ``(B,)``).
+
+    Returns:
+        The penalty, differentiable with respect to whatever ``fz`` depends on.
+
+    Example:
+        >>> import torch, deepeq
+        >>> z = torch.randn(4, 3, requires_grad=True)
+        >>> fz = 2 * z  # J = 2 I, ||J||_F² / d = 4
+        >>> round(deepeq.jacobian_penalty(fz, z, num_samples=2000, generator=torch.Generator().manual_seed(0)).item(), 1)
+        4.0
+    """
+    _check_pair(fz, z, "jacobian_penalty")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"jacobian_penalty: num_samples must be an int >= 1; got {num_samples!r}.")
+    if reduction not in ("mean", "none"):
+        raise ValueError(
+            f"jacobian_penalty: reduction must be 'mean' or 'none'; got {reduction!r}."
+        )
+    B = fz.shape[0]
+    d = fz[0].numel()
+    total = fz.new_zeros(B)
+    for _ in range(num_samples):
+        eps = _randn(fz.shape, generator, fz.dtype, fz.device)
+        (vjp,) = torch.autograd.grad(fz, z, eps, create_graph=True, retain_graph=True)
+        total = total + vjp.reshape(B, -1).pow(2).sum(1)
+    per_sample = total / (num_samples * d)
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def spectral_radius(
+    fz: Tensor, z: Tensor, *, num_iters: int = 20, generator: torch.Generator | None = None
+) -> Tensor:
+    """Estimate ``|λ_max(J_f(z))|`` per sample, for monitoring stability.
+
+    Runs ``k = min(num_iters, d)`` steps of Arnoldi iteration on ``J_fᵀ`` (same eigenvalues as
+    ``J_f``) with vector-Jacobian products through the recorded call ``fz = f(z)``, and returns the
+    largest modulus among the Ritz values (eigenvalues of the small Hessenberg matrix). Unlike the
+    power method this is not fooled by a dominant complex-conjugate pair; with ``k = d`` it is
+    exact up to rounding. No graph is kept (monitoring only).
+
+    Args:
+        fz: ``f(z)``, shape ``(B, ...)``, recorded from ``z``.
+        z: the leaf ``fz`` was computed from.
+        num_iters: Krylov dimension k (vector-Jacobian products used).
+        generator: optional generator for the random start vector.
+
+    Returns:
+        Tensor of shape ``(B,)``.
+
+    Example:
+        >>> import torch, deepeq
+        >>> R = torch.tensor([[0.0, -0.9], [0.9, 0.0]])  # eigenvalues ±0.9i
+        >>> z = torch.randn(2, 2, requires_grad=True)
+        >>> [round(r, 4) for r in deepeq.spectral_radius(z @ R.T, z).tolist()]
+        [0.9, 0.9]
+    """
+    _check_pair(fz, z, "spectral_radius")
+    B = fz.shape[0]
+    d = fz[0].numel()
+    k = max(1, min(int(num_iters), d))
+    wd = torch.promote_types(fz.dtype, torch.float32)
+    q = _randn((B, d), generator, wd, fz.device)
+    q = q / q.norm(dim=1, keepdim=True)
+    Q = [q]
+    H = torch.zeros(B, k + 1, k, dtype=wd, device=fz.device)
+    tiny = torch.finfo(wd).eps
+    for j in range(k):
+        (w,) = torch.autograd.grad(fz, z, Q[j].reshape(fz.shape).to(fz.dtype), retain_graph=True)
+        w = w.reshape(B, d).to(wd)
+        for i in range(j + 1):  # modified Gram-Schmidt
+            h = (Q[i] * w).sum(1)
+            H[:, i, j] = h
+            w = w - h.unsqueeze(1) * Q[i]
+        norm = w.norm(dim=1)
+        H[:, j + 1, j] = norm
+        # Breakdown (invariant subspace found): continue with a zero vector for that sample.
+        Q.append(
+            torch.where((norm > tiny).unsqueeze(1), w / norm.clamp_min(tiny).unsqueeze(1), 0.0)
+        )
+    eig = torch.linalg.eigvals(H[:, :k, :k].double())
+    return eig.abs().amax(1).to(wd)
