@@ -134,10 +134,8 @@ def test_weight_norm_once_per_forward_and_gradients():
     torch.manual_seed(0)
     lin = nn.Linear(8, 8)
     w0 = lin.weight.detach().clone()
-    layer = NormLayer(lambda m: deepeq.weight_norm(m))
-    plain = nn.Linear(8, 8)
     torch.testing.assert_close(deepeq.weight_norm(lin).weight, w0)  # unchanged at init
-    del plain
+    layer = NormLayer(lambda m: deepeq.weight_norm(m))
     deq = DEQ(layer, solver=Anderson(rtol=1e-5))
     x = torch.randn(4, 8)
     z, sol = deq(x)
@@ -251,3 +249,18 @@ def test_schedule():
         JacobianSchedule(final_weight=1.0, ramp_start=5, ramp_end=1)
     with pytest.raises(ValueError, match="weight"):
         JacobianSchedule(weight=-1.0)
+
+
+def test_synthetic1d_smoke(tmp_path):
+    from deepeq.experiments import synthetic1d
+
+    results = synthetic1d.main(["--smoke", "--out", str(tmp_path)])
+    assert [r["gamma"] for r in results] == [0.0, 2.0]
+    for r in results:
+        assert r["val_mse"] >= 0 and 1 <= r["eval_nfe"] <= 51 and r["skipped_steps"] == 0
+        assert abs(r["jac_fro"] - r["spectral_radius"]) < 1e-6  # scalar state
+    assert (tmp_path / "synthetic1d.png").stat().st_size > 10_000
+    assert "| γ |" in (tmp_path / "table.md").read_text()
+    data = synthetic1d.make_data(synthetic1d.Config(n_train=5000, n_val=96))
+    x, y = data[0], data[1]
+    assert x.min() >= -2 and x.max() <= 2 and (y - synthetic1d.target(x)).std() < 0.06

@@ -1,0 +1,1 @@
+"""Reproductions of the DEQ papers' experiments, each runnable as ``python -m deepeq.experiments.<name>``."""
