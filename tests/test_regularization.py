@@ -114,6 +114,10 @@ def test_regularizer_input_errors():
         jacobian_penalty(z.detach() * 2, z.detach())
     with pytest.raises(ValueError, match="num_samples"):
         jacobian_penalty(2 * z, z, num_samples=0)
+    fz = torch.tanh(z)
+    fz.sum().backward()  # frees the graph
+    with pytest.raises(RuntimeError, match="before the backward pass"):
+        spectral_radius(fz, z)
 
 
 class NormLayer(nn.Module):

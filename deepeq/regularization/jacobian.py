@@ -8,6 +8,19 @@ import torch
 from torch import Tensor
 
 
+def _vjp(fz: Tensor, z: Tensor, v: Tensor, name: str, create_graph: bool) -> Tensor:
+    try:
+        return torch.autograd.grad(fz, z, v, create_graph=create_graph, retain_graph=True)[0]
+    except RuntimeError as e:
+        if "second time" not in str(e):
+            raise
+        raise RuntimeError(
+            f"{name}: the autograd graph of fz has already been freed, typically by "
+            f"loss.backward(). Call {name}(sol.fz, sol.z_leaf) before the backward pass (or "
+            f"call backward(retain_graph=True))."
+        ) from e
+
+
 def _check_pair(fz: Tensor, z: Tensor, name: str) -> None:
     if not isinstance(fz, Tensor) or not isinstance(z, Tensor):
         raise TypeError(
@@ -78,7 +91,7 @@ def jacobian_penalty(
     total = fz.new_zeros(B)
     for _ in range(num_samples):
         eps = _randn(fz.shape, generator, fz.dtype, fz.device)
-        (vjp,) = torch.autograd.grad(fz, z, eps, create_graph=True, retain_graph=True)
+        vjp = _vjp(fz, z, eps, "jacobian_penalty", create_graph=True)
         total = total + vjp.reshape(B, -1).pow(2).sum(1)
     per_sample = total / (num_samples * d)
     return per_sample.mean() if reduction == "mean" else per_sample
@@ -122,7 +135,7 @@ def spectral_radius(
     H = torch.zeros(B, k + 1, k, dtype=wd, device=fz.device)
     tiny = torch.finfo(wd).eps
     for j in range(k):
-        (w,) = torch.autograd.grad(fz, z, Q[j].reshape(fz.shape).to(fz.dtype), retain_graph=True)
+        w = _vjp(fz, z, Q[j].reshape(fz.shape).to(fz.dtype), "spectral_radius", create_graph=False)
         w = w.reshape(B, d).to(wd)
         for i in range(j + 1):  # modified Gram-Schmidt
             h = (Q[i] * w).sum(1)
