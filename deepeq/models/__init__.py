@@ -1,0 +1,8 @@
+"""The model zoo: ``create_model(name, **overrides)``, ``list_models()``."""
+
+from . import deq_transformer as deq_transformer
+from . import trellisnet as trellisnet
+from ._registry import create_model as create_model
+from ._registry import list_models as list_models
+from ._registry import register_model as register_model
+from ._sequence import SequenceModel as SequenceModel

@@ -1,0 +1,274 @@
+"""The sequence-model wrapper shared by DEQ-Transformer and DEQ-TrellisNet: embedding, input
+injection, an equilibrium (or explicit) core, memory and the output head.
+
+Calling protocol, identical for every registered sequence model, DEQ or not::
+
+    logits, state, solutions = model(tokens, state=None)
+
+``tokens`` ``(B, T)`` int64; ``logits`` ``(B, T, vocab)``; ``state`` the memory to pass with
+the next segment of the same streams (None at the start); ``solutions`` the list of
+:class:`deepeq.Solution` records of this call (empty for explicit cores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .._solution import Solution
+from ..backward import ImplicitBackward
+from ..nn.deq import DEQ
+from ..nn.layers import count_parameters
+from ..regularization.norm import weight_norm
+from ..solvers import make_solver
+
+
+@dataclass(frozen=True, kw_only=True)
+class SequenceConfig:
+    """Fields shared by the sequence families (each family adds its own)."""
+
+    vocab_size: int = 10
+    d_embed: int = 32
+    d_model: int = 32
+    core: Literal["deq", "tied", "untied"] = (
+        "deq"  # equilibrium, weight-tied L layers, untied L layers
+    )
+    depth: int | None = None  # L of the explicit twins (default: f_max_steps)
+    mem_len: int = 0  # positions of memory carried to the next segment
+    dropout: float = 0.0  # variational dropout inside f (one mask per forward)
+    weight_norm: bool = False
+    tie_weights: bool = (
+        False  # output head shares the embedding matrix (needs d_embed == head input)
+    )
+    # Equilibrium solving (seeds: 30 forward steps in training, more at evaluation).
+    solver: str = "anderson"
+    f_max_steps: int = 30
+    f_rtol: float = 1e-3
+    eval_max_steps: int = 40
+    b_solver: str = "anderson"
+    b_max_steps: int = 30
+    b_rtol: float = 1e-4
+    pretrain_depth: int = 2  # k of the shallow-pretraining warm-up (k-layer weight-tied unroll)
+    subseq_len: int = 0  # solve segments in chunks of this many positions (0: whole segment)
+
+    def validate(self) -> None:
+        if self.core not in ("deq", "tied", "untied"):
+            raise ValueError(f"core must be 'deq', 'tied' or 'untied'; got {self.core!r}.")
+        for name in (
+            "vocab_size",
+            "d_embed",
+            "d_model",
+            "f_max_steps",
+            "eval_max_steps",
+            "b_max_steps",
+            "pretrain_depth",
+        ):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1; got {v!r}.")
+        for name in ("mem_len", "subseq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0; got {v!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}.")
+
+
+class SequenceModel(nn.Module):
+    """Embedding -> injection -> core -> head. Families supply ``make_layer(size)``,
+    ``make_injection(size)`` builders, the state width and the readout."""
+
+    family: str = "sequence"
+
+    def __init__(self, config: SequenceConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.d_embed)
+        self.depth = c.depth if c.depth is not None else c.f_max_steps
+        self.pretraining = False
+        base = self.default_size()
+        if c.core == "untied":
+            self.size = self.matched_size()
+            self.blocks = nn.ModuleList(self.make_layer(self.size) for _ in range(self.depth))
+            self.injections = nn.ModuleList(
+                self.make_injection(self.size) for _ in range(self.depth)
+            )
+            self.head_in = nn.Linear(self.readout_dim(self.size), self.readout_dim(base))
+        else:
+            self.size = base
+            self.f = self.make_layer(base)
+            self.inject = self.make_injection(base)
+            self.deq = DEQ(
+                self.f,
+                solver=make_solver(c.solver, rtol=c.f_rtol, max_steps=c.f_max_steps),
+                eval_solver=make_solver(c.solver, rtol=c.f_rtol, max_steps=c.eval_max_steps),
+                backward=ImplicitBackward(
+                    solver=make_solver(c.b_solver, rtol=c.b_rtol, max_steps=c.b_max_steps)
+                ),
+                nonfinite="return",
+            )
+        self.head = nn.Linear(self.readout_dim(base), c.vocab_size)
+        if c.tie_weights:
+            if self.readout_dim(base) != c.d_embed:
+                raise ValueError(
+                    f"tie_weights needs the head input ({self.readout_dim(base)}) to equal d_embed ({c.d_embed})."
+                )
+            self.head.weight = self.embed.weight
+        if c.weight_norm:
+            for m in list(self.core_modules()):
+                for sub in m.modules():
+                    if isinstance(sub, nn.Linear | nn.Conv1d) and "weight" in sub._parameters:
+                        weight_norm(sub)
+
+    # --- family hooks (a "size" is whatever fixes a layer's dimensions) ----------------------
+    def default_size(self) -> Any:
+        return self.config.d_model
+
+    def candidate_sizes(self):
+        """Sizes tried when matching the untied stack's parameters to the DEQ's."""
+        return range(1, self.config.d_model + 1)
+
+    def make_layer(self, size: Any) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def make_injection(self, size: Any) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def state_dim(self, size: Any) -> int:
+        return size
+
+    def readout_dim(self, size: Any) -> int:
+        return size
+
+    def readout(self, z: Tensor) -> Tensor:
+        return z
+
+    def context_dim(self, size: Any) -> int:
+        """Width of one context (memory) position; by default the state width."""
+        return self.state_dim(size)
+
+    def context_entry(self, z: Tensor, inj: Tensor) -> Tensor:
+        """What a solved position contributes to the context of later positions."""
+        return z
+
+    def context_len(self) -> int:
+        """Positions of context the layer needs before a segment (at least)."""
+        return 0
+
+    # --- helpers ----------------------------------------------------------------------------
+    def core_modules(self):
+        if self.config.core == "untied":
+            return [self.blocks, self.injections, self.head_in]
+        return [self.f, self.inject]
+
+    def non_embedding_parameters(self) -> int:
+        """Parameters of injection + core (+ the untied stack's projection), as the papers count
+        "non-embedding" (embedding and softmax excluded)."""
+        return sum(count_parameters(m) for m in self.core_modules())
+
+    def matched_size(self) -> Any:
+        """Layer size of the untied L-layer stack whose non-embedding parameters match the DEQ's
+        (injection + f) within 5%; counted on the meta device (no memory)."""
+        base = self.default_size()
+        with torch.device("meta"):
+            target = count_parameters(self.make_layer(base)) + count_parameters(
+                self.make_injection(base)
+            )
+            best, best_err = None, None
+            for size in self.candidate_sizes():
+                n = self.depth * (
+                    count_parameters(self.make_layer(size))
+                    + count_parameters(self.make_injection(size))
+                )
+                n += (self.readout_dim(size) + 1) * self.readout_dim(base)  # head_in projection
+                err = abs(n - target) / target
+                if best_err is None or err < best_err:
+                    best, best_err = size, err
+        if best_err is None or best_err > 0.05:
+            raise ValueError(
+                f"No untied layer size gives non-embedding parameters within 5% of the DEQ's "
+                f"({target}) at depth {self.depth} (closest: {best_err:.1%}); change depth or sizes."
+            )
+        return best
+
+    def set_pretraining(self, on: bool) -> None:
+        """Shallow-pretraining warm-up: when on, the DEQ core runs as a ``pretrain_depth``-layer
+        weight-tied unroll of its own f (seeds: a few thousand steps before equilibrium training)."""
+        self.pretraining = bool(on)
+
+    # --- forward ----------------------------------------------------------------------------
+    def initial_context(self, B: int, size: Any, device, dtype) -> Tensor:
+        return torch.zeros(
+            B, self.context_len(), self.context_dim(size), device=device, dtype=dtype
+        )
+
+    def forward(self, tokens: Tensor, state: Any = None) -> tuple[Tensor, Any, list[Solution]]:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"tokens must be an int64 tensor (B, T); got {tuple(tokens.shape)} {tokens.dtype}."
+            )
+        x = self.embed(tokens)  # (B, T, E)
+        B = x.shape[0]
+        sols: list[Solution] = []
+        if self.config.core == "untied":
+            ctxs = state if state is not None else [None] * self.depth
+            z = None
+            new_state = []
+            for blk, inj, ctx in zip(self.blocks, self.injections, ctxs, strict=True):
+                ctx = (
+                    ctx
+                    if ctx is not None
+                    else self.initial_context(B, self.size, x.device, x.dtype)
+                )
+                z_in = (
+                    torch.zeros(
+                        B, x.shape[1], self.state_dim(self.size), device=x.device, dtype=x.dtype
+                    )
+                    if z is None
+                    else z
+                )
+                x_inj = inj(x, ctx)
+                z = blk(z_in, (x_inj, ctx))
+                new_state.append(self.next_context(ctx, self.context_entry(z, x_inj)))
+            h = self.head_in(self.readout(z))
+            return self.head(h), new_state, sols
+        ctx = state if state is not None else self.initial_context(B, self.size, x.device, x.dtype)
+        inj = self.inject(x, ctx)
+        z0 = torch.zeros(B, x.shape[1], self.state_dim(self.size), device=x.device, dtype=x.dtype)
+        if self.config.core == "tied" or self.pretraining:
+            depth = self.depth if self.config.core == "tied" else self.config.pretrain_depth
+            z = z0
+            for _ in range(depth):
+                z = self.f(z, (inj, ctx))
+        elif self.config.subseq_len and self.config.subseq_len < x.shape[1]:
+            z, sols = self.solve_in_chunks(inj, ctx, z0)
+        else:
+            z, sol = self.deq((inj, ctx), z0=z0)
+            sols.append(sol)
+        return self.head(self.readout(z)), self.next_context(ctx, self.context_entry(z, inj)), sols
+
+    def next_context(self, ctx: Tensor, entry: Tensor) -> Tensor:
+        keep = max(self.config.mem_len, self.context_len())
+        return torch.cat([ctx, entry], dim=1)[:, -keep:].detach() if keep else ctx[:, :0]
+
+    def solve_in_chunks(
+        self, inj: Tensor, ctx: Tensor, z0: Tensor
+    ) -> tuple[Tensor, list[Solution]]:
+        """Subsequence solving: chunk c is solved with the context and the equilibria of chunks
+        before it as fixed context. By causality this equals the whole-segment equilibrium (to
+        the solver tolerance); gradients flow into earlier chunks through the context (not
+        detached), so the backward pass is the full implicit gradient too."""
+        S = self.config.subseq_len
+        zs, outs, sols = [], [], []
+        for s in range(0, inj.shape[1], S):
+            context = torch.cat([ctx, *zs], dim=1)
+            z, sol = self.deq((inj[:, s : s + S], context), z0=z0[:, s : s + S])
+            zs.append(self.context_entry(z, inj[:, s : s + S]))
+            outs.append(z)
+            sols.append(sol)
+        return torch.cat(outs, dim=1), sols

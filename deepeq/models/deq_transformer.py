@@ -1,0 +1,164 @@
+"""DEQ-Transformer (Bai et al. 2019, §3.3): a weight-tied Transformer-XL layer with input
+injection, solved for its equilibrium; and its explicit twins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.dropout import VariationalDropout
+from ..nn.layers import FeedForward, RelativeAttention
+from ._registry import register_model
+from ._sequence import SequenceConfig, SequenceModel
+
+
+@dataclass(frozen=True, kw_only=True)
+class DEQTransformerConfig(SequenceConfig):
+    n_heads: int = 4
+    d_ff: int = 64
+    pre_ln: bool = False  # seed 003 Table 5 compares Post-LN and Pre-LN
+    dropatt: float = 0.0  # dropout on attention weights (one mask per forward)
+
+
+class TransformerLayer(nn.Module):
+    """``f(z, (x̃, ctx))``: Post-LN ``u = LN(z + Attn(z; ctx, x̃))``, ``f = LN(u + FFN(u))``;
+    Pre-LN ``u = z + Attn(LN(z); LN(ctx), x̃)``, ``f = LN_out(u + FFN(LN(u)))`` (the final LN keeps
+    the map bounded, so that an equilibrium exists). z ``(B, T, D)``, x̃ ``(B, T, 3D)`` enters the
+    query/key/value projections (``z W_QKV + x̃``), ctx ``(B, M, 4D)`` is the memory: the
+    equilibria of earlier positions and their injections ``[z*, x̃]``, so that a remembered
+    position has exactly the keys and values it had in its own segment."""
+
+    def __init__(
+        self, d_model: int, n_heads: int, d_ff: int, dropout: float, dropatt: float, pre_ln: bool
+    ):
+        super().__init__()
+        self.attn = RelativeAttention(d_model, n_heads, dropatt)
+        self.ff = FeedForward(d_model, d_ff, dropout)
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.ln_out = nn.LayerNorm(d_model) if pre_ln else None
+        self.drop = VariationalDropout(dropout, shared_dims=(1,))
+        self.pre_ln = pre_ln
+
+    def forward(self, z: Tensor, x: tuple[Tensor, Tensor]) -> Tensor:
+        inj, ctx = x
+        D = z.shape[-1]
+        ctx_z, ctx_inj = ctx[..., :D], ctx[..., D:]  # memory: [z*, x̃] of earlier positions
+        if self.pre_ln:
+            u = z + self.drop(self.attn(self.ln1(z), self.ln1(ctx_z), inj, ctx_inj))
+            return self.ln_out(u + self.ff(self.ln2(u)))
+        u = self.ln1(z + self.drop(self.attn(z, ctx_z, inj, ctx_inj)))
+        return self.ln2(u + self.ff(u))
+
+
+class TransformerInjection(nn.Module):
+    """x̃ = W_inj x: the embedding projected to the query/key/value width ``(B, T, 3D)``."""
+
+    def __init__(self, d_embed: int, d_model: int):
+        super().__init__()
+        self.proj = nn.Linear(d_embed, 3 * d_model)
+
+    def forward(self, x: Tensor, ctx: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class DEQTransformer(SequenceModel):
+    """Token model with a DEQ-Transformer core (``core="deq"``), or its twins: the same layer
+    applied ``depth`` times weight-tied (``"tied"``) or a Transformer-XL-style stack of ``depth``
+    untied layers sized to the same non-embedding parameters (``"untied"``)."""
+
+    family = "transformer"
+    config: DEQTransformerConfig
+
+    def default_size(self) -> Any:
+        return (self.config.d_model, self.config.d_ff)
+
+    def candidate_sizes(self):
+        c = self.config
+        for width in range(c.n_heads, c.d_model + 1, c.n_heads):
+            for d_ff in range(max(1, width // 2), 16 * width + 1):
+                yield (width, d_ff)
+
+    def make_layer(self, size: Any) -> nn.Module:
+        c = self.config
+        return TransformerLayer(size[0], c.n_heads, size[1], c.dropout, c.dropatt, c.pre_ln)
+
+    def make_injection(self, size: Any) -> nn.Module:
+        return TransformerInjection(self.config.d_embed, size[0])
+
+    def state_dim(self, size: Any) -> int:
+        return size[0]
+
+    def context_dim(self, size: Any) -> int:
+        return 4 * size[0]
+
+    def context_entry(self, z: Tensor, inj: Tensor) -> Tensor:
+        return torch.cat([z, inj], dim=-1)
+
+    def readout_dim(self, size: Any) -> int:
+        return size[0]
+
+
+def _make(defaults: dict, overrides: dict) -> DEQTransformer:
+    cfg = DEQTransformerConfig(**defaults)
+    valid = set(DEQTransformerConfig.__dataclass_fields__)
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise TypeError(
+            f"Unknown config field(s) {unknown} for DEQTransformerConfig; valid: {sorted(valid)}."
+        )
+    return DEQTransformer(replace(cfg, **overrides))
+
+
+_TINY = dict(
+    vocab_size=10,
+    d_embed=32,
+    d_model=32,
+    n_heads=4,
+    d_ff=64,
+    mem_len=16,
+    f_max_steps=12,
+    eval_max_steps=20,
+    b_max_steps=12,
+)
+# WikiText-103 "medium" as in seed 003 Table 4 (embedding 700, sequence length 150, dropout 0.06,
+# weight norm); vocabulary 267,735. Adaptive embedding/softmax arrive with the LM issue.
+_WT103_MEDIUM = dict(
+    vocab_size=267735,
+    d_embed=700,
+    d_model=700,
+    n_heads=10,
+    d_ff=4000,
+    mem_len=150,
+    dropout=0.06,
+    weight_norm=True,
+    f_max_steps=30,
+    eval_max_steps=40,
+    b_max_steps=30,
+)
+
+
+@register_model
+def deq_transformer_tiny(**overrides) -> DEQTransformer:
+    """DEQ-Transformer small enough for CPU tests and copy memory (d=32, 4 heads)."""
+    return _make(_TINY, overrides)
+
+
+@register_model
+def transformer_tied_tiny(**overrides) -> DEQTransformer:
+    """Explicit twin of ``deq_transformer_tiny``: its layer applied L = f_max_steps times, weight-tied."""
+    return _make({**_TINY, "core": "tied"}, overrides)
+
+
+@register_model
+def transformer_xl_tiny(**overrides) -> DEQTransformer:
+    """Untied twin of ``deq_transformer_tiny``: L layers, width matched to its non-embedding parameters."""
+    return _make({**_TINY, "core": "untied"}, overrides)
+
+
+@register_model
+def deq_transformer_wt103_medium(**overrides) -> DEQTransformer:
+    """Paper-size DEQ-Transformer for WikiText-103 (GPU; documented configuration)."""
+    return _make(_WT103_MEDIUM, overrides)

@@ -1,0 +1,136 @@
+"""DEQ-TrellisNet (Bai et al. 2019, §3.3): a weight-tied temporal convolution with LSTM-style
+gating and input injection, solved for its equilibrium; and its explicit twins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.dropout import VariationalDropout
+from ..nn.layers import causal_conv1d
+from ._registry import register_model
+from ._sequence import SequenceConfig, SequenceModel
+
+
+@dataclass(frozen=True, kw_only=True)
+class DEQTrellisNetConfig(SequenceConfig):
+    kernel_size: int = 2
+
+
+class TrellisLayer(nn.Module):
+    """``f(z, (x̃, ctx))`` with state ``z = [h, c]`` ``(B, T, 2D)``:
+    ``[i, f, o, g] = Conv1D([u, h]; W_z) + x̃`` (causal, kernel k, the ``k-1`` positions ``u`` before
+    the segment taken from ctx), ``c' = σ(f) ⊙ c_{t-1} + σ(i) ⊙ tanh(g)``, ``h' = σ(o) ⊙ tanh(c')``
+    (the LSTM-style activation ψ of TrellisNet, Bai et al. 2019b)."""
+
+    def __init__(self, d_model: int, kernel_size: int, dropout: float):
+        super().__init__()
+        self.d, self.k = d_model, kernel_size
+        self.conv = nn.Conv1d(d_model, 4 * d_model, kernel_size)
+        self.drop = VariationalDropout(dropout, shared_dims=(1,))
+
+    def forward(self, z: Tensor, x: tuple[Tensor, Tensor]) -> Tensor:
+        inj, ctx = x
+        D = self.d
+        h, c = z[..., :D], z[..., D:]
+        left = ctx[:, ctx.shape[1] - (self.k - 1) :, :D]  # (B, k-1, D)
+        pre = causal_conv1d(self.drop(h), self.conv.weight, self.conv.bias, left) + inj
+        i, f, o, g = pre.chunk(4, dim=-1)
+        c_prev = torch.cat([ctx[:, -1:, D:], c[:, :-1]], dim=1)
+        c_new = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
+        return torch.cat([torch.sigmoid(o) * torch.tanh(c_new), c_new], dim=-1)
+
+
+class TrellisInjection(nn.Module):
+    """x̃ = W_x x: the embedding projected to the four gates ``(B, T, 4D)`` (pointwise)."""
+
+    def __init__(self, d_embed: int, d_model: int):
+        super().__init__()
+        self.proj = nn.Linear(d_embed, 4 * d_model)
+
+    def forward(self, x: Tensor, ctx: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class DEQTrellisNet(SequenceModel):
+    """Token model with a DEQ-TrellisNet core (``core="deq"``), or its twins (``"tied"``: the layer
+    applied ``depth`` times; ``"untied"``: ``depth`` layers of matched total size)."""
+
+    family = "trellisnet"
+    config: DEQTrellisNetConfig
+
+    def make_layer(self, size: Any) -> nn.Module:
+        return TrellisLayer(size, self.config.kernel_size, self.config.dropout)
+
+    def make_injection(self, size: Any) -> nn.Module:
+        return TrellisInjection(self.config.d_embed, size)
+
+    def state_dim(self, size: Any) -> int:
+        return 2 * size
+
+    def readout(self, z: Tensor) -> Tensor:
+        return z[..., : z.shape[-1] // 2]
+
+    def context_len(self) -> int:
+        return max(self.config.kernel_size - 1, 1)
+
+
+def _make(defaults: dict, overrides: dict) -> DEQTrellisNet:
+    valid = set(DEQTrellisNetConfig.__dataclass_fields__)
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise TypeError(
+            f"Unknown config field(s) {unknown} for DEQTrellisNetConfig; valid: {sorted(valid)}."
+        )
+    return DEQTrellisNet(replace(DEQTrellisNetConfig(**defaults), **overrides))
+
+
+# d_model=34 lets the untied twin at depth 12 match the parameters within 5% (integer widths).
+_TINY = dict(
+    vocab_size=10,
+    d_embed=32,
+    d_model=34,
+    kernel_size=2,
+    f_max_steps=12,
+    eval_max_steps=20,
+    b_max_steps=12,
+)
+# Penn Treebank word level (seed 001 Table 2 scale: ~24M parameters with a 10k vocabulary).
+_PTB = dict(
+    vocab_size=10000,
+    d_embed=400,
+    d_model=1000,
+    kernel_size=2,
+    dropout=0.1,
+    weight_norm=True,
+    f_max_steps=30,
+    eval_max_steps=40,
+    b_max_steps=30,
+)
+
+
+@register_model
+def deq_trellisnet_tiny(**overrides) -> DEQTrellisNet:
+    """DEQ-TrellisNet small enough for CPU tests (d=34, kernel 2)."""
+    return _make(_TINY, overrides)
+
+
+@register_model
+def trellisnet_tied_tiny(**overrides) -> DEQTrellisNet:
+    """Explicit twin of ``deq_trellisnet_tiny``: its layer applied L = f_max_steps times, weight-tied."""
+    return _make({**_TINY, "core": "tied"}, overrides)
+
+
+@register_model
+def trellisnet_untied_tiny(**overrides) -> DEQTrellisNet:
+    """Untied twin of ``deq_trellisnet_tiny``: L layers, width matched to its non-embedding parameters."""
+    return _make({**_TINY, "core": "untied"}, overrides)
+
+
+@register_model
+def deq_trellisnet_ptb(**overrides) -> DEQTrellisNet:
+    """Paper-size DEQ-TrellisNet for Penn Treebank (documented configuration)."""
+    return _make(_PTB, overrides)

@@ -1,0 +1,177 @@
+"""The model zoo: registry, calling protocol, gradients, causality, memory, subsequence solving,
+pretraining mode, twins' parameter matching, paper-size parameter counts (meta device)."""
+
+import pytest
+import torch
+
+import deepeq
+from deepeq.models import create_model, list_models, register_model
+
+TINY = list_models("*tiny")
+DEQS = [n for n in TINY if n.startswith("deq_")]
+
+
+def tokens(B=3, T=12, seed=0, vocab=10):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_registry():
+    assert set(TINY) >= {
+        "deq_transformer_tiny",
+        "transformer_tied_tiny",
+        "transformer_xl_tiny",
+        "deq_trellisnet_tiny",
+        "trellisnet_tied_tiny",
+        "trellisnet_untied_tiny",
+    }
+    with pytest.raises(ValueError, match=r"Unknown model 'deq_lstm'; registered models: \["):
+        create_model("deq_lstm")
+    with pytest.raises(TypeError, match=r"Unknown config field\(s\) \['d_hidden'\]"):
+        create_model("deq_transformer_tiny", d_hidden=3)
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_model
+        def deq_transformer_tiny():
+            pass
+
+    with pytest.raises(ValueError, match="core must be"):
+        create_model("deq_transformer_tiny", core="lstm")
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_forward_backward_every_parameter(name):
+    torch.manual_seed(0)
+    model = create_model(name, dropout=0.1)
+    logits, state, sols = model(tokens())
+    assert logits.shape == (3, 12, 10) and torch.isfinite(logits).all()
+    assert (len(sols) == 1) == name.startswith("deq_")
+    for sol in sols:
+        assert sol.stats.nfe >= 1 and sol.stats.abs_residual.shape == (3,)
+    torch.nn.functional.cross_entropy(logits.reshape(-1, 10), tokens().reshape(-1)).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+    for sol in sols:
+        assert sol.backward.calls == 1 and sol.backward.nfe >= 1
+    # The state continues the stream.
+    logits2, _, _ = model(tokens(seed=1), state=state)
+    assert logits2.shape == (3, 12, 10)
+
+
+@pytest.mark.parametrize(
+    ("name", "pre_ln"), [(n, False) for n in TINY] + [(n, True) for n in TINY if "transformer" in n]
+)
+def test_causality(name, pre_ln):
+    torch.manual_seed(0)
+    kw = dict(pre_ln=pre_ln) if "transformer" in name else {}
+    if name.startswith("deq_"):
+        kw.update(f_rtol=1e-10, f_max_steps=300, eval_max_steps=300)
+    model = create_model(name, **kw).double().eval()
+    a, b = tokens(B=2, T=10), tokens(B=2, T=10, seed=1)
+    t = 6
+    b[:, :t] = a[:, :t]  # same prefix, different future
+    with torch.no_grad():
+        la, _, sa = model(a)
+        lb, _, sb = model(b)
+    for s in sa + sb:
+        assert s.status is deepeq.Status.CONVERGED
+    torch.testing.assert_close(la[:, :t], lb[:, :t], atol=1e-7, rtol=0)
+    assert (la[:, t:] - lb[:, t:]).abs().max() > 1e-4  # the future does change later outputs
+
+
+@pytest.mark.parametrize("name", DEQS)
+def test_two_segments_with_memory_equal_one_pass(name):
+    torch.manual_seed(0)
+    model = (
+        create_model(name, mem_len=8, f_rtol=1e-10, f_max_steps=300, eval_max_steps=300)
+        .double()
+        .eval()
+    )
+    x = tokens(B=2, T=16)
+    with torch.no_grad():
+        full, _, _ = model(x)
+        first, state, _ = model(x[:, :8])
+        second, _, _ = model(x[:, 8:], state=state)
+    torch.testing.assert_close(first, full[:, :8], atol=1e-7, rtol=0)
+    torch.testing.assert_close(second, full[:, 8:], atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("name", DEQS)
+def test_subsequence_solving_matches_full_solve(name):
+    torch.manual_seed(0)
+    kw = dict(f_rtol=1e-10, f_max_steps=300, b_rtol=1e-10, b_max_steps=300)
+    full_model = create_model(name, **kw).double()
+    chunked = create_model(name, subseq_len=4, **kw).double()
+    chunked.load_state_dict(full_model.state_dict())
+    x = tokens(B=2, T=12)
+    grads, outs = [], []
+    for m in (full_model, chunked):
+        logits, _, sols = m(x)
+        assert len(sols) == (3 if m is chunked else 1)
+        logits.pow(2).mean().backward()
+        outs.append(logits.detach())
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-7, rtol=0)
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("name", DEQS)
+def test_pretraining_mode_is_a_k_step_unroll(name):
+    torch.manual_seed(0)
+    model = create_model(name, pretrain_depth=2)
+    twin = create_model(
+        name.replace("deq_", "")
+        .replace("transformer", "transformer_tied")
+        .replace("trellisnet", "trellisnet_tied"),
+        depth=2,
+    )
+    twin.load_state_dict(model.state_dict())
+    x = tokens()
+    model.set_pretraining(True)
+    out, _, sols = model(x)
+    assert sols == []
+    ref, _, _ = twin(x)
+    torch.testing.assert_close(out, ref)
+    # ... and by hand: z <- f(z, (x̃, ctx)) twice from zero.
+    e = model.embed(x)
+    ctx = model.initial_context(3, model.size, e.device, e.dtype)
+    inj = model.inject(e, ctx)
+    z = torch.zeros(3, 12, model.state_dim(model.size))
+    for _ in range(2):
+        z = model.f(z, (inj, ctx))
+    torch.testing.assert_close(out, model.head(model.readout(z)))
+    model.set_pretraining(False)
+    assert len(model(x)[2]) == 1
+
+
+@pytest.mark.parametrize(
+    ("deq", "untied"),
+    [
+        ("deq_transformer_tiny", "transformer_xl_tiny"),
+        ("deq_trellisnet_tiny", "trellisnet_untied_tiny"),
+    ],
+)
+def test_untied_twin_matches_non_embedding_parameters(deq, untied):
+    a, b = create_model(deq), create_model(untied)
+    assert len(b.blocks) == a.depth == a.config.f_max_steps
+    assert (
+        abs(b.non_embedding_parameters() - a.non_embedding_parameters())
+        <= 0.05 * a.non_embedding_parameters()
+    )
+
+
+def test_paper_size_parameter_counts_on_meta():
+    with torch.device("meta"):
+        ptb = create_model("deq_trellisnet_ptb")
+        wt = create_model("deq_transformer_wt103_medium")
+    total = sum(p.numel() for p in ptb.parameters())
+    assert 22e6 < total < 26e6  # the paper's PTB DEQ-TrellisNet has 24M
+    # non-embedding: injection 400*4000+4000, conv 1000*4000*2+4000
+    # weight norm adds one gain per output channel of the injection and of the conv
+    assert ptb.non_embedding_parameters() == (400 * 4000 + 4000 + 4000) + (
+        1000 * 4000 * 2 + 4000 + 4000
+    )
+    d, ff = 700, 4000
+    layer = 3 * d * d + d * d + d * d + 2 * 10 * 70 + (d * ff + ff + ff * d + d) + 4 * d
+    gains = 3 * d + d + d + ff + d + 3 * d  # weight norm: qkv, r_net, out, fc1, fc2, injection
+    assert wt.non_embedding_parameters() == layer + (700 * 3 * d + 3 * d) + gains
