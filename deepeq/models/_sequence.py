@@ -173,13 +173,13 @@ class SequenceModel(nn.Module):
 
     def matched_size(self) -> Any:
         """Layer size of the untied L-layer stack whose non-embedding parameters match the DEQ's
-        (injection + f) within 5%; counted on the meta device (no memory)."""
+        (injection + f) within 5%: the widest acceptable candidate. Counted on the meta device."""
         base = self.default_size()
         with torch.device("meta"):
             target = count_parameters(self.make_layer(base)) + count_parameters(
                 self.make_injection(base)
             )
-            best, best_err = None, None
+            best, best_err, widest = None, None, None
             for size in self.candidate_sizes():
                 n = self.depth * (
                     count_parameters(self.make_layer(size))
@@ -189,12 +189,15 @@ class SequenceModel(nn.Module):
                 err = abs(n - target) / target
                 if best_err is None or err < best_err:
                     best, best_err = size, err
-        if best_err is None or best_err > 0.05:
+                if err <= 0.05:
+                    widest = size  # candidates come in increasing width
+        if widest is None:
             raise ValueError(
                 f"No untied layer size gives non-embedding parameters within 5% of the DEQ's "
-                f"({target}) at depth {self.depth} (closest: {best_err:.1%}); change depth or sizes."
+                f"({target}) at depth {self.depth} (closest: {best_err:.1%} at {best}); change "
+                f"depth or sizes."
             )
-        return best
+        return widest
 
     def set_pretraining(self, on: bool) -> None:
         """Shallow-pretraining warm-up: when on, the DEQ core runs as a ``pretrain_depth``-layer
@@ -235,8 +238,7 @@ class SequenceModel(nn.Module):
                 x_inj = inj(x, ctx)
                 z = blk(z_in, (x_inj, ctx))
                 new_state.append(self.next_context(ctx, self.context_entry(z, x_inj)))
-            h = self.head_in(self.readout(z))
-            return self.head(h), new_state, sols
+            return self.logits(z), new_state, sols
         ctx = state if state is not None else self.initial_context(B, self.size, x.device, x.dtype)
         inj = self.inject(x, ctx)
         z0 = torch.zeros(B, x.shape[1], self.state_dim(self.size), device=x.device, dtype=x.dtype)
@@ -250,7 +252,14 @@ class SequenceModel(nn.Module):
         else:
             z, sol = self.deq((inj, ctx), z0=z0)
             sols.append(sol)
-        return self.head(self.readout(z)), self.next_context(ctx, self.context_entry(z, inj)), sols
+        return self.logits(z), self.next_context(ctx, self.context_entry(z, inj)), sols
+
+    def logits(self, z: Tensor) -> Tensor:
+        """Output head on the core's final state ``(B, T, state) -> (B, T, vocab)``."""
+        h = self.readout(z)
+        if self.config.core == "untied":
+            h = self.head_in(h)
+        return self.head(h)
 
     def next_context(self, ctx: Tensor, entry: Tensor) -> Tensor:
         keep = max(self.config.mem_len, self.context_len())

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.dropout import VariationalDropout
-from ..nn.layers import FeedForward, RelativeAttention
+from ..nn.layers import FeedForward, RelativeAttention, count_parameters
 from ._registry import register_model
 from ._sequence import SequenceConfig, SequenceModel
 
@@ -76,10 +76,26 @@ class DEQTransformer(SequenceModel):
         return (self.config.d_model, self.config.d_ff)
 
     def candidate_sizes(self):
+        """Widths in steps of n_heads; for each, the FFN width that best matches the DEQ's
+        parameters (parameters are linear in d_ff, so two counts on the meta device solve it)."""
         c = self.config
-        for width in range(c.n_heads, c.d_model + 1, c.n_heads):
-            for d_ff in range(max(1, width // 2), 16 * width + 1):
-                yield (width, d_ff)
+        base = self.default_size()
+        with torch.device("meta"):
+            target = count_parameters(self.make_layer(base)) + count_parameters(
+                self.make_injection(base)
+            )
+
+            def stack(width: int, d_ff: int) -> int:
+                one = count_parameters(self.make_layer((width, d_ff))) + count_parameters(
+                    self.make_injection((width, d_ff))
+                )
+                return self.depth * one + (width + 1) * c.d_model
+
+            for width in range(c.n_heads, c.d_model + 1, c.n_heads):
+                n1, n2 = stack(width, 1), stack(width, 2)
+                d_ff = round(1 + (target - n1) / (n2 - n1))
+                if d_ff >= width:  # keep the usual shape: FFN at least as wide as the model
+                    yield (width, d_ff)
 
     def make_layer(self, size: Any) -> nn.Module:
         c = self.config
