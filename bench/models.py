@@ -36,9 +36,23 @@ SIZES = {
     "ptb": dict(
         overrides={
             "transformer": dict(
-                vocab_size=10000, d_embed=400, d_model=400, n_heads=8, d_ff=1024, f_max_steps=30
+                vocab_size=10000,
+                d_embed=400,
+                d_model=400,
+                n_heads=8,
+                d_ff=1024,
+                f_max_steps=30,
+                b_max_steps=30,
+                eval_max_steps=40,
             ),
-            "trellisnet": dict(vocab_size=10000, d_embed=400, d_model=400, f_max_steps=30),
+            "trellisnet": dict(
+                vocab_size=10000,
+                d_embed=400,
+                d_model=400,
+                f_max_steps=30,
+                b_max_steps=30,
+                eval_max_steps=40,
+            ),
         },
         B=8,
         T=70,
