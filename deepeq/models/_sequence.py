@@ -52,6 +52,7 @@ class SequenceConfig:
     b_max_steps: int = 30
     b_rtol: float = 1e-4
     pretrain_depth: int = 2  # k of the shallow-pretraining warm-up (k-layer weight-tied unroll)
+    pretrain_steps: int = 0  # training steps run in pretraining mode before equilibrium training
     subseq_len: int = 0  # solve segments in chunks of this many positions (0: whole segment)
 
     def validate(self) -> None:
@@ -69,7 +70,7 @@ class SequenceConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {v!r}.")
-        for name in ("mem_len", "subseq_len"):
+        for name in ("mem_len", "subseq_len", "pretrain_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0; got {v!r}.")
