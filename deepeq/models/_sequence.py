@@ -217,41 +217,42 @@ class SequenceModel(nn.Module):
                 f"tokens must be an int64 tensor (B, T); got {tuple(tokens.shape)} {tokens.dtype}."
             )
         x = self.embed(tokens)  # (B, T, E)
-        B = x.shape[0]
+        B, T = x.shape[:2]
         sols: list[Solution] = []
-        if self.config.core == "untied":
-            ctxs = state if state is not None else [None] * self.depth
-            z = None
-            new_state = []
-            for blk, inj, ctx in zip(self.blocks, self.injections, ctxs, strict=True):
+        zeros = torch.zeros(B, T, self.state_dim(self.size), device=x.device, dtype=x.dtype)
+        explicit = self.config.core != "deq" or self.pretraining
+        if explicit:
+            # One memory per layer: the INPUT of that layer at the remembered positions (as in
+            # Transformer-XL), so feeding a stream in segments equals one pass over it.
+            depth = self.config.pretrain_depth if self.config.core == "deq" else self.depth
+            ctxs = state if isinstance(state, list) else [state] * depth
+            if len(ctxs) != depth:
+                raise ValueError(
+                    f"state holds {len(ctxs)} layer memories; this model has {depth} layers."
+                )
+            z, new_state = zeros, []
+            for layer in range(depth):
                 ctx = (
-                    ctx
-                    if ctx is not None
+                    ctxs[layer]
+                    if ctxs[layer] is not None
                     else self.initial_context(B, self.size, x.device, x.dtype)
                 )
-                z_in = (
-                    torch.zeros(
-                        B, x.shape[1], self.state_dim(self.size), device=x.device, dtype=x.dtype
-                    )
-                    if z is None
-                    else z
-                )
-                x_inj = inj(x, ctx)
-                z = blk(z_in, (x_inj, ctx))
-                new_state.append(self.next_context(ctx, self.context_entry(z, x_inj)))
+                if self.config.core == "untied":
+                    f, inject = self.blocks[layer], self.injections[layer]
+                else:
+                    f, inject = self.f, self.inject
+                inj = inject(x, ctx)
+                new_state.append(self.next_context(ctx, self.context_entry(z, inj)))
+                z = f(z, (inj, ctx))
             return self.logits(z), new_state, sols
+        if isinstance(state, list):  # leaving pretraining mode: the last layer's memory
+            state = state[-1]
         ctx = state if state is not None else self.initial_context(B, self.size, x.device, x.dtype)
         inj = self.inject(x, ctx)
-        z0 = torch.zeros(B, x.shape[1], self.state_dim(self.size), device=x.device, dtype=x.dtype)
-        if self.config.core == "tied" or self.pretraining:
-            depth = self.depth if self.config.core == "tied" else self.config.pretrain_depth
-            z = z0
-            for _ in range(depth):
-                z = self.f(z, (inj, ctx))
-        elif self.config.subseq_len and self.config.subseq_len < x.shape[1]:
-            z, sols = self.solve_in_chunks(inj, ctx, z0)
+        if self.config.subseq_len and self.config.subseq_len < T:
+            z, sols = self.solve_in_chunks(inj, ctx, zeros)
         else:
-            z, sol = self.deq((inj, ctx), z0=z0)
+            z, sol = self.deq((inj, ctx), z0=zeros)
             sols.append(sol)
         return self.logits(z), self.next_context(ctx, self.context_entry(z, inj)), sols
 
