@@ -1,4 +1,9 @@
-"""Command line: ``python -m deepeq demo`` (training commands arrive with the training system)."""
+"""Command line (``deepeq ...`` or ``python -m deepeq ...``).
+
+deepeq train CONFIG.toml [--section.key=value ...] [--resume]
+deepeq eval RUN_DIR [--max-steps 5,10,20,40]
+deepeq demo
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,100 @@ import argparse
 import sys
 
 
+def _train(argv: list[str]) -> int:
+    from .train import load_config, train
+
+    p = argparse.ArgumentParser(
+        prog="deepeq train", description="Train a model; overrides are --section.key=value."
+    )
+    p.add_argument("config", help="TOML file listing what differs from the defaults")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in out_dir from checkpoints/latest.pt",
+    )
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--until-step", type=int, help="stop (with a checkpoint) at this step; --resume continues"
+    )
+    args, rest = p.parse_known_args(argv)
+    cfg = load_config(args.config, rest)  # unknown keys / wrong types fail here, before any work
+    metrics = train(
+        cfg, resume=args.resume, progress=not args.no_progress, until_step=args.until_step
+    )
+    print(
+        f"run {cfg.out_dir}: "
+        + ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+        )
+    )
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .models import create_model
+    from .solvers import make_solver
+    from .train import load_config
+    from .train.loop import evaluate, make_task
+
+    p = argparse.ArgumentParser(
+        prog="deepeq eval", description="Evaluate a run's best (or latest) checkpoint."
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    p.add_argument(
+        "--max-steps", default="", help="comma-separated eval solver caps to sweep (DEQ models)"
+    )
+    args = p.parse_args(argv)
+    run = Path(args.run_dir)
+    cfg = load_config(run / "config.toml")
+    ck_path = run / "checkpoints" / f"{args.checkpoint}.pt"
+    if not ck_path.exists():
+        raise FileNotFoundError(f"No checkpoint {ck_path}; train the run first (deepeq train ...).")
+    _, _, xte, yte, vocab = make_task(cfg)
+    model = create_model(cfg.model.name, vocab_size=vocab, **cfg.model.overrides).to(cfg.device)
+    model.load_state_dict(torch.load(ck_path, weights_only=False)["model"])
+    caps = [int(v) for v in args.max_steps.split(",") if v] or [None]
+    print("| eval max_steps | test loss | test acc (last 10) | mean fwd NFE |")
+    print("|---|---|---|---|")
+    for cap in caps:
+        if cap is not None and hasattr(model, "deq"):
+            c = model.config
+            model.deq.eval_solver = make_solver(c.solver, rtol=c.f_rtol, max_steps=cap)
+        nfe: list[int] = []
+        hook = None
+        if hasattr(model, "deq"):
+            hook = model.deq.register_forward_hook(
+                lambda m, i, o, acc=nfe: acc.append(o[1].stats.nfe)
+            )
+        m = evaluate(model, xte, yte, cfg, vocab)
+        if hook is not None:
+            hook.remove()
+        mean_nfe = f"{sum(nfe) / len(nfe):.1f}" if nfe else "-"
+        print(
+            f"| {cap if cap is not None else 'config'} | {m['test_loss']:.4g} | {m['test_acc']:.4f} | {mean_nfe} |"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        return _train(argv[1:])
+    if argv and argv[0] == "eval":
+        return _eval(argv[1:])
     parser = argparse.ArgumentParser(prog="deepeq", description="Deep Equilibrium Models.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="solve small DEQ layers with every solver; print stats")
     p_demo.add_argument("--smoke", action="store_true", help="tiny batch, for tests")
+    sub.add_parser(
+        "train", help="train a model: deepeq train CONFIG.toml [--section.key=value ...] [--resume]"
+    )
+    sub.add_parser("eval", help="evaluate a run: deepeq eval RUN_DIR [--max-steps 5,10,20]")
     sub.add_parser("version", help="print the version")
     args = parser.parse_args(argv)
     if args.command == "version":
@@ -22,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from ._demo import demo
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(
         f"deepeq demo: solve z = f(z, x) for seeded random DEQ layers (torch {torch.__version__}, CPU)"
     )

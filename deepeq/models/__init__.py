@@ -1,5 +1,6 @@
 """The model zoo: ``create_model(name, **overrides)``, ``list_models()``."""
 
+from . import baselines as baselines
 from . import deq_transformer as deq_transformer
 from . import trellisnet as trellisnet
 from ._registry import create_model as create_model

@@ -1,0 +1,237 @@
+"""Training configuration: nested frozen dataclasses, TOML diff files, dotted CLI overrides.
+
+A config file lists only what differs from the defaults::
+
+    # configs/copy_memory_t100.toml
+    steps = 3000
+    [model]
+    name = "deq_transformer_tiny"
+    [data]
+    seq_len = 100
+
+Overrides use dotted keys, parsed by the type of the field they set (strings stay strings)::
+
+    deepeq train configs/copy_memory_t100.toml --optim.lr=5e-4 --model.overrides.d_model=48
+
+Unknown keys and wrong types fail before any work, listing the valid keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: str = "deq_transformer_tiny"  # a registered model (deepeq.models.list_models())
+    overrides: dict = field(default_factory=dict)  # fields of the model's config dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    task: str = "copy_memory"
+    seq_len: int = 100  # T of copy memory (inputs have T + 20 positions)
+    n_train: int = 20000  # the seed's 20K training / 2K test samples
+    n_test: int = 2000
+    seed: int = 1234  # data generation seed (independent of the training seed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    name: str = "adam"  # adam | adamw | radam | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"  # cosine | constant (after warm-up)
+    warmup_steps: int = 0  # linear warm-up from 0 (seeds: 1 epoch for WikiText-103)
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    clip: float = 0.0  # max gradient norm; 0 disables (seeds clip at 0.25-0.35)
+
+
+@dataclass(frozen=True, kw_only=True)
+class JacobianConfig:
+    """Jacobian regularisation (seed 003): γ A→B on a fraction p of steps; monitoring cadence."""
+
+    weight: float = 0.0  # γ (A); 0 disables the penalty
+    final_weight: float | None = None  # B (None: constant γ)
+    ramp_start: int = 0
+    ramp_end: int = 0
+    probability: float = 1.0  # p
+    num_samples: int = 1  # Hutchinson probes M
+    monitor_every: int = 0  # log ||J||_F estimate and spectral radius every N steps (0: never)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    jac: JacobianConfig = field(default_factory=JacobianConfig)
+    steps: int = 1000
+    batch_size: int = 64
+    eval_every: int = 250  # steps between test evaluations (and best-checkpoint updates)
+    log_every: int = 10  # steps between console refreshes (metrics.csv gets every step)
+    ckpt_every: int = 100  # steps between atomic "latest" checkpoints
+    eval_batch_size: int = 500
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0  # torch.set_num_threads; 0 leaves the default
+    out_dir: str = "runs/default"
+    max_nonfinite: int = 5  # consecutive skipped (non-finite) steps before the run stops
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and minimally convert) a value for a field annotation, or raise TypeError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except TypeError as e:
+                errors.append(str(e))
+        raise TypeError(f"{key}: expected {tp}; got {value!r}.")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{key}: expected a float; got {value!r} ({type(value).__name__}).")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{key}: expected an int; got {value!r} ({type(value).__name__}).")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{key}: expected true/false; got {value!r}.")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{key}: expected a string; got {value!r}.")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{key}: expected a table; got {value!r}.")
+        return dict(value)
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        raise KeyError(
+            f"Unknown config key(s) {[prefix + k for k in unknown]} at {where}; valid keys: "
+            f"{[prefix + k for k in fields]}."
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise TypeError(
+                    f"{prefix}{name}: expected a table [{prefix}{name}]; got {value!r}."
+                )
+            kwargs[name] = _build(tp, value, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise KeyError(f"Override {key!r}: {p!r} is not a table.")
+    node[parts[-1]] = value
+
+
+def _field_type(key: str) -> Any:
+    """The annotation a dotted key points at (None for free-form dict entries)."""
+    cls: Any = TrainConfig
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        if cls is dict or typing.get_origin(cls) is dict:
+            return None  # inside overrides: free-form
+        if not dataclasses.is_dataclass(cls):
+            raise KeyError(f"Override {key!r}: {'.'.join(parts[:i])!r} is not a table.")
+        hints = typing.get_type_hints(cls)
+        if p not in hints:
+            prefix = ".".join(parts[:i])
+            valid = [(prefix + "." if prefix else "") + f.name for f in dataclasses.fields(cls)]
+            raise KeyError(
+                f"Unknown config key {key!r}; valid keys at {prefix or 'top level'}: {valid}."
+            )
+        cls = hints[p]
+    return cls
+
+
+def parse_override(arg: str) -> tuple[str, Any]:
+    """``--section.key=value`` -> (key, value) parsed by the field's type."""
+    if not arg.startswith("--") or "=" not in arg:
+        raise ValueError(f"Overrides look like --section.key=value; got {arg!r}.")
+    key, raw = arg[2:].split("=", 1)
+    tp = _field_type(key)
+    if tp is str:
+        return key, raw
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        if tp is None:  # free-form model override: keep the string
+            return key, raw
+        raise TypeError(f"{key}: cannot parse {raw!r} as {_type_name(tp)}.") from None
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults <- TOML file (diff) <- dotted overrides, validated against the dataclasses."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"Config file {str(p)!r} not found; configs live in configs/*.toml."
+            )
+        with p.open("rb") as fh:
+            tree = tomllib.load(fh)
+    for arg in overrides:
+        key, value = parse_override(arg)
+        _set_dotted(tree, key, value)
+    return _build(TrainConfig, tree)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Dataclass -> plain dict without None values (TOML has no null: absent means default)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        if v is not None:
+            out[f.name] = v
+    return out
+
+
+def dump_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as TOML (loadable by load_config)."""
+    import tomli_w
+
+    Path(path).write_text(tomli_w.dumps(to_dict(cfg)))

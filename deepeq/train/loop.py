@@ -1,0 +1,322 @@
+"""``train(cfg)``: the training loop (importable; the CLI only parses and calls it)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data.copy_memory import VOCAB, copy_memory
+from ..models import create_model
+from ..regularization import JacobianSchedule, jacobian_penalty, spectral_radius
+from .config import TrainConfig, dump_config
+
+logger = logging.getLogger("deepeq")
+
+FIELDS = [
+    "step", "loss", "task_loss", "jac_penalty", "lr", "grad_norm", "fwd_nfe", "bwd_nfe",
+    "fwd_res_max", "fwd_res_mean", "fwd_converged", "bwd_converged", "bwd_fallbacks",
+    "skipped", "tokens_per_s", "test_loss", "test_acc", "jac_fro", "spectral_radius",
+]  # fmt: skip
+
+
+def make_task(cfg: TrainConfig):
+    """(train_x, train_y, test_x, test_y, vocab) for the configured task."""
+    d = cfg.data
+    if d.task != "copy_memory":
+        raise ValueError(f"Unknown data.task {d.task!r}; available: ['copy_memory'].")
+    xtr, ytr = copy_memory(d.n_train, d.seq_len, seed=d.seed)
+    xte, yte = copy_memory(d.n_test, d.seq_len, seed=d.seed + 1)
+    return xtr, ytr, xte, yte, VOCAB
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "radam":
+        return torch.optim.RAdam(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    raise ValueError(
+        f"Unknown optim.name {o.name!r}; expected one of ['adam', 'adamw', 'radam', 'sgd']."
+    )
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine (to min_lr_ratio) or constant."""
+    o = cfg.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    if o.schedule != "cosine":
+        raise ValueError(f"Unknown optim.schedule {o.schedule!r}; expected 'cosine' or 'constant'.")
+    t = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def batch_indices(cfg: TrainConfig, n: int, step: int) -> torch.Tensor:
+    """The samples of ``step``: epoch-wise permutations seeded by (seed, epoch), so any step's batch
+    is a pure function of the step (exact resume without saving a data-loader state)."""
+    per_epoch = max(1, n // cfg.batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+    return perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate(model, x, y, cfg: TrainConfig, vocab: int) -> dict:
+    """Test cross-entropy (mean over all positions) and accuracy on the last 10 positions."""
+    model.eval()
+    total, correct, count = 0.0, 0, 0
+    for i in range(0, x.shape[0], cfg.eval_batch_size):
+        xb, yb = (
+            x[i : i + cfg.eval_batch_size].to(cfg.device),
+            y[i : i + cfg.eval_batch_size].to(cfg.device),
+        )
+        logits, _, _ = model(xb)
+        total += F.cross_entropy(logits.reshape(-1, vocab), yb.reshape(-1), reduction="sum").item()
+        correct += (logits[:, -10:].argmax(-1) == yb[:, -10:]).sum().item()
+        count += yb.numel()
+    model.train()
+    return {"test_loss": total / count, "test_acc": correct / (x.shape[0] * 10)}
+
+
+def train(
+    cfg: TrainConfig, *, resume: bool = False, progress: bool = True, until_step: int | None = None
+) -> dict:
+    """Train ``cfg.model`` on ``cfg.data``; returns the final metrics.
+
+    The run directory ``cfg.out_dir`` receives ``config.toml`` (resolved), ``git.txt``,
+    ``metrics.csv`` (one row per step; test metrics every ``eval_every``), TensorBoard events,
+    and ``checkpoints/latest.pt`` / ``best.pt`` (atomic writes). ``resume=True`` continues from
+    ``latest.pt``; on CPU the continued run is bit-identical to an uninterrupted one.
+    ``until_step`` stops (with a checkpoint) once that step is reached, for time-boxed sessions;
+    ``--resume`` later continues the same schedule.
+    """
+    out = Path(cfg.out_dir)
+    ckdir = out / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    xtr, ytr, xte, yte, vocab = make_task(cfg)
+    model = create_model(cfg.model.name, vocab_size=vocab, **cfg.model.overrides).to(cfg.device)
+    opt = make_optimizer(cfg, model.parameters())
+    j = cfg.jac
+    jac = JacobianSchedule(
+        weight=j.weight,
+        final_weight=j.final_weight,
+        ramp_start=j.ramp_start,
+        ramp_end=j.ramp_end,
+        probability=j.probability,
+        seed=cfg.seed,
+    )
+    pretrain_steps = getattr(getattr(model, "config", None), "pretrain_steps", 0)
+    step, best, skipped_in_row, skipped_total = 0, math.inf, 0, 0
+    latest = ckdir / "latest.pt"
+    if resume:
+        if not latest.exists():
+            raise FileNotFoundError(
+                f"--resume: no checkpoint at {latest}; start the run without --resume."
+            )
+        ck = torch.load(latest, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        step, best = ck["step"], ck["best"]
+        skipped_in_row, skipped_total = ck["skipped_in_row"], ck["skipped_total"]
+        torch.set_rng_state(ck["rng"])
+        logger.info("resumed %s at step %d", out, step)
+    elif (out / "metrics.csv").exists():
+        raise FileExistsError(
+            f"{out} already holds a run; pass --resume to continue it or choose another out_dir."
+        )
+    dump_config(cfg, out / "config.toml")
+    (out / "git.txt").write_text(git_commit() + "\n")
+    rows = _load_rows(out / "metrics.csv", upto=step)
+    writer = _tensorboard(out)
+    bar = _progress(cfg.steps, step, progress)
+    t_last, metrics = time.perf_counter(), {}
+    stop = cfg.steps if until_step is None else min(cfg.steps, until_step)
+    while step < stop:
+        if hasattr(model, "set_pretraining"):
+            model.set_pretraining(step < pretrain_steps)
+        for group in opt.param_groups:  # the schedule is a pure function of the step: exact resume
+            group["lr"] = cfg.optim.lr * lr_factor(cfg, step)
+        idx = batch_indices(cfg, xtr.shape[0], step)
+        xb, yb = xtr[idx].to(cfg.device), ytr[idx].to(cfg.device)
+        logits, _, sols = model(xb)
+        task_loss = F.cross_entropy(logits.reshape(-1, vocab), yb.reshape(-1))
+        loss = task_loss
+        w = jac(step)
+        pen = None
+        if w > 0 and sols and sols[0].fz is not None:
+            pen = sum(
+                jacobian_penalty(s.fz, s.z_leaf, num_samples=j.num_samples) for s in sols
+            ) / len(sols)
+            loss = loss + w * pen
+        row = {"step": step + 1}
+        monitor = (
+            j.monitor_every
+            and (step + 1) % j.monitor_every == 0
+            and sols
+            and sols[0].fz is not None
+        )
+        if monitor:  # before backward, which frees the tracked graph
+            s0 = sols[0]
+            row["jac_fro"] = math.sqrt(jacobian_penalty(s0.fz, s0.z_leaf, num_samples=2).item())
+            row["spectral_radius"] = spectral_radius(s0.fz, s0.z_leaf, num_iters=10).mean().item()
+        bad = not torch.isfinite(loss).item() or any(s.status.name == "NONFINITE" for s in sols)
+        if bad:
+            skipped_in_row += 1
+            skipped_total += 1
+            logger.warning(
+                "step %d: non-finite loss or solve; step skipped (%d in a row)",
+                step + 1,
+                skipped_in_row,
+            )
+            if skipped_in_row >= cfg.max_nonfinite:
+                raise FloatingPointError(
+                    f"{skipped_in_row} consecutive steps had a non-finite loss or solve (last at step "
+                    f"{step + 1}); stopping. Lower optim.lr, enable optim.clip, add Jacobian "
+                    f"regularisation (jac.weight) or weight norm, and resume from {latest}."
+                )
+        else:
+            skipped_in_row = 0
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.optim.clip if cfg.optim.clip > 0 else float("inf")
+            )
+            opt.step()
+            row["grad_norm"] = gn.item()
+        step += 1
+        now = time.perf_counter()
+        row.update(
+            loss=loss.item(), task_loss=task_loss.item(), jac_penalty=None if pen is None else pen.item(),
+            lr=opt.param_groups[0]["lr"], skipped=skipped_total, tokens_per_s=xb.numel() / max(now - t_last, 1e-9),
+        )  # fmt: skip
+        t_last = now
+        if sols:
+            row.update(
+                fwd_nfe=sum(s.stats.nfe for s in sols),
+                fwd_res_max=max(s.stats.rel_residual.max().item() for s in sols),
+                fwd_res_mean=sum(s.stats.rel_residual.mean().item() for s in sols) / len(sols),
+                fwd_converged=sum(s.stats.converged.float().mean().item() for s in sols)
+                / len(sols),
+            )
+            if not bad and sols[0].backward is not None and sols[0].backward.calls:
+                b = [s.backward for s in sols]
+                row.update(
+                    bwd_nfe=sum(x.nfe for x in b),
+                    bwd_converged=sum(x.converged.float().mean().item() for x in b) / len(b),
+                    bwd_fallbacks=sum(int(x.fallback.sum()) for x in b),
+                )
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            row.update(evaluate(model, xte, yte, cfg, vocab))
+            if row["test_loss"] < best:
+                best = row["test_loss"]
+                _atomic_save(
+                    {"model": model.state_dict(), "step": step, "test_loss": best},
+                    ckdir / "best.pt",
+                )
+        rows.append(row)
+        _append_row(out / "metrics.csv", row, first=len(rows) == 1)
+        if writer is not None:
+            for k, v in row.items():
+                if k != "step" and v is not None:
+                    writer.add_scalar(k, v, step)
+        if step % cfg.ckpt_every == 0 or step == stop:
+            _atomic_save(
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "best": best,
+                 "skipped_in_row": skipped_in_row, "skipped_total": skipped_total, "rng": torch.get_rng_state(), "config": cfg},
+                latest,
+            )  # fmt: skip
+        if bar is not None:
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                bar.set_postfix(
+                    {
+                        k: f"{row[k]:.3g}"
+                        for k in ("loss", "fwd_nfe", "bwd_nfe", "fwd_res_max", "tokens_per_s")
+                        if row.get(k) is not None
+                    }
+                )
+        metrics = row
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+    final = {k: v for k, v in metrics.items() if v is not None}
+    final["best_test_loss"] = best
+    final["parameters"] = sum(p.numel() for p in model.parameters())
+    return final
+
+
+def _load_rows(path: Path, upto: int) -> list[dict]:
+    """Rows already written, truncated to the checkpoint's step (a crash after the last checkpoint
+    leaves rows that the resumed run will write again)."""
+    if not path.exists():
+        return []
+    with path.open() as fh:
+        rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= upto]
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    return rows
+
+
+def _append_row(path: Path, row: dict, first: bool) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as fh:
+        w = csv.DictWriter(fh, FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # pragma: no cover - tensorboard is in the train extra
+        logger.info("tensorboard not installed: metrics go to metrics.csv only")
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+def _progress(total: int, start: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")

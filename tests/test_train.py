@@ -1,0 +1,242 @@
+"""The training system: configs and overrides, the copy-memory task, 2-step runs of every
+config, exact resume, kill-and-resume, the non-finite guard, the CLI."""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepeq.__main__ import main
+from deepeq.data import copy_memory
+from deepeq.models import register_model
+from deepeq.train import TrainConfig, dump_config, load_config, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("copy_memory_*.toml"))
+SMALL = [
+    "--steps=2",
+    "--data.seq_len=10",
+    "--data.n_train=32",
+    "--data.n_test=16",
+    "--batch_size=8",
+    "--eval_every=1",
+    "--ckpt_every=1",
+    "--eval_batch_size=16",
+]
+
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = load_config(
+        ROOT / "configs/copy_memory_tiny.toml",
+        [
+            "--optim.lr=5e-4",
+            "--model.name=lstm_tiny",
+            "--model.overrides.hidden=12",
+            "--jac.final_weight=2",
+            "--device=cpu",
+        ],
+    )
+    assert cfg.optim.lr == 5e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.name == "lstm_tiny" and cfg.model.overrides == {"hidden": 12}
+    assert cfg.jac.final_weight == 2.0 and cfg.steps == 4  # from the file
+    with pytest.raises(
+        KeyError,
+        match=r"Unknown config key 'optim.lrr'; valid keys at optim: \['optim.name', 'optim.lr'",
+    ):
+        load_config(None, ["--optim.lrr=1"])
+    with pytest.raises(TypeError, match=r"data.seq_len: cannot parse 'abc' as int"):
+        load_config(None, ["--data.seq_len=abc"])
+    with pytest.raises(TypeError, match=r"steps: expected an int; got 2.5"):
+        load_config(None, ["--steps=2.5"])
+    with pytest.raises(ValueError, match=r"--section\.key=value"):
+        load_config(None, ["steps=3"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nlearning_rate = 1.0\n")
+    with pytest.raises(KeyError, match=r"\['optim.learning_rate'\] at optim; valid keys"):
+        load_config(bad)
+    with pytest.raises(FileNotFoundError, match="configs/"):
+        load_config(tmp_path / "missing.toml")
+    # The resolved config round-trips through TOML.
+    dump_config(cfg, tmp_path / "c.toml")
+    assert load_config(tmp_path / "c.toml") == cfg
+    assert dataclasses.is_dataclass(TrainConfig())
+
+
+def test_copy_memory_matches_the_spec():
+    x, y = copy_memory(500, 30, seed=7)
+    assert x.shape == y.shape == (500, 50)
+    assert ((x[:, :10] >= 1) & (x[:, :10] <= 8)).all()
+    assert (x[:, 39] == 9).all()  # the delimiter x_{T+10} (1-based)
+    others = torch.ones(50, dtype=torch.bool)
+    others[:10] = False
+    others[39] = False
+    assert (x[:, others] == 0).all()
+    assert (y[:, :40] == 0).all() and torch.equal(y[:, 40:], x[:, :10])
+    assert torch.equal(copy_memory(500, 30, seed=7)[0], x) and not torch.equal(
+        copy_memory(500, 30, seed=8)[0], x
+    )
+    assert len(set(x[:, :10].flatten().tolist())) == 8  # all eight symbols occur
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_two_steps_of_every_config(config, tmp_path):
+    cfg = load_config(config, [*SMALL, f"--out_dir={tmp_path}"])
+    metrics = train(cfg, progress=False)
+    assert metrics["step"] == 2 and metrics["test_loss"] > 0 and 0 <= metrics["test_acc"] <= 1
+    assert (tmp_path / "checkpoints/latest.pt").exists() and (
+        tmp_path / "checkpoints/best.pt"
+    ).exists()
+    rows = (tmp_path / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("step,loss")
+    assert load_config(tmp_path / "config.toml") == cfg  # resolved config written
+    assert any((tmp_path / "tb").iterdir())  # TensorBoard events
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, progress=False)
+
+
+def _params(path):
+    return torch.load(path / "checkpoints/latest.pt", weights_only=False)["model"]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    common = [
+        "--steps=6",
+        "--data.seq_len=10",
+        "--data.n_train=32",
+        "--data.n_test=16",
+        "--batch_size=8",
+        "--eval_every=3",
+        "--ckpt_every=3",
+        "--model.overrides.dropout=0.1",
+        "--jac.weight=0.5",
+        "--jac.probability=0.5",
+    ]
+    a = load_config(
+        ROOT / "configs/copy_memory_tiny.toml", [*common, f"--out_dir={tmp_path / 'a'}"]
+    )
+    b = load_config(
+        ROOT / "configs/copy_memory_tiny.toml", [*common, f"--out_dir={tmp_path / 'b'}"]
+    )
+    train(a, progress=False)
+    train(b, progress=False, until_step=3)
+    assert torch.load(tmp_path / "b/checkpoints/latest.pt", weights_only=False)["step"] == 3
+    train(b, progress=False, resume=True)
+    pa, pb = _params(tmp_path / "a"), _params(tmp_path / "b")
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+    assert (tmp_path / "a/metrics.csv").read_text().splitlines()[1:] != []
+    la = [r.split(",")[1] for r in (tmp_path / "a/metrics.csv").read_text().splitlines()[1:]]
+    lb = [r.split(",")[1] for r in (tmp_path / "b/metrics.csv").read_text().splitlines()[1:]]
+    assert la == lb  # identical losses at every step
+
+
+def test_kill_then_resume_loses_at_most_one_interval(tmp_path):
+    args = [
+        sys.executable,
+        "-m",
+        "deepeq",
+        "train",
+        str(ROOT / "configs/copy_memory_tiny.toml"),
+        "--steps=400",
+        "--data.seq_len=10",
+        "--data.n_train=64",
+        "--batch_size=8",
+        "--eval_every=1000",
+        "--ckpt_every=5",
+        f"--out_dir={tmp_path}",
+        "--no-progress",
+        "--model.name=lstm_tiny",
+    ]
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    csv = tmp_path / "metrics.csv"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if csv.exists() and len(csv.read_text().splitlines()) > 13:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(csv.read_text().splitlines()) - 1
+    ck = torch.load(tmp_path / "checkpoints/latest.pt", weights_only=False)["step"]
+    assert 0 < done - ck <= 5 or done == ck  # at most one checkpoint interval lost
+    subprocess.run(
+        [*args, "--resume"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=300,
+    )
+    rows = csv.read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 401))
+
+
+@register_model
+def nan_tiny(**overrides):
+    class NaNModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, tokens, state=None):
+            return self.w * torch.full((*tokens.shape, 10), float("nan")), None, []
+
+    return NaNModel()
+
+
+def test_nonfinite_guard(tmp_path, caplog):
+    cfg = load_config(
+        ROOT / "configs/copy_memory_tiny.toml",
+        [
+            *SMALL,
+            "--steps=10",
+            "--max_nonfinite=3",
+            "--model.name=nan_tiny",
+            f"--out_dir={tmp_path}",
+        ],
+    )
+    with pytest.raises(
+        FloatingPointError,
+        match=r"3 consecutive steps had a non-finite loss or solve \(last at step 3\); stopping",
+    ):
+        train(cfg, progress=False)
+    assert "step skipped" in caplog.text
+
+
+def test_cli_train_and_eval(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "train",
+                str(ROOT / "configs/copy_memory_tiny.toml"),
+                *SMALL,
+                f"--out_dir={tmp_path}",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert "best_test_loss" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path), "--max-steps", "2,8"]) == 0
+    out = capsys.readouterr().out
+    assert "| 2 |" in out and "| 8 |" in out
+    with pytest.raises(KeyError, match="Unknown config key"):
+        main(
+            [
+                "train",
+                str(ROOT / "configs/copy_memory_tiny.toml"),
+                "--optim.nope=1",
+                f"--out_dir={tmp_path / 'x'}",
+            ]
+        )
+    assert not (tmp_path / "x").exists()  # failed before any work
