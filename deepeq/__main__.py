@@ -91,8 +91,21 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
+def _plot(argv: list[str]) -> int:
+    from .train.plot import plot_run
+
+    p = argparse.ArgumentParser(prog="deepeq plot", description="Write PNGs of a run's metrics.")
+    p.add_argument("run_dir")
+    args = p.parse_args(argv)
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "plot":
+        return _plot(argv[1:])
     if argv and argv[0] == "train":
         return _train(argv[1:])
     if argv and argv[0] == "eval":
@@ -105,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "train", help="train a model: deepeq train CONFIG.toml [--section.key=value ...] [--resume]"
     )
     sub.add_parser("eval", help="evaluate a run: deepeq eval RUN_DIR [--max-steps 5,10,20]")
+    sub.add_parser("plot", help="write PNGs of a run's metrics: deepeq plot RUN_DIR")
     sub.add_parser("version", help="print the version")
     args = parser.parse_args(argv)
     if args.command == "version":

@@ -1,0 +1,64 @@
+"""``deepeq plot RUN_DIR``: PNGs of a run's metrics (needs matplotlib: the ``plot`` extra)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+PANELS = [
+    ("loss", ["loss", "task_loss", "test_loss"], True),
+    ("nfe", ["fwd_nfe", "bwd_nfe"], False),
+    ("residual", ["fwd_res_max", "fwd_res_mean"], True),
+    ("jacobian", ["jac_penalty", "jac_fro", "spectral_radius"], False),
+]
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write ``plots/<panel>.png`` for loss, NFE, residual and Jacobian terms over steps.
+
+    Returns:
+        The paths written (panels without data are skipped).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(run_dir)
+    path = run / "metrics.csv"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"No metrics.csv in {run}; is it a run directory written by deepeq train?"
+        )
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    out_dir = run / "plots"
+    out_dir.mkdir(exist_ok=True)
+    written = []
+    for name, keys, log in PANELS:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        drawn = False
+        for k in keys:
+            pts = [(int(r["step"]), float(r[k])) for r in rows if r.get(k) not in (None, "")]
+            if pts:
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    label=k,
+                    marker="o" if k.startswith("test") else None,
+                    ms=3,
+                )
+                drawn = True
+        if not drawn:
+            plt.close(fig)
+            continue
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(f"{run.name}: {name}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out_dir / f"{name}.png"
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        written.append(p)
+    return written
