@@ -243,3 +243,61 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 0
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert pngs == ["loss.png", "nfe.png", "residual.png"]  # no Jacobian terms were logged
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_give_the_single_process_gradient(tmp_path):
+    """`torchrun --nproc_per_node=2 -m deepeq train ...` (DistributedDataParallel, gloo): one SGD
+    step with lr 1 moves the parameters by minus the gradient, which must equal the gradient of
+    the single-process run on the same global batch."""
+    common = [
+        str(ROOT / "configs/copy_memory_tiny.toml"),
+        "--no-progress",
+        "--steps=1",
+        "--data.seq_len=10",
+        "--data.n_train=32",
+        "--batch_size=8",
+        "--optim.name=sgd",
+        "--optim.momentum=0.0",
+        "--optim.lr=1.0",
+        "--optim.schedule=constant",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = str(29500 + os.getpid() % 1000)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            "-m",
+            "deepeq",
+            "train",
+            *common,
+            f"--out_dir={tmp_path / 'ddp'}",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "deepeq", "train", *common, f"--out_dir={tmp_path / 'one'}"],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    torch.manual_seed(0)  # the initial parameters of both runs (train() seeds with cfg.seed = 0)
+    from deepeq.models import create_model
+
+    init = create_model("deq_transformer_tiny", vocab_size=10).state_dict()
+    a, b = _params(tmp_path / "one"), _params(tmp_path / "ddp")
+    for k in a:
+        ga, gb = init[k] - a[k], init[k] - b[k]
+        torch.testing.assert_close(gb, ga, atol=1e-6, rtol=1e-4, msg=k)
+    assert not (tmp_path / "ddp" / "checkpoints" / "rank1").exists()
+    assert (
+        len((tmp_path / "ddp" / "metrics.csv").read_text().splitlines()) == 2
+    )  # rank 0 wrote one row

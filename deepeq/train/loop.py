@@ -123,12 +123,23 @@ def train(
     """
     out = Path(cfg.out_dir)
     ckdir = out / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    rank, world, created = _setup_distributed(cfg)
+    main = rank == 0  # only rank 0 writes logs and checkpoints
+    if cfg.batch_size % world:
+        raise ValueError(
+            f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({world})."
+        )
     torch.manual_seed(cfg.seed)
     xtr, ytr, xte, yte, vocab = make_task(cfg)
     model = create_model(cfg.model.name, vocab_size=vocab, **cfg.model.overrides).to(cfg.device)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [torch.device(cfg.device).index or 0] if cfg.device.startswith("cuda") else None
+        net = DistributedDataParallel(model, device_ids=ids)
     opt = make_optimizer(cfg, model.parameters())
     j = cfg.jac
     jac = JacobianSchedule(
@@ -158,11 +169,16 @@ def train(
         raise FileExistsError(
             f"{out} already holds a run; pass --resume to continue it or choose another out_dir."
         )
-    dump_config(cfg, out / "config.toml")
-    (out / "git.txt").write_text(git_commit() + "\n")
-    rows = _load_rows(out / "metrics.csv", upto=step)
-    writer = _tensorboard(out)
-    bar = _progress(cfg.steps, step, progress)
+    if world > 1:
+        torch.distributed.barrier()  # every rank checked the directory before rank 0 writes
+    rows, writer, bar = [], None, None
+    if main:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.toml")
+        (out / "git.txt").write_text(git_commit() + "\n")
+        rows = _load_rows(out / "metrics.csv", upto=step)
+        writer = _tensorboard(out)
+        bar = _progress(cfg.steps, step, progress)
     t_last, metrics = time.perf_counter(), {}
     stop = cfg.steps if until_step is None else min(cfg.steps, until_step)
     while step < stop:
@@ -170,9 +186,9 @@ def train(
             model.set_pretraining(step < pretrain_steps)
         for group in opt.param_groups:  # the schedule is a pure function of the step: exact resume
             group["lr"] = cfg.optim.lr * lr_factor(cfg, step)
-        idx = batch_indices(cfg, xtr.shape[0], step)
+        idx = batch_indices(cfg, xtr.shape[0], step)[rank::world]  # this process's share
         xb, yb = xtr[idx].to(cfg.device), ytr[idx].to(cfg.device)
-        logits, _, sols = model(xb)
+        logits, _, sols = net(xb)
         task_loss = F.cross_entropy(logits.reshape(-1, vocab), yb.reshape(-1))
         loss = task_loss
         w = jac(step)
@@ -194,6 +210,10 @@ def train(
             row["jac_fro"] = math.sqrt(jacobian_penalty(s0.fz, s0.z_leaf, num_samples=2).item())
             row["spectral_radius"] = spectral_radius(s0.fz, s0.z_leaf, num_iters=10).mean().item()
         bad = not torch.isfinite(loss).item() or any(s.status.name == "NONFINITE" for s in sols)
+        if world > 1:  # every rank must skip together, or the gradient all-reduce would hang
+            flag = torch.tensor(float(bad), device=cfg.device)
+            torch.distributed.all_reduce(flag)
+            bad = bool(flag.item() > 0)
         if bad:
             skipped_in_row += 1
             skipped_total += 1
@@ -239,6 +259,8 @@ def train(
                     bwd_converged=sum(x.converged.float().mean().item() for x in b) / len(b),
                     bwd_fallbacks=sum(int(x.fallback.sum()) for x in b),
                 )
+        if not main:
+            continue
         if step % cfg.eval_every == 0 or step == cfg.steps:
             row.update(evaluate(model, xte, yte, cfg, vocab))
             if row["test_loss"] < best:
@@ -274,10 +296,28 @@ def train(
         bar.close()
     if writer is not None:
         writer.close()
+    if world > 1:
+        torch.distributed.barrier()
+        if created:
+            torch.distributed.destroy_process_group()
     final = {k: v for k, v in metrics.items() if v is not None}
     final["best_test_loss"] = best
     final["parameters"] = sum(p.numel() for p in model.parameters())
     return final
+
+
+def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, bool]:
+    """(rank, world size, whether this call created the process group). Under ``torchrun``
+    (WORLD_SIZE > 1) the group is initialised with gloo on CPU and NCCL on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
 
 
 def _load_rows(path: Path, upto: int) -> list[dict]:
