@@ -1,0 +1,95 @@
+"""Universality constructions: Theorem 3 (weight-tied equivalent of any feed-forward network)
+and Theorem 2 (two stacked DEQs equal one)."""
+
+import pytest
+import torch
+from torch import nn
+
+import deepeq
+from deepeq.analysis import StackedEquilibrium, weight_tied_equivalent
+
+F64 = torch.float64
+
+ARCHS = [
+    [nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)],
+    [
+        nn.Linear(4, 7),
+        nn.Tanh(),
+        nn.Linear(7, 3),
+        nn.Sigmoid(),
+        nn.Linear(3, 6),
+        nn.GELU(),
+        nn.Linear(6, 1),
+    ],
+    [nn.Linear(2, 2)],
+    [
+        nn.Linear(6, 9),
+        nn.SiLU(),
+        nn.Linear(9, 4, bias=False),
+        nn.Linear(4, 8),
+        nn.LeakyReLU(0.1),
+        nn.Linear(8, 5),
+        nn.ELU(),
+    ],
+]
+
+
+@pytest.mark.parametrize("arch", range(len(ARCHS)))
+def test_theorem3_exact(arch):
+    torch.manual_seed(arch)
+    net = nn.Sequential(*ARCHS[arch]).double()
+    f = weight_tied_equivalent(net)
+    x = torch.randn(5, net[0].in_features, dtype=F64)
+    z = f.init_state(x)
+    for _ in range(f.depth):
+        z = f(z, x)
+    torch.testing.assert_close(f.output(z), net(x), atol=1e-13, rtol=0)
+    # ... and it is the layer's fixed point, which a DEQ finds:
+    torch.testing.assert_close(f(z, x), z, atol=1e-13, rtol=0)
+    zd, sol = deepeq.DEQ(f, solver=deepeq.Picard(atol=1e-13, rtol=0.0, max_steps=50))(x)
+    assert sol.stats.num_steps.max() <= f.depth
+    torch.testing.assert_close(f.output(zd), net(x), atol=1e-13, rtol=0)
+
+
+def test_theorem3_errors():
+    with pytest.raises(TypeError, match="Conv1d"):
+        weight_tied_equivalent([nn.Linear(2, 2), nn.Conv1d(1, 1, 1)])
+    with pytest.raises(TypeError, match="directly follow"):
+        weight_tied_equivalent([nn.ReLU(), nn.Linear(2, 2)])
+    with pytest.raises(TypeError, match="do not chain"):
+        weight_tied_equivalent([nn.Linear(2, 3), nn.Linear(4, 1)])
+
+
+class Inj(nn.Module):
+    def __init__(self, d, p, scale):
+        super().__init__()
+        self.A = nn.Linear(d, d, bias=False)
+        self.U = nn.Linear(p, d)
+        with torch.no_grad():
+            self.A.weight.mul_(scale / torch.linalg.matrix_norm(self.A.weight, 2))
+
+    def forward(self, z, x):
+        return torch.tanh(self.A(z) + self.U(x))
+
+
+def test_theorem2_values_and_gradients():
+    torch.manual_seed(0)
+    f1, f2 = Inj(5, 3, 0.6).double(), Inj(4, 5, 0.7).double()
+    tight = deepeq.Broyden(atol=1e-13, rtol=0.0, max_steps=200)
+    back = deepeq.ImplicitBackward(solver=deepeq.Broyden(atol=1e-13, rtol=0.0, max_steps=200))
+    x = torch.randn(6, 3, dtype=F64, requires_grad=True)
+    c = torch.randn(6, 4, dtype=F64)
+    # two stacked DEQs
+    z1, _ = deepeq.DEQ(f1, solver=tight, backward=back)(x, z0=torch.zeros(6, 5, dtype=F64))
+    z2, _ = deepeq.DEQ(f2, solver=tight, backward=back)(z1, z0=torch.zeros(6, 4, dtype=F64))
+    params = [x, *f1.parameters(), *f2.parameters()]
+    g_stack = torch.autograd.grad((z2 * c).sum(), params)
+    # one DEQ over the concatenated state
+    w, sol = deepeq.DEQ(StackedEquilibrium(f1, f2), solver=tight, backward=back)(
+        x, z0=(torch.zeros(6, 5, dtype=F64), torch.zeros(6, 4, dtype=F64))
+    )
+    torch.testing.assert_close(w[0], z1, atol=1e-11, rtol=0)
+    torch.testing.assert_close(w[1], z2, atol=1e-11, rtol=0)
+    g_one = torch.autograd.grad((w[1] * c).sum(), params)
+    for a, b in zip(g_one, g_stack, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
