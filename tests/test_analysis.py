@@ -85,7 +85,7 @@ def test_theorem2_values_and_gradients():
     params = [x, *f1.parameters(), *f2.parameters()]
     g_stack = torch.autograd.grad((z2 * c).sum(), params)
     # one DEQ over the concatenated state
-    w, sol = deepeq.DEQ(StackedEquilibrium(f1, f2), solver=tight, backward=back)(
+    w, _sol = deepeq.DEQ(StackedEquilibrium(f1, f2), solver=tight, backward=back)(
         x, z0=(torch.zeros(6, 5, dtype=F64), torch.zeros(6, 4, dtype=F64))
     )
     torch.testing.assert_close(w[0], z1, atol=1e-11, rtol=0)

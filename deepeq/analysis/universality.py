@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -113,7 +114,7 @@ def weight_tied_equivalent(network: nn.Sequential | list[nn.Module]) -> WeightTi
     if not layers:
         raise TypeError("weight_tied_equivalent needs at least one nn.Linear layer.")
     widths = [lin.out_features for lin, _ in layers]
-    for (a, _), (b, _) in zip(layers, layers[1:], strict=False):
+    for (a, _), (b, _) in itertools.pairwise(layers):
         if a.out_features != b.in_features:
             raise TypeError(f"Layer widths do not chain: {a} followed by {b}.")
     ref = layers[0][0].weight
