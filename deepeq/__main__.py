@@ -102,8 +102,63 @@ def _plot(argv: list[str]) -> int:
     return 0
 
 
+def _analyze(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from .analysis import studies
+
+    p = argparse.ArgumentParser(
+        prog="deepeq analyze", description="Analysis studies; each writes a CSV and a PNG."
+    )
+    sub = p.add_subparsers(dest="study", required=True)
+    c = sub.add_parser(
+        "convergence", help="weight-tied stack residual vs depth, with Broyden's trace"
+    )
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a registered deq_* model (random initialisation)")
+    src.add_argument("--run", help="a run directory (its best checkpoint)")
+    c.add_argument("--lengths", default="100,200,400,800")
+    c.add_argument("--layers", type=int, default=50)
+    c.add_argument("--out", default="runs/analysis")
+    n = sub.add_parser(
+        "nfe", help="test accuracy/loss vs forward NFE and wall time for one or more runs"
+    )
+    n.add_argument("runs", nargs="+")
+    n.add_argument("--max-steps", default="2,4,8,16,30")
+    n.add_argument("--out", default="runs/analysis")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.study == "convergence":
+        if args.run:
+            from .train.loop import load_run
+
+            model = load_run(args.run)[1]
+        else:
+            from .models import create_model
+
+            model = create_model(args.model)
+        rows = studies.stack_convergence(
+            model, [int(v) for v in args.lengths.split(",")], args.layers
+        )
+        studies.write_csv(rows, out / "convergence.csv")
+        studies.plot_convergence(rows, out / "convergence.png")
+        print(out / "convergence.csv", out / "convergence.png")
+    else:
+        rows = studies.metric_vs_nfe(args.runs, [int(v) for v in args.max_steps.split(",")])
+        studies.write_csv(rows, out / "metric_vs_nfe.csv")
+        studies.plot_metric_vs_nfe(rows, out / "metric_vs_nfe.png")
+        for r in rows:
+            print(
+                f"{Path(r['run']).name}: max_steps={r['max_steps']} NFE={r['mean_nfe']:.1f} acc={r['test_acc']:.4f} loss={r['test_loss']:.4g} {r['seconds']:.2f}s"
+            )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "analyze":
+        return _analyze(argv[1:])
     if argv and argv[0] == "plot":
         return _plot(argv[1:])
     if argv and argv[0] == "train":
@@ -119,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser("eval", help="evaluate a run: deepeq eval RUN_DIR [--max-steps 5,10,20]")
     sub.add_parser("plot", help="write PNGs of a run's metrics: deepeq plot RUN_DIR")
+    sub.add_parser("analyze", help="analysis studies: deepeq analyze {convergence,nfe} ...")
     sub.add_parser("version", help="print the version")
     args = parser.parse_args(argv)
     if args.command == "version":

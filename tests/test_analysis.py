@@ -93,3 +93,72 @@ def test_theorem2_values_and_gradients():
     g_one = torch.autograd.grad((w[1] * c).sum(), params)
     for a, b in zip(g_one, g_stack, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+def test_convergence_command(tmp_path, capsys):
+    import csv
+
+    from deepeq.__main__ import main
+
+    assert (
+        main(
+            [
+                "analyze",
+                "convergence",
+                "--model",
+                "deq_trellisnet_tiny",
+                "--lengths",
+                "8,16",
+                "--layers",
+                "12",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    rows = list(csv.DictReader((tmp_path / "convergence.csv").read_text().splitlines()))
+    assert len(rows) == 24 and (tmp_path / "convergence.png").stat().st_size > 5000
+    for T in ("8", "16"):
+        r = [float(x["stack_rel_residual"]) for x in rows if x["length"] == T]
+        assert r[-1] < 0.1 * r[1]  # the stack's residual decreases for this contractive f
+    with pytest.raises(TypeError, match="not a DEQ sequence model"):
+        main(["analyze", "convergence", "--model", "lstm_tiny", "--out", str(tmp_path)])
+
+
+def test_metric_vs_nfe_command(tmp_path, capsys):
+    import csv
+    from pathlib import Path
+
+    from deepeq.__main__ import main
+
+    cfg = str(Path(__file__).resolve().parents[1] / "configs/copy_memory_tiny.toml")
+    small = [
+        "--steps=2",
+        "--data.seq_len=10",
+        "--data.n_train=32",
+        "--data.n_test=16",
+        "--batch_size=8",
+        "--no-progress",
+    ]
+    for name in ("a", "b"):
+        assert main(["train", cfg, *small, f"--out_dir={tmp_path / name}"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "nfe",
+                str(tmp_path / "a"),
+                str(tmp_path / "b"),
+                "--max-steps",
+                "1,4",
+                "--out",
+                str(tmp_path / "an"),
+            ]
+        )
+        == 0
+    )
+    rows = list(csv.DictReader((tmp_path / "an/metric_vs_nfe.csv").read_text().splitlines()))
+    assert len(rows) == 4 and (tmp_path / "an/metric_vs_nfe.png").exists()
+    nfe = {(Path(r["run"]).name, int(r["max_steps"])): float(r["mean_nfe"]) for r in rows}
+    assert nfe[("a", 1)] <= 2 < nfe[("a", 4)] <= 5  # the cap bounds the NFE (1 + steps)

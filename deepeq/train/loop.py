@@ -23,7 +23,7 @@ logger = logging.getLogger("deepeq")
 
 FIELDS = [
     "step", "loss", "task_loss", "jac_penalty", "lr", "grad_norm", "fwd_nfe", "bwd_nfe",
-    "fwd_res_max", "fwd_res_mean", "fwd_converged", "bwd_converged", "bwd_fallbacks",
+    "fwd_res_max", "fwd_res_mean", "fwd_converged", "bwd_res_max", "bwd_converged", "bwd_fallbacks",
     "skipped", "tokens_per_s", "test_loss", "test_acc", "jac_fro", "spectral_radius",
 ]  # fmt: skip
 
@@ -256,6 +256,7 @@ def train(
                 b = [s.backward for s in sols]
                 row.update(
                     bwd_nfe=sum(x.nfe for x in b),
+                    bwd_res_max=max(x.rel_residual.max().item() for x in b),
                     bwd_converged=sum(x.converged.float().mean().item() for x in b) / len(b),
                     bwd_fallbacks=sum(int(x.fallback.sum()) for x in b),
                 )
@@ -360,3 +361,22 @@ def _progress(total: int, start: int, enabled: bool):
     except ImportError:  # pragma: no cover
         return None
     return tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best"):
+    """(cfg, model with the checkpoint's weights, test tensors, vocab) of a run directory."""
+    from .config import load_config
+
+    run = Path(run_dir)
+    if not (run / "config.toml").exists():
+        raise FileNotFoundError(
+            f"{run} is not a run directory (no config.toml); train one with `deepeq train`."
+        )
+    cfg = load_config(run / "config.toml")
+    ck_path = run / "checkpoints" / f"{checkpoint}.pt"
+    if not ck_path.exists():
+        raise FileNotFoundError(f"No checkpoint {ck_path}; train the run first (deepeq train ...).")
+    _, _, xte, yte, vocab = make_task(cfg)
+    model = create_model(cfg.model.name, vocab_size=vocab, **cfg.model.overrides).to(cfg.device)
+    model.load_state_dict(torch.load(ck_path, weights_only=False)["model"])
+    return cfg, model, xte, yte, vocab

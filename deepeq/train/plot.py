@@ -8,7 +8,7 @@ from pathlib import Path
 PANELS = [
     ("loss", ["loss", "task_loss", "test_loss"], True),
     ("nfe", ["fwd_nfe", "bwd_nfe"], False),
-    ("residual", ["fwd_res_max", "fwd_res_mean"], True),
+    ("residual", ["fwd_res_max", "fwd_res_mean", "bwd_res_max"], True),
     ("jacobian", ["jac_penalty", "jac_fro", "spectral_radius"], False),
 ]
 

@@ -1,0 +1,166 @@
+"""Analysis commands (``deepeq analyze ...``): convergence of weight-tied stacks (seed 000 Fig. 4)
+and metric against NFE (seeds 002/003). Each writes a CSV and a PNG."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import torch
+
+from .._fixed_point import fixed_point
+from ..solvers import Broyden, make_solver
+
+
+def _equilibrium_parts(model):
+    if not all(hasattr(model, a) for a in ("embed", "inject", "f", "initial_context")):
+        raise TypeError(
+            f"{type(model).__name__} is not a DEQ sequence model (needs embed, inject, f); use a "
+            f"deq_* model from deepeq.models.list_models()."
+        )
+    return model
+
+
+@torch.no_grad()
+def stack_convergence(
+    model, lengths: list[int], layers: int, *, batch: int = 4, seed: int = 0
+) -> list[dict]:
+    """Iterate the model's f as an explicit weight-tied stack for ``layers`` layers on random
+    token sequences of each length, recording the mean relative residual ``||f(z)-z||/||f(z)||``
+    after every layer, next to Broyden's residual trace on the same input (same NFE axis)."""
+    _equilibrium_parts(model)
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for T in lengths:
+        tokens = torch.randint(0, model.config.vocab_size, (batch, T), generator=g)
+        x = model.embed(tokens)
+        ctx = model.initial_context(batch, model.size, x.device, x.dtype)
+        inj = model.inject(x, ctx)
+        z = torch.zeros(batch, T, model.state_dim(model.size))
+        stack = []
+        for _ in range(layers):
+            fz = model.f(z, (inj, ctx))
+            stack.append(
+                ((fz - z).flatten(1).norm(dim=1) / fz.flatten(1).norm(dim=1)).mean().item()
+            )
+            z = fz
+        sol = fixed_point(
+            model.f,
+            torch.zeros_like(z),
+            Broyden(atol=0.0, rtol=0.0, max_steps=layers),
+            args=((inj, ctx),),
+            trace=True,
+            nonfinite="return",
+        )
+        broyden = sol.stats.rel_trace.mean(0).tolist()  # index k: after k steps (k+1 NFE)
+        for n in range(1, layers + 1):
+            rows.append(
+                {
+                    "length": T,
+                    "depth": n,
+                    "stack_rel_residual": stack[n - 1],
+                    "broyden_rel_residual": broyden[min(n - 1, len(broyden) - 1)],
+                }
+            )
+    return rows
+
+
+def metric_vs_nfe(run_dirs: list[str], caps: list[int], checkpoint: str = "best") -> list[dict]:
+    """Evaluate each run with its eval solver capped at each of ``caps`` steps: test loss and
+    accuracy against mean forward NFE and wall time."""
+    from ..train.loop import evaluate, load_run
+
+    rows = []
+    for run in run_dirs:
+        cfg, model, xte, yte, vocab = load_run(run, checkpoint)
+        if not hasattr(model, "deq"):
+            raise TypeError(f"{run}: metric vs NFE needs a DEQ model; got {cfg.model.name}.")
+        c = model.config
+        for cap in caps:
+            model.deq.eval_solver = make_solver(c.solver, rtol=c.f_rtol, max_steps=cap)
+            nfe: list[int] = []
+            hook = model.deq.register_forward_hook(
+                lambda m, i, o, acc=nfe: acc.append(o[1].stats.nfe)
+            )
+            t0 = time.perf_counter()
+            m = evaluate(model, xte, yte, cfg, vocab)
+            wall = time.perf_counter() - t0
+            hook.remove()
+            rows.append(
+                {
+                    "run": str(run),
+                    "max_steps": cap,
+                    "mean_nfe": sum(nfe) / len(nfe),
+                    "seconds": wall,
+                    **m,
+                }
+            )
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_convergence(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, T in enumerate(sorted({r["length"] for r in rows})):
+        rs = [r for r in rows if r["length"] == T]
+        c = f"C{i}"
+        ax.plot(
+            [r["depth"] for r in rs],
+            [r["stack_rel_residual"] for r in rs],
+            color=c,
+            label=f"stack, T={T}",
+        )
+        ax.plot(
+            [r["depth"] for r in rs],
+            [max(r["broyden_rel_residual"], 1e-12) for r in rs],
+            color=c,
+            ls="--",
+            label=f"Broyden, T={T}",
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("depth (layers) / solver steps")
+    ax.set_ylabel("||f(z) - z|| / ||f(z)||")
+    ax.set_title("weight-tied stack vs quasi-Newton solve")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_metric_vs_nfe(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for run in dict.fromkeys(r["run"] for r in rows):
+        rs = [r for r in rows if r["run"] == run]
+        label = Path(run).name
+        axes[0].plot(
+            [r["mean_nfe"] for r in rs], [r["test_acc"] for r in rs], marker="o", label=label
+        )
+        axes[1].plot(
+            [r["seconds"] for r in rs], [r["test_acc"] for r in rs], marker="o", label=label
+        )
+    axes[0].set_xlabel("mean forward NFE")
+    axes[1].set_xlabel("evaluation wall time (s)")
+    for ax in axes:
+        ax.set_ylabel("test accuracy")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
