@@ -42,14 +42,8 @@ def _train(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from pathlib import Path
-
-    import torch
-
-    from .models import create_model
     from .solvers import make_solver
-    from .train import load_config
-    from .train.loop import evaluate, make_task
+    from .train.loop import evaluate, load_run
 
     p = argparse.ArgumentParser(
         prog="deepeq eval", description="Evaluate a run's best (or latest) checkpoint."
@@ -60,14 +54,7 @@ def _eval(argv: list[str]) -> int:
         "--max-steps", default="", help="comma-separated eval solver caps to sweep (DEQ models)"
     )
     args = p.parse_args(argv)
-    run = Path(args.run_dir)
-    cfg = load_config(run / "config.toml")
-    ck_path = run / "checkpoints" / f"{args.checkpoint}.pt"
-    if not ck_path.exists():
-        raise FileNotFoundError(f"No checkpoint {ck_path}; train the run first (deepeq train ...).")
-    _, _, xte, yte, vocab = make_task(cfg)
-    model = create_model(cfg.model.name, vocab_size=vocab, **cfg.model.overrides).to(cfg.device)
-    model.load_state_dict(torch.load(ck_path, weights_only=False)["model"])
+    cfg, model, xte, yte, vocab = load_run(args.run_dir, args.checkpoint)
     caps = [int(v) for v in args.max_steps.split(",") if v] or [None]
     print("| eval max_steps | test loss | test acc (last 10) | mean fwd NFE |")
     print("|---|---|---|---|")

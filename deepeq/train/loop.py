@@ -363,8 +363,13 @@ def _progress(total: int, start: int, enabled: bool):
     return tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best"):
-    """(cfg, model with the checkpoint's weights, test tensors, vocab) of a run directory."""
+def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None = None):
+    """(cfg, model with the checkpoint's weights, test tensors, vocab) of a run directory.
+
+    ``device`` defaults to the run's own device, or the CPU when that is a GPU this machine lacks
+    (a run trained on a GPU can be evaluated and analysed on a CPU)."""
+    import dataclasses
+
     from .config import load_config
 
     run = Path(run_dir)
@@ -373,10 +378,15 @@ def load_run(run_dir: str | Path, checkpoint: str = "best"):
             f"{run} is not a run directory (no config.toml); train one with `deepeq train`."
         )
     cfg = load_config(run / "config.toml")
+    if device is None:
+        device = (
+            cfg.device if not cfg.device.startswith("cuda") or torch.cuda.is_available() else "cpu"
+        )
+    cfg = dataclasses.replace(cfg, device=device)
     ck_path = run / "checkpoints" / f"{checkpoint}.pt"
     if not ck_path.exists():
         raise FileNotFoundError(f"No checkpoint {ck_path}; train the run first (deepeq train ...).")
     _, _, xte, yte, vocab = make_task(cfg)
-    model = create_model(cfg.model.name, vocab_size=vocab, **cfg.model.overrides).to(cfg.device)
-    model.load_state_dict(torch.load(ck_path, weights_only=False)["model"])
+    model = create_model(cfg.model.name, vocab_size=vocab, **cfg.model.overrides).to(device)
+    model.load_state_dict(torch.load(ck_path, map_location=device, weights_only=False)["model"])
     return cfg, model, xte, yte, vocab
