@@ -142,16 +142,19 @@ def _analyze(argv: list[str]) -> int:
     return 0
 
 
+USER_ERRORS = (FileExistsError, FileNotFoundError, KeyError, TypeError, ValueError)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "analyze":
-        return _analyze(argv[1:])
-    if argv and argv[0] == "plot":
-        return _plot(argv[1:])
-    if argv and argv[0] == "train":
-        return _train(argv[1:])
-    if argv and argv[0] == "eval":
-        return _eval(argv[1:])
+    commands = {"analyze": _analyze, "plot": _plot, "train": _train, "eval": _eval}
+    if argv and argv[0] in commands:
+        try:
+            return commands[argv[0]](argv[1:])
+        except USER_ERRORS as e:  # bad config, missing file, existing run: one line, exit code 2
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            print(f"deepeq {argv[0]}: error: {msg}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="deepeq", description="Deep Equilibrium Models.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="solve small DEQ layers with every solver; print stats")

@@ -214,31 +214,17 @@ def test_nonfinite_guard(tmp_path, caplog):
 
 
 def test_cli_train_and_eval(tmp_path, capsys):
-    assert (
-        main(
-            [
-                "train",
-                str(ROOT / "configs/copy_memory_tiny.toml"),
-                *SMALL,
-                f"--out_dir={tmp_path}",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    cfg = str(ROOT / "configs/copy_memory_tiny.toml")
+    assert main(["train", cfg, *SMALL, f"--out_dir={tmp_path}", "--no-progress"]) == 0
     assert "best_test_loss" in capsys.readouterr().out
+    # The same command again: one clear line on stderr, exit code 2, no traceback.
+    assert main(["train", cfg, *SMALL, f"--out_dir={tmp_path}", "--no-progress"]) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--max-steps", "2,8"]) == 0
     out = capsys.readouterr().out
     assert "| 2 |" in out and "| 8 |" in out
-    with pytest.raises(KeyError, match="Unknown config key"):
-        main(
-            [
-                "train",
-                str(ROOT / "configs/copy_memory_tiny.toml"),
-                "--optim.nope=1",
-                f"--out_dir={tmp_path / 'x'}",
-            ]
-        )
+    assert main(["train", cfg, "--optim.nope=1", f"--out_dir={tmp_path / 'x'}"]) == 2
+    assert "Unknown config key 'optim.nope'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # failed before any work
     assert main(["plot", str(tmp_path)]) == 0
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
