@@ -24,18 +24,7 @@ import torch
 
 import deepeq
 from deepeq._demo import make_layer
-
-
-def saved_bytes_of(fn):
-    seen = {}
-
-    def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
+from deepeq.analysis import saved_bytes
 
 
 def peak_rss_mib() -> float:
@@ -70,7 +59,7 @@ def run_row(layer_kind: str, mode: str, depth: int, device: str, steps: int, bat
 
     def step():
         layer.zero_grad(set_to_none=True)
-        saved, (z, sol) = saved_bytes_of(forward)
+        saved, (z, sol) = saved_bytes(forward)
         z.float().pow(2).mean().backward()
         return saved, sol
 
@@ -129,7 +118,7 @@ def curve(layer_kind: str, device: str, batch: int) -> list[str]:
         row = [f"| {layer_kind} | {steps} |"]
         for backward in (deepeq.ImplicitBackward(), deepeq.UnrolledBackward()):
             solver = deepeq.Picard(atol=0.0, rtol=0.0, max_steps=steps)  # every step runs
-            saved, _ = saved_bytes_of(
+            saved, _ = saved_bytes(
                 lambda s=solver, b=backward: deepeq.fixed_point(
                     layer, torch.zeros_like(x), s, args=(x,), backward=b, nonfinite="return"
                 )

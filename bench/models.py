@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from deepeq.analysis import saved_bytes
 from deepeq.models import create_model
 
 FAMILIES = {
@@ -58,18 +59,6 @@ SIZES = {
         T=70,
     ),
 }
-
-
-def saved_bytes(fn):
-    seen = {}
-
-    def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
 
 
 def row(name: str, family: str, size: str, device: str) -> dict:

@@ -8,6 +8,7 @@ import torch
 
 import deepeq
 from deepeq import Broyden, ImplicitBackward, PhantomBackward, Picard, UnrolledBackward
+from deepeq.analysis import saved_bytes
 
 F64 = torch.float64
 EXACT = dict(atol=1e-13, rtol=0.0, max_steps=300)
@@ -290,19 +291,6 @@ def test_bad_backward_arguments():
         PhantomBackward(steps=0)
     with pytest.raises(ValueError, match=r"damping must be a float in \[0, 1\)"):
         PhantomBackward(damping=1.5)
-
-
-def saved_bytes(fn):
-    """Bytes of tensors autograd saves for backward while fn runs (unique storages)."""
-    seen = {}
-
-    def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
 
 
 @pytest.mark.parametrize("solver_cls", [Picard, deepeq.Anderson, Broyden])

@@ -49,3 +49,16 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     except KeyError:
         raise ValueError(f"Unknown model {name!r}; registered models: {list_models()}.") from None
     return fn(**overrides)
+
+
+def build_config(cls: type, defaults: dict, overrides: dict) -> Any:
+    """``cls(**defaults)`` with ``overrides`` replaced; unknown fields raise TypeError listing the valid ones."""
+    import dataclasses
+
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"Unknown config field(s) {unknown} for {cls.__name__}; valid: {sorted(valid)}."
+        )
+    return dataclasses.replace(cls(**defaults), **overrides)

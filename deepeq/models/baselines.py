@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._registry import register_model
+from ._registry import build_config, register_model
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,13 +94,7 @@ class TCN(nn.Module):
 
 
 def _cfg(defaults: dict, overrides: dict) -> BaselineConfig:
-    valid = set(BaselineConfig.__dataclass_fields__)
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise TypeError(
-            f"Unknown config field(s) {unknown} for BaselineConfig; valid: {sorted(valid)}."
-        )
-    return replace(BaselineConfig(**defaults), **overrides)
+    return build_config(BaselineConfig, defaults, overrides)
 
 
 @register_model

@@ -3,7 +3,7 @@ injection, solved for its equilibrium; and its explicit twins."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..nn.dropout import VariationalDropout
 from ..nn.layers import FeedForward, RelativeAttention, count_parameters
-from ._registry import register_model
+from ._registry import build_config, register_model
 from ._sequence import SequenceConfig, SequenceModel
 
 
@@ -118,14 +118,7 @@ class DEQTransformer(SequenceModel):
 
 
 def _make(defaults: dict, overrides: dict) -> DEQTransformer:
-    cfg = DEQTransformerConfig(**defaults)
-    valid = set(DEQTransformerConfig.__dataclass_fields__)
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise TypeError(
-            f"Unknown config field(s) {unknown} for DEQTransformerConfig; valid: {sorted(valid)}."
-        )
-    return DEQTransformer(replace(cfg, **overrides))
+    return DEQTransformer(build_config(DEQTransformerConfig, defaults, overrides))
 
 
 _TINY = dict(

@@ -3,7 +3,7 @@ gating and input injection, solved for its equilibrium; and its explicit twins."
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..nn.dropout import VariationalDropout
 from ..nn.layers import causal_conv1d
-from ._registry import register_model
+from ._registry import build_config, register_model
 from ._sequence import SequenceConfig, SequenceModel
 
 
@@ -79,13 +79,7 @@ class DEQTrellisNet(SequenceModel):
 
 
 def _make(defaults: dict, overrides: dict) -> DEQTrellisNet:
-    valid = set(DEQTrellisNetConfig.__dataclass_fields__)
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise TypeError(
-            f"Unknown config field(s) {unknown} for DEQTrellisNetConfig; valid: {sorted(valid)}."
-        )
-    return DEQTrellisNet(replace(DEQTrellisNetConfig(**defaults), **overrides))
+    return DEQTrellisNet(build_config(DEQTrellisNetConfig, defaults, overrides))
 
 
 # d_model=34 lets the untied twin at depth 12 match the parameters within 5% (integer widths).
