@@ -98,14 +98,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key)
-            except TypeError as e:
-                errors.append(str(e))
+            except TypeError:
+                pass
         raise TypeError(f"{key}: expected {tp}; got {value!r}.")
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):

@@ -171,12 +171,12 @@ def train(
         )
     if world > 1:
         torch.distributed.barrier()  # every rank checked the directory before rank 0 writes
-    rows, writer, bar = [], None, None
+    writer, bar = None, None
     if main:
         ckdir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.toml")
         (out / "git.txt").write_text(git_commit() + "\n")
-        rows = _load_rows(out / "metrics.csv", upto=step)
+        _truncate_rows(out / "metrics.csv", upto=step)
         writer = _tensorboard(out)
         bar = _progress(cfg.steps, step, progress)
     t_last, metrics = time.perf_counter(), {}
@@ -270,8 +270,7 @@ def train(
                     {"model": model.state_dict(), "step": step, "test_loss": best},
                     ckdir / "best.pt",
                 )
-        rows.append(row)
-        _append_row(out / "metrics.csv", row, first=len(rows) == 1)
+        _append_row(out / "metrics.csv", row)
         if writer is not None:
             for k, v in row.items():
                 if k != "step" and v is not None:
@@ -321,21 +320,20 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), True
 
 
-def _load_rows(path: Path, upto: int) -> list[dict]:
-    """Rows already written, truncated to the checkpoint's step (a crash after the last checkpoint
+def _truncate_rows(path: Path, upto: int) -> None:
+    """Drop logged rows after the checkpoint's step (a crash after the last checkpoint
     leaves rows that the resumed run will write again)."""
     if not path.exists():
-        return []
+        return
     with path.open() as fh:
         rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= upto]
     with path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, FIELDS)
         w.writeheader()
         w.writerows(rows)
-    return rows
 
 
-def _append_row(path: Path, row: dict, first: bool) -> None:
+def _append_row(path: Path, row: dict) -> None:
     new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as fh:
         w = csv.DictWriter(fh, FIELDS)
