@@ -38,6 +38,12 @@ def _train(argv: list[str]) -> int:
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
         )
     )
+    keys = [k for k in metrics if k.startswith(("valid_", "test_"))]
+    keys += ["fwd_nfe", "bwd_nfe", "fwd_converged", "peak_rss_mib", "cuda_peak_mib"]
+    print(
+        "summary: "
+        + " | ".join(f"{k} {metrics[k]:.4g}" for k in keys if metrics.get(k) is not None)
+    )
     return 0
 
 
@@ -54,10 +60,9 @@ def _eval(argv: list[str]) -> int:
         "--max-steps", default="", help="comma-separated eval solver caps to sweep (DEQ models)"
     )
     args = p.parse_args(argv)
-    cfg, model, xte, yte, vocab = load_run(args.run_dir, args.checkpoint)
+    _cfg, model, task = load_run(args.run_dir, args.checkpoint)
     caps = [int(v) for v in args.max_steps.split(",") if v] or [None]
-    print("| eval max_steps | test loss | test acc (last 10) | mean fwd NFE |")
-    print("|---|---|---|---|")
+    header = None
     for cap in caps:
         if cap is not None and hasattr(model, "deq"):
             c = model.config
@@ -68,13 +73,16 @@ def _eval(argv: list[str]) -> int:
             hook = model.deq.register_forward_hook(
                 lambda m, i, o, acc=nfe: acc.append(o[1].stats.nfe)
             )
-        m = evaluate(model, xte, yte, cfg, vocab)
+        m = {k: v for k, v in evaluate(model, task).items() if k in task.eval_fields}
         if hook is not None:
             hook.remove()
+        if header is None:
+            header = list(m)
+            print("| eval max_steps | " + " | ".join(header) + " | mean fwd NFE |")
+            print("|---" * (len(header) + 2) + "|")
         mean_nfe = f"{sum(nfe) / len(nfe):.1f}" if nfe else "-"
-        print(
-            f"| {cap if cap is not None else 'config'} | {m['test_loss']:.4g} | {m['test_acc']:.4f} | {mean_nfe} |"
-        )
+        cells = " | ".join(f"{m[k]:.4g}" for k in header)
+        print(f"| {cap if cap is not None else 'config'} | {cells} | {mean_nfe} |")
     return 0
 
 
@@ -120,7 +128,11 @@ def _analyze(argv: list[str]) -> int:
         if args.run:
             from .train.loop import load_run
 
-            model = load_run(args.run)[1]
+            cfg, model, _task = load_run(args.run)
+            if not hasattr(model, "config") or not hasattr(model, "embed"):
+                raise TypeError(
+                    f"{args.run}: the convergence study needs a DEQ sequence model; got {cfg.model.name}."
+                )
         else:
             from .models import create_model
 
@@ -137,7 +149,7 @@ def _analyze(argv: list[str]) -> int:
         studies.plot_metric_vs_nfe(rows, out / "metric_vs_nfe.png")
         for r in rows:
             print(
-                f"{Path(r['run']).name}: max_steps={r['max_steps']} NFE={r['mean_nfe']:.1f} acc={r['test_acc']:.4f} loss={r['test_loss']:.4g} {r['seconds']:.2f}s"
+                f"{Path(r['run']).name}: max_steps={r['max_steps']} NFE={r['mean_nfe']:.1f} {r['metric']}={r['value']:.4g} loss={r['test_loss']:.4g} {r['seconds']:.2f}s"
             )
     return 0
 

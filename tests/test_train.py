@@ -100,6 +100,37 @@ def test_two_steps_of_every_config(config, tmp_path):
         train(cfg, progress=False)
 
 
+LM_CONFIGS = sorted(
+    p for p in (ROOT / "configs").glob("*.toml") if load_config(p).data.task == "lm"
+)
+
+
+@pytest.mark.parametrize("config", LM_CONFIGS, ids=lambda p: p.stem)
+def test_two_steps_of_every_language_model_config(config, tmp_path):
+    """Every LM config trains 2 steps on CPU; paper-size models run at their own widths, WikiText
+    configs on generated files in the official layout)."""
+    cfg = load_config(config)
+    over = [
+        "--steps=2", "--batch_size=2", "--data.seq_len=6", "--data.eval_limit=40",
+        "--eval_every=1", "--eval_batch_size=2", "--device=cpu", f"--out_dir={tmp_path / 'run'}",
+        "--data.cache_dir=", "--model.overrides.f_max_steps=3", "--model.overrides.b_max_steps=3",
+        "--model.overrides.eval_max_steps=3",
+    ]  # fmt: skip
+    if cfg.data.corpus.startswith("wikitext"):
+        wt = tmp_path / "wt"
+        wt.mkdir()
+        text = "".join(f" = w{i} = \n \n a b c w{i % 7} d e f g h , . \n" for i in range(40))
+        for s in ("train", "valid", "test"):
+            (wt / f"wiki.{s}.tokens").write_text(text)
+        over += [f"--data.path={wt}", "--model.overrides.cutoffs=[4, 8, 16]"]
+    if "paper" in config.stem or "wt103" in config.stem:
+        over += ["--model.overrides.d_model=40", "--model.overrides.d_embed=40"]
+        over += ["--model.overrides.n_heads=4"] if "wt103" in config.stem else []
+    m = train(load_config(config, over), progress=False)
+    assert m["step"] == 2 and m["valid_loss"] > 0 and m["test_loss"] > 0, config.stem
+    assert (tmp_path / "run" / "final.json").exists()
+
+
 def _params(path):
     return torch.load(path / "checkpoints/latest.pt", weights_only=False)["model"]
 

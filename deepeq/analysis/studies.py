@@ -74,7 +74,7 @@ def metric_vs_nfe(run_dirs: list[str], caps: list[int], checkpoint: str = "best"
 
     rows = []
     for run in run_dirs:
-        cfg, model, xte, yte, vocab = load_run(run, checkpoint)
+        cfg, model, task = load_run(run, checkpoint)
         if not hasattr(model, "deq"):
             raise TypeError(f"{run}: metric vs NFE needs a DEQ model; got {cfg.model.name}.")
         c = model.config
@@ -85,7 +85,7 @@ def metric_vs_nfe(run_dirs: list[str], caps: list[int], checkpoint: str = "best"
                 lambda m, i, o, acc=nfe: acc.append(o[1].stats.nfe)
             )
             t0 = time.perf_counter()
-            m = evaluate(model, xte, yte, cfg, vocab)
+            m = evaluate(model, task, ("test",))
             wall = time.perf_counter() - t0
             hook.remove()
             rows.append(
@@ -94,7 +94,9 @@ def metric_vs_nfe(run_dirs: list[str], caps: list[int], checkpoint: str = "best"
                     "max_steps": cap,
                     "mean_nfe": sum(nfe) / len(nfe),
                     "seconds": wall,
-                    **m,
+                    "metric": task.metric,
+                    "value": m[task.metric],
+                    "test_loss": m["test_loss"],
                 }
             )
     return rows
@@ -150,16 +152,12 @@ def plot_metric_vs_nfe(rows: list[dict], path: Path) -> None:
     for run in dict.fromkeys(r["run"] for r in rows):
         rs = [r for r in rows if r["run"] == run]
         label = Path(run).name
-        axes[0].plot(
-            [r["mean_nfe"] for r in rs], [r["test_acc"] for r in rs], marker="o", label=label
-        )
-        axes[1].plot(
-            [r["seconds"] for r in rs], [r["test_acc"] for r in rs], marker="o", label=label
-        )
+        axes[0].plot([r["mean_nfe"] for r in rs], [r["value"] for r in rs], marker="o", label=label)
+        axes[1].plot([r["seconds"] for r in rs], [r["value"] for r in rs], marker="o", label=label)
     axes[0].set_xlabel("mean forward NFE")
     axes[1].set_xlabel("evaluation wall time (s)")
     for ax in axes:
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel(" / ".join(dict.fromkeys(r["metric"] for r in rows)))
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._solution import Solution
 from ..backward import ImplicitBackward
+from ..nn.adaptive import AdaptiveEmbedding, AdaptiveSoftmax
 from ..nn.deq import DEQ
 from ..nn.layers import count_parameters
 from ..regularization.norm import weight_norm
@@ -54,6 +56,12 @@ class SequenceConfig:
     pretrain_depth: int = 2  # k of the shallow-pretraining warm-up (k-layer weight-tied unroll)
     pretrain_steps: int = 0  # training steps run in pretraining mode before equilibrium training
     subseq_len: int = 0  # solve segments in chunks of this many positions (0: whole segment)
+    emb_dropout: float = 0.0  # dropout on the embedding output and on the head input
+    # Adaptive input embedding + adaptive softmax (large vocabularies; seeds: WikiText-103 with
+    # cut-offs 20000, 40000, 200000). Words must be ordered by decreasing frequency.
+    adaptive: bool = False
+    cutoffs: tuple[int, ...] = ()
+    div_value: float = 4.0
 
     def validate(self) -> None:
         if self.core not in ("deq", "tied", "untied"):
@@ -74,8 +82,13 @@ class SequenceConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0; got {v!r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}.")
+        for name in ("dropout", "emb_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)!r}.")
+        if self.adaptive and not self.cutoffs:
+            raise ValueError(
+                "adaptive=True needs cutoffs (increasing word ranks, e.g. [20000, 40000, 200000])."
+            )
 
 
 class SequenceModel(nn.Module):
@@ -89,7 +102,11 @@ class SequenceModel(nn.Module):
         config.validate()
         self.config = config
         c = config
-        self.embed = nn.Embedding(c.vocab_size, c.d_embed)
+        if c.adaptive:
+            self.embed = AdaptiveEmbedding(c.vocab_size, c.d_embed, tuple(c.cutoffs), c.div_value)
+        else:
+            self.embed = nn.Embedding(c.vocab_size, c.d_embed)
+        self.emb_drop = nn.Dropout(c.emb_dropout)
         self.depth = c.depth if c.depth is not None else c.f_max_steps
         self.pretraining = False
         base = self.default_size()
@@ -113,13 +130,25 @@ class SequenceModel(nn.Module):
                 ),
                 nonfinite="return",
             )
-        self.head = nn.Linear(self.readout_dim(base), c.vocab_size)
-        if c.tie_weights:
-            if self.readout_dim(base) != c.d_embed:
-                raise ValueError(
-                    f"tie_weights needs the head input ({self.readout_dim(base)}) to equal d_embed ({c.d_embed})."
-                )
-            self.head.weight = self.embed.weight
+        if c.tie_weights and self.readout_dim(base) != c.d_embed:
+            raise ValueError(
+                f"tie_weights needs the head input ({self.readout_dim(base)}) to equal d_embed ({c.d_embed})."
+            )
+        if c.adaptive:
+            self.head = AdaptiveSoftmax(
+                c.vocab_size,
+                self.readout_dim(base),
+                tuple(c.cutoffs),
+                c.div_value,
+                embedding=self.embed if c.tie_weights else None,
+            )
+        else:
+            self.head = nn.Linear(self.readout_dim(base), c.vocab_size)
+            if c.tie_weights:
+                # N(0, 1) rows would make the logits of a unit-variance readout ~sqrt(d) wide
+                nn.init.normal_(self.embed.weight, std=c.d_embed**-0.5)
+                nn.init.zeros_(self.head.bias)
+                self.head.weight = self.embed.weight
         if c.weight_norm:
             for m in list(self.core_modules()):
                 for sub in m.modules():
@@ -211,12 +240,26 @@ class SequenceModel(nn.Module):
             B, self.context_len(), self.context_dim(size), device=device, dtype=dtype
         )
 
-    def forward(self, tokens: Tensor, state: Any = None) -> tuple[Tensor, Any, list[Solution]]:
+    def forward(
+        self, tokens: Tensor, state: Any = None, *, targets: Tensor | None = None
+    ) -> tuple[Tensor, Any, list[Solution]]:
+        """``(logits, state, solutions)``; with ``targets`` ``(B, T)`` the first element is the
+        per-token negative log-likelihood ``(B, T)`` instead (targets -100 ignored, NLL 0): the
+        cheap path for adaptive softmax, which never forms the full ``(B, T, V)`` scores."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"tokens must be an int64 tensor (B, T); got {tuple(tokens.shape)} {tokens.dtype}."
             )
-        x = self.embed(tokens)  # (B, T, E)
+        if targets is not None and targets.shape != tokens.shape:
+            raise ValueError(
+                f"targets must have the shape of tokens {tuple(tokens.shape)}; got {tuple(targets.shape)}."
+            )
+        z, state, sols = self._core(tokens, state)
+        out = self.logits(z) if targets is None else self.nll(z, targets)
+        return out, state, sols
+
+    def _core(self, tokens: Tensor, state: Any) -> tuple[Tensor, Any, list[Solution]]:
+        x = self.emb_drop(self.embed(tokens))  # (B, T, E)
         B, T = x.shape[:2]
         sols: list[Solution] = []
         zeros = torch.zeros(B, T, self.state_dim(self.size), device=x.device, dtype=x.dtype)
@@ -244,7 +287,7 @@ class SequenceModel(nn.Module):
                 inj = inject(x, ctx)
                 new_state.append(self.next_context(ctx, self.context_entry(z, inj)))
                 z = f(z, (inj, ctx))
-            return self.logits(z), new_state, sols
+            return z, new_state, sols
         if isinstance(state, list):  # leaving pretraining mode: the last layer's memory
             state = state[-1]
         ctx = state if state is not None else self.initial_context(B, self.size, x.device, x.dtype)
@@ -254,14 +297,29 @@ class SequenceModel(nn.Module):
         else:
             z, sol = self.deq((inj, ctx), z0=zeros)
             sols.append(sol)
-        return self.logits(z), self.next_context(ctx, self.context_entry(z, inj)), sols
+        return z, self.next_context(ctx, self.context_entry(z, inj)), sols
 
-    def logits(self, z: Tensor) -> Tensor:
-        """Output head on the core's final state ``(B, T, state) -> (B, T, vocab)``."""
+    def _head_input(self, z: Tensor) -> Tensor:
         h = self.readout(z)
         if self.config.core == "untied":
             h = self.head_in(h)
-        return self.head(h)
+        return self.emb_drop(h)
+
+    def logits(self, z: Tensor) -> Tensor:
+        """Output head on the core's final state ``(B, T, state) -> (B, T, vocab)`` (normalised
+        log-probabilities with the adaptive softmax)."""
+        h = self._head_input(z)
+        return self.head.log_prob(h) if self.config.adaptive else self.head(h)
+
+    def nll(self, z: Tensor, targets: Tensor) -> Tensor:
+        """Per-token negative log-likelihood ``(B, T)``; targets -100 are ignored (0)."""
+        h = self._head_input(z)
+        if self.config.adaptive:
+            return self.head.nll(h, targets)
+        logits = self.head(h)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+        ).view(targets.shape)
 
     def next_context(self, ctx: Tensor, entry: Tensor) -> Tensor:
         keep = max(self.config.mem_len, self.context_len())

@@ -23,6 +23,15 @@ class BaselineConfig:
     levels: int = 6  # TCN only
 
 
+def _out(logits: Tensor, targets: Tensor | None) -> Tensor:
+    """Logits, or the per-token NLL ``(B, T)`` when targets are given (the sequence protocol)."""
+    if targets is None:
+        return logits
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    ).view(targets.shape)
+
+
 class RNNModel(nn.Module):
     """LSTM/GRU language-model-style baseline: embedding -> torch.nn RNN -> linear head.
     ``state`` is the RNN hidden state (detached between segments)."""
@@ -46,10 +55,10 @@ class RNNModel(nn.Module):
     def non_embedding_parameters(self) -> int:
         return sum(p.numel() for p in self.rnn.parameters())
 
-    def forward(self, tokens: Tensor, state=None):
+    def forward(self, tokens: Tensor, state=None, *, targets: Tensor | None = None):
         out, h = self.rnn(self.embed(tokens), state)
         h = tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach()
-        return self.head(out), h, []
+        return _out(self.head(out), targets), h, []
 
 
 class TCN(nn.Module):
@@ -77,7 +86,7 @@ class TCN(nn.Module):
     def non_embedding_parameters(self) -> int:
         return sum(p.numel() for m in (self.inp, self.convs) for p in m.parameters())
 
-    def forward(self, tokens: Tensor, state=None):
+    def forward(self, tokens: Tensor, state=None, *, targets: Tensor | None = None):
         x = self.inp(self.embed(tokens))  # (B, T, C)
         B, T, C = x.shape
         past = state if state is not None else x.new_zeros(B, self.context, C)
@@ -90,7 +99,7 @@ class TCN(nn.Module):
             h = F.relu(h + y)
         out = h[:, :, -T:].transpose(1, 2)
         new_state = torch.cat([past, x], dim=1)[:, -self.context :].detach()
-        return self.head(out), new_state, []
+        return _out(self.head(out), targets), new_state, []
 
 
 def _cfg(defaults: dict, overrides: dict) -> BaselineConfig:

@@ -132,8 +132,25 @@ _TINY = dict(
     eval_max_steps=20,
     b_max_steps=12,
 )
-# WikiText-103 "medium" as in seed 003 Table 4 (embedding 700, sequence length 150, dropout 0.06,
-# weight norm); vocabulary 267,735. Adaptive embedding/softmax arrive with the LM issue.
+# Penn Treebank at CPU scale (configs/ptb_*.toml): 0.26M non-embedding parameters, tied 10k
+# embedding/softmax; segments of 70 tokens with a memory of 70.
+_SMALL = dict(
+    vocab_size=10000,
+    d_embed=128,
+    d_model=128,
+    n_heads=4,
+    d_ff=512,
+    mem_len=70,
+    tie_weights=True,
+    dropout=0.1,
+    emb_dropout=0.1,
+    f_max_steps=12,
+    eval_max_steps=20,
+    b_max_steps=12,
+)
+# WikiText-103 (seeds 001/003/004; vocabulary 267,735, frequency-ordered). "medium": embedding
+# 700, sequence length 150, variational dropout 0.06, weight norm; seed 004 trains with f_thres 30,
+# b_thres 50, subsequence length 75 and pretrain_steps ~10-20% of training.
 _WT103_MEDIUM = dict(
     vocab_size=267735,
     d_embed=700,
@@ -143,10 +160,27 @@ _WT103_MEDIUM = dict(
     mem_len=150,
     dropout=0.06,
     weight_norm=True,
+    solver="broyden",
+    b_solver="broyden",
     f_max_steps=30,
     eval_max_steps=40,
-    b_max_steps=30,
+    b_max_steps=50,
+    subseq_len=75,
+    pretrain_steps=20000,
 )
+# "small" (seed 001's table: 4.5M non-embedding parameters, 138M with the full softmax):
+# Transformer-XL small's widths (410, 10 heads, FFN 2100) with an adaptive embedding/softmax.
+_WT103_SMALL = {
+    **_WT103_MEDIUM,
+    "d_embed": 410,
+    "d_model": 410,
+    "d_ff": 2100,
+    "dropout": 0.1,
+    "adaptive": True,
+    "tie_weights": True,
+    "cutoffs": (20000, 40000, 200000),
+    "div_value": 1.0,
+}
 
 
 @register_model
@@ -168,6 +202,46 @@ def transformer_xl_tiny(**overrides) -> DEQTransformer:
 
 
 @register_model
+def deq_transformer_small(**overrides) -> DEQTransformer:
+    """DEQ-Transformer for Penn Treebank on a CPU (d=128, 4 heads, FFN 512, tied 10k softmax)."""
+    return _make(_SMALL, overrides)
+
+
+@register_model
+def transformer_tied_small(**overrides) -> DEQTransformer:
+    """Weight-tied twin of ``deq_transformer_small``: its layer unrolled L = 12 times."""
+    return _make({**_SMALL, "core": "tied", "depth": 12}, overrides)
+
+
+@register_model
+def transformer_xl_small(**overrides) -> DEQTransformer:
+    """Untied Transformer-XL-style twin of ``deq_transformer_small``: 4 layers (as Transformer-XL
+    small), widths matched to the DEQ's non-embedding parameters."""
+    return _make({**_SMALL, "core": "untied", "depth": 4}, overrides)
+
+
+@register_model
 def deq_transformer_wt103_medium(**overrides) -> DEQTransformer:
-    """Paper-size DEQ-Transformer for WikiText-103 (GPU; documented configuration)."""
+    """Paper-size DEQ-Transformer for WikiText-103, full softmax (GPU; documented configuration)."""
     return _make(_WT103_MEDIUM, overrides)
+
+
+@register_model
+def deq_transformer_wt103_medium_adaptive(**overrides) -> DEQTransformer:
+    """WikiText-103 medium with tied adaptive embedding/softmax (cut-offs 20K/40K/200K, div 4)."""
+    return _make(
+        {
+            **_WT103_MEDIUM,
+            "adaptive": True,
+            "tie_weights": True,
+            "cutoffs": (20000, 40000, 200000),
+            "div_value": 4.0,
+        },
+        overrides,
+    )
+
+
+@register_model
+def deq_transformer_wt103_small(**overrides) -> DEQTransformer:
+    """WikiText-103 small (410 wide, 10 heads, FFN 2100) with tied adaptive embedding/softmax."""
+    return _make(_WT103_SMALL, overrides)

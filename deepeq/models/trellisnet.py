@@ -92,6 +92,20 @@ _TINY = dict(
     eval_max_steps=20,
     b_max_steps=12,
 )
+# Penn Treebank at CPU scale: state [h, c] of 2 x 128, kernel 2, tied 10k embedding/softmax.
+_SMALL = dict(
+    vocab_size=10000,
+    d_embed=128,
+    d_model=128,
+    tie_weights=True,
+    kernel_size=2,
+    dropout=0.1,
+    emb_dropout=0.1,
+    weight_norm=True,
+    f_max_steps=20,
+    eval_max_steps=30,
+    b_max_steps=20,
+)
 # Penn Treebank word level (seed 001 Table 2 scale: ~24M parameters with a 10k vocabulary).
 _PTB = dict(
     vocab_size=10000,
@@ -122,6 +136,18 @@ def trellisnet_tied_tiny(**overrides) -> DEQTrellisNet:
 def trellisnet_untied_tiny(**overrides) -> DEQTrellisNet:
     """Untied twin of ``deq_trellisnet_tiny``: L layers, width matched to its non-embedding parameters."""
     return _make({**_TINY, "core": "untied"}, overrides)
+
+
+@register_model
+def deq_trellisnet_small(**overrides) -> DEQTrellisNet:
+    """DEQ-TrellisNet for Penn Treebank on a CPU (d=128, kernel 2, tied softmax)."""
+    return _make(_SMALL, overrides)
+
+
+@register_model
+def trellisnet_tied_small(**overrides) -> DEQTrellisNet:
+    """Weight-tied twin of ``deq_trellisnet_small``: the TrellisNet layer unrolled L = 20 times."""
+    return _make({**_SMALL, "core": "tied", "depth": 20}, overrides)
 
 
 @register_model

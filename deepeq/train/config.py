@@ -36,11 +36,28 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    task: str = "copy_memory"
-    seq_len: int = 100  # T of copy memory (inputs have T + 20 positions)
-    n_train: int = 20000  # the seed's 20K training / 2K test samples
+    task: str = "copy_memory"  # copy_memory | lm | image
+    seq_len: int = 100  # copy memory: T (inputs have T + 20 positions); lm: segment length
+    n_train: int = 20000  # copy memory: the seed's 20K training / 2K test samples
     n_test: int = 2000
     seed: int = 1234  # data generation seed (independent of the training seed)
+    # Language modelling (task = "lm"): which corpus, and where its files are.
+    corpus: str = "ptb"  # ptb | ptb_char | wikitext103 | wikitext2 | text
+    path: str = ""  # directory (or, for "text", one file) of local corpus files
+    level: str = "word"  # word | char (for wikitext*/text; ptb_char is always char)
+    max_vocab: int = 0  # text corpora: keep the most frequent words (0: all)
+    valid_fraction: float = 0.05  # a single-file text corpus is split by lines
+    test_fraction: float = 0.05
+    eval_seq_len: int = 0  # segment length at evaluation (0: seq_len)
+    eval_limit: int = 0  # evaluate on the first N tokens of valid/test only (smoke tests; 0: all)
+    cache_dir: str = "~"  # tokenised-corpus cache ("~": $DEEPEQ_CACHE or ~/.cache/deepeq; "": off)
+    # Images (task = "image")
+    dataset: str = "mnist"  # mnist | cifar10 | imagefolder | idx
+    image_size: int = 0  # resize/pad target (0: the dataset's default: 32 for MNIST and CIFAR)
+    augment: bool = False  # random crop with padding (+ horizontal flip unless digits)
+    n_valid: int = 0  # images held out of the training split for validation (0: none)
+    limit_train: int = 0  # use only the first N training images (0: all; for smoke runs)
+    limit_test: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

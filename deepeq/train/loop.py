@@ -12,30 +12,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..data.copy_memory import VOCAB, copy_memory
 from ..models import create_model
 from ..regularization import JacobianSchedule, jacobian_penalty, spectral_radius
 from .config import TrainConfig, dump_config
+from .tasks import Task, make_task
 
 logger = logging.getLogger("deepeq")
 
-FIELDS = [
+BASE_FIELDS = [
     "step", "loss", "task_loss", "jac_penalty", "lr", "grad_norm", "fwd_nfe", "bwd_nfe",
     "fwd_res_max", "fwd_res_mean", "fwd_converged", "bwd_res_max", "bwd_converged", "bwd_fallbacks",
-    "skipped", "tokens_per_s", "test_loss", "test_acc", "jac_fro", "spectral_radius",
+    "skipped",
 ]  # fmt: skip
+MONITOR_FIELDS = ["jac_fro", "spectral_radius"]
 
 
-def make_task(cfg: TrainConfig):
-    """(train_x, train_y, test_x, test_y, vocab) for the configured task."""
-    d = cfg.data
-    if d.task != "copy_memory":
-        raise ValueError(f"Unknown data.task {d.task!r}; available: ['copy_memory'].")
-    xtr, ytr = copy_memory(d.n_train, d.seq_len, seed=d.seed)
-    xte, yte = copy_memory(d.n_test, d.seq_len, seed=d.seed + 1)
-    return xtr, ytr, xte, yte, VOCAB
+def fields(task: Task) -> list[str]:
+    """The metrics.csv columns of a task's runs."""
+    return [*BASE_FIELDS, task.throughput, *task.eval_fields, *MONITOR_FIELDS]
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -66,15 +61,6 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def batch_indices(cfg: TrainConfig, n: int, step: int) -> torch.Tensor:
-    """The samples of ``step``: epoch-wise permutations seeded by (seed, epoch), so any step's batch
-    is a pure function of the step (exact resume without saving a data-loader state)."""
-    per_epoch = max(1, n // cfg.batch_size)
-    epoch, pos = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-    return perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
-
-
 def git_commit() -> str:
     try:
         here = Path(__file__).resolve().parent
@@ -91,22 +77,9 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-@torch.no_grad()
-def evaluate(model, x, y, cfg: TrainConfig, vocab: int) -> dict:
-    """Test cross-entropy (mean over all positions) and accuracy on the last 10 positions."""
-    model.eval()
-    total, correct, count = 0.0, 0, 0
-    for i in range(0, x.shape[0], cfg.eval_batch_size):
-        xb, yb = (
-            x[i : i + cfg.eval_batch_size].to(cfg.device),
-            y[i : i + cfg.eval_batch_size].to(cfg.device),
-        )
-        logits, _, _ = model(xb)
-        total += F.cross_entropy(logits.reshape(-1, vocab), yb.reshape(-1), reduction="sum").item()
-        correct += (logits[:, -10:].argmax(-1) == yb[:, -10:]).sum().item()
-        count += yb.numel()
-    model.train()
-    return {"test_loss": total / count, "test_acc": correct / (x.shape[0] * 10)}
+def evaluate(model, task: Task, splits: tuple[str, ...] | None = None) -> dict:
+    """The task's evaluation metrics (default: its final splits, e.g. valid and test)."""
+    return task.evaluate(model, splits or task.final_splits)
 
 
 def train(
@@ -132,9 +105,12 @@ def train(
             f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({world})."
         )
     torch.manual_seed(cfg.seed)
-    xtr, ytr, xte, yte, vocab = make_task(cfg)
-    model = create_model(cfg.model.name, vocab_size=vocab, **cfg.model.overrides).to(cfg.device)
+    task = make_task(cfg)
+    model = create_model(cfg.model.name, **task.model_kwargs(), **cfg.model.overrides).to(
+        cfg.device
+    )
     net = model
+    cols = fields(task)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -151,7 +127,7 @@ def train(
         seed=cfg.seed,
     )
     pretrain_steps = getattr(getattr(model, "config", None), "pretrain_steps", 0)
-    step, best, skipped_in_row, skipped_total = 0, math.inf, 0, 0
+    step, best, skipped_in_row, skipped_total, state = 0, math.inf, 0, 0, None
     latest = ckdir / "latest.pt"
     if resume:
         if not latest.exists():
@@ -164,6 +140,7 @@ def train(
         step, best = ck["step"], ck["best"]
         skipped_in_row, skipped_total = ck["skipped_in_row"], ck["skipped_total"]
         torch.set_rng_state(ck["rng"])
+        state = _to(ck.get("state"), cfg.device)
         logger.info("resumed %s at step %d", out, step)
     elif (out / "metrics.csv").exists():
         raise FileExistsError(
@@ -176,7 +153,7 @@ def train(
         ckdir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.toml")
         (out / "git.txt").write_text(git_commit() + "\n")
-        _truncate_rows(out / "metrics.csv", upto=step)
+        _truncate_rows(out / "metrics.csv", upto=step, cols=cols)
         writer = _tensorboard(out)
         bar = _progress(cfg.steps, step, progress)
     t_last, metrics = time.perf_counter(), {}
@@ -186,10 +163,9 @@ def train(
             model.set_pretraining(step < pretrain_steps)
         for group in opt.param_groups:  # the schedule is a pure function of the step: exact resume
             group["lr"] = cfg.optim.lr * lr_factor(cfg, step)
-        idx = batch_indices(cfg, xtr.shape[0], step)[rank::world]  # this process's share
-        xb, yb = xtr[idx].to(cfg.device), ytr[idx].to(cfg.device)
-        logits, _, sols = net(xb)
-        task_loss = F.cross_entropy(logits.reshape(-1, vocab), yb.reshape(-1))
+        xb, yb, fresh = task.train_batch(step, rank, world)  # this process's share
+        xb, yb = xb.to(cfg.device), yb.to(cfg.device)
+        task_loss, state, sols = task.loss(net, xb, yb, None if fresh else state)
         loss = task_loss
         w = jac(step)
         pen = None
@@ -241,8 +217,10 @@ def train(
         now = time.perf_counter()
         row.update(
             loss=loss.item(), task_loss=task_loss.item(), jac_penalty=None if pen is None else pen.item(),
-            lr=opt.param_groups[0]["lr"], skipped=skipped_total, tokens_per_s=xb.numel() / max(now - t_last, 1e-9),
+            lr=opt.param_groups[0]["lr"], skipped=skipped_total,
         )  # fmt: skip
+        n_items = xb.numel() if task.throughput == "tokens_per_s" else xb.shape[0]
+        row[task.throughput] = n_items * world / max(now - t_last, 1e-9)
         t_last = now
         if sols:
             row.update(
@@ -263,14 +241,15 @@ def train(
         if not main:
             continue
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            row.update(evaluate(model, xte, yte, cfg, vocab))
-            if row["test_loss"] < best:
-                best = row["test_loss"]
+            splits = task.final_splits if step == cfg.steps else task.periodic_splits
+            row.update({k: v for k, v in task.evaluate(model, splits).items() if k in cols})
+            if row[task.select] < best:
+                best = row[task.select]
                 _atomic_save(
-                    {"model": model.state_dict(), "step": step, "test_loss": best},
+                    {"model": model.state_dict(), "step": step, task.select: best},
                     ckdir / "best.pt",
                 )
-        _append_row(out / "metrics.csv", row)
+        _append_row(out / "metrics.csv", row, cols)
         if writer is not None:
             for k, v in row.items():
                 if k != "step" and v is not None:
@@ -278,7 +257,8 @@ def train(
         if step % cfg.ckpt_every == 0 or step == stop:
             _atomic_save(
                 {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "best": best,
-                 "skipped_in_row": skipped_in_row, "skipped_total": skipped_total, "rng": torch.get_rng_state(), "config": cfg},
+                 "skipped_in_row": skipped_in_row, "skipped_total": skipped_total, "rng": torch.get_rng_state(), "config": cfg,
+                 "state": _to(state, "cpu")},
                 latest,
             )  # fmt: skip
         if bar is not None:
@@ -287,7 +267,7 @@ def train(
                 bar.set_postfix(
                     {
                         k: f"{row[k]:.3g}"
-                        for k in ("loss", "fwd_nfe", "bwd_nfe", "fwd_res_max", "tokens_per_s")
+                        for k in ("loss", "fwd_nfe", "bwd_nfe", "fwd_res_max", task.throughput)
                         if row.get(k) is not None
                     }
                 )
@@ -301,9 +281,39 @@ def train(
         if created:
             torch.distributed.destroy_process_group()
     final = {k: v for k, v in metrics.items() if v is not None}
-    final["best_test_loss"] = best
+    final[f"best_{task.select}"] = best
     final["parameters"] = sum(p.numel() for p in model.parameters())
+    final.update(_peak_memory(cfg.device))
+    if main:
+        import json
+
+        (out / "final.json").write_text(json.dumps(final, indent=1) + "\n")
     return final
+
+
+def _to(state: Any, device: str) -> Any:
+    """Move a model memory (tensor, tuple/list of tensors or None) to ``device``."""
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    if isinstance(state, list | tuple):
+        return type(state)(_to(s, device) for s in state)
+    return state
+
+
+def _peak_memory(device: str) -> dict:
+    """Peak resident memory of this process (MiB) and, on CUDA, the allocator's peak."""
+    out = {}
+    try:
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["peak_rss_mib"] = rss / (2**20 if sys.platform == "darwin" else 2**10)
+    except ImportError:  # pragma: no cover - Windows
+        pass
+    if device.startswith("cuda"):
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, bool]:
@@ -320,7 +330,7 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), True
 
 
-def _truncate_rows(path: Path, upto: int) -> None:
+def _truncate_rows(path: Path, upto: int, cols: list[str]) -> None:
     """Drop logged rows after the checkpoint's step (a crash after the last checkpoint
     leaves rows that the resumed run will write again)."""
     if not path.exists():
@@ -328,15 +338,15 @@ def _truncate_rows(path: Path, upto: int) -> None:
     with path.open() as fh:
         rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= upto]
     with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, FIELDS)
+        w = csv.DictWriter(fh, cols)
         w.writeheader()
         w.writerows(rows)
 
 
-def _append_row(path: Path, row: dict) -> None:
+def _append_row(path: Path, row: dict, cols: list[str]) -> None:
     new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as fh:
-        w = csv.DictWriter(fh, FIELDS)
+        w = csv.DictWriter(fh, cols)
         if new:
             w.writeheader()
         w.writerow({k: ("" if v is None else v) for k, v in row.items()})
@@ -362,7 +372,7 @@ def _progress(total: int, start: int, enabled: bool):
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None = None):
-    """(cfg, model with the checkpoint's weights, test tensors, vocab) of a run directory.
+    """(cfg, model with the checkpoint's weights, task) of a run directory.
 
     ``device`` defaults to the run's own device, or the CPU when that is a GPU this machine lacks
     (a run trained on a GPU can be evaluated and analysed on a CPU)."""
@@ -384,7 +394,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None =
     ck_path = run / "checkpoints" / f"{checkpoint}.pt"
     if not ck_path.exists():
         raise FileNotFoundError(f"No checkpoint {ck_path}; train the run first (deepeq train ...).")
-    _, _, xte, yte, vocab = make_task(cfg)
-    model = create_model(cfg.model.name, vocab_size=vocab, **cfg.model.overrides).to(device)
+    task = make_task(cfg)
+    model = create_model(cfg.model.name, **task.model_kwargs(), **cfg.model.overrides).to(device)
     model.load_state_dict(torch.load(ck_path, map_location=device, weights_only=False)["model"])
-    return cfg, model, xte, yte, vocab
+    return cfg, model, task

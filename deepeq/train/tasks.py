@@ -1,0 +1,195 @@
+"""Tasks: what the training loop feeds a model, how it scores it, and how it evaluates it.
+
+Every task exposes the same small surface, so ``train(cfg)`` is one loop for all of them:
+
+* ``model_kwargs()``: what the registry needs to size the model (vocabulary, classes, channels);
+* ``train_batch(step, rank, world)`` -> ``(inputs, targets, fresh)``: a pure function of the step
+  (exact resume without a data-loader state); ``fresh`` says the model's memory starts anew;
+* ``loss(net, inputs, targets, state)`` -> ``(mean loss, new state, solutions)``;
+* ``evaluate(model, splits)`` -> metrics named ``<split>_<metric>`` (``eval_fields`` lists them);
+* ``select``: the metric minimised for the best checkpoint; ``final_splits``: evaluated at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import TrainConfig
+
+
+def batch_indices(cfg: TrainConfig, n: int, step: int) -> Tensor:
+    """The samples of ``step``: epoch-wise permutations seeded by (seed, epoch), so any step's batch
+    is a pure function of the step (exact resume without saving a data-loader state)."""
+    per_epoch = max(1, n // cfg.batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+    return perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
+
+
+class Task:
+    throughput = "tokens_per_s"
+    eval_fields: tuple[str, ...] = ()
+    periodic_splits: tuple[str, ...] = ("test",)  # evaluated every eval_every steps
+    final_splits: tuple[str, ...] = ("test",)  # evaluated at the last step
+    select = "test_loss"
+    metric = "test_acc"  # the headline metric (analysis: metric vs NFE)
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def model_kwargs(self) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def train_batch(self, step: int, rank: int, world: int) -> tuple[Tensor, Tensor, bool]:
+        raise NotImplementedError  # pragma: no cover
+
+    def loss(self, net, x: Tensor, y: Tensor, state: Any) -> tuple[Tensor, Any, list]:
+        logits, state, sols = net(x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)), state, sols
+
+    def evaluate(self, model, splits: tuple[str, ...] = ("test",)) -> dict:
+        raise NotImplementedError  # pragma: no cover
+
+
+class CopyMemoryTask(Task):
+    """Copy memory (seed 000 appendix F); test loss over all positions, accuracy on the last 10."""
+
+    eval_fields = ("test_loss", "test_acc")
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        from ..data.copy_memory import VOCAB, copy_memory
+
+        d = cfg.data
+        self.vocab = VOCAB
+        self.xtr, self.ytr = copy_memory(d.n_train, d.seq_len, seed=d.seed)
+        self.xte, self.yte = copy_memory(d.n_test, d.seq_len, seed=d.seed + 1)
+
+    def model_kwargs(self) -> dict:
+        return {"vocab_size": self.vocab}
+
+    def train_batch(self, step, rank, world):
+        idx = batch_indices(self.cfg, self.xtr.shape[0], step)[rank::world]
+        return self.xtr[idx], self.ytr[idx], True
+
+    @torch.no_grad()
+    def evaluate(self, model, splits=("test",)) -> dict:
+        cfg, (x, y) = self.cfg, (self.xte, self.yte)
+        was = model.training
+        model.eval()
+        total, correct, count = 0.0, 0, 0
+        for i in range(0, x.shape[0], cfg.eval_batch_size):
+            xb = x[i : i + cfg.eval_batch_size].to(cfg.device)
+            yb = y[i : i + cfg.eval_batch_size].to(cfg.device)
+            logits, _, _ = model(xb)
+            total += F.cross_entropy(
+                logits.reshape(-1, self.vocab), yb.reshape(-1), reduction="sum"
+            ).item()
+            correct += (logits[:, -10:].argmax(-1) == yb[:, -10:]).sum().item()
+            count += yb.numel()
+        model.train(was)
+        return {"test_loss": total / count, "test_acc": correct / (x.shape[0] * 10)}
+
+
+class LanguageModelTask(Task):
+    """Language modelling on contiguous streams (PTB, WikiText, any corpus).
+
+    Training: the train stream is cut into ``batch_size`` rows; step ``s`` reads segment
+    ``s mod n_segments`` of every row (``seq_len`` tokens, targets shifted by one), carrying the
+    model's memory across segments and resetting it at each epoch start. Evaluation: the whole
+    valid/test stream, every token predicted once (``eval_batch_size`` rows, segments of
+    ``eval_seq_len``), memory carried; loss in nats/token, perplexity, and bits per character at
+    character level."""
+
+    periodic_splits = ("valid",)
+    final_splits = ("valid", "test")
+    select = "valid_loss"
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        from ..data.text import batchify, load_corpus
+
+        d = cfg.data
+        cache = None if d.cache_dir == "~" else d.cache_dir
+        self.corpus = load_corpus(
+            d.corpus,
+            d.path,
+            level=d.level,
+            max_vocab=d.max_vocab,
+            valid_fraction=d.valid_fraction,
+            test_fraction=d.test_fraction,
+            cache_dir=cache,
+        )
+        self.char = self.corpus.level == "char"
+        self.metric = "test_bpc" if self.char else "test_ppl"
+        unit = "bpc" if self.char else "ppl"
+        self.eval_fields = tuple(f"{s}_{m}" for s in ("valid", "test") for m in ("loss", unit))
+        self.rows = batchify(self.corpus.train, cfg.batch_size)
+        self.segments = (self.rows.shape[1] - 1) // d.seq_len
+        if self.segments < 1:
+            raise ValueError(
+                f"data.seq_len={d.seq_len} is longer than a training row "
+                f"({self.rows.shape[1] - 1} tokens at batch_size={cfg.batch_size}); lower one of them."
+            )
+
+    def model_kwargs(self) -> dict:
+        return {"vocab_size": self.corpus.vocab_size}
+
+    def train_batch(self, step, rank, world):
+        T = self.cfg.data.seq_len
+        k = step % self.segments
+        rows = self.rows[rank::world]
+        return rows[:, k * T : (k + 1) * T], rows[:, k * T + 1 : (k + 1) * T + 1], k == 0
+
+    def loss(self, net, x, y, state):
+        nll, state, sols = net(x, state, targets=y)
+        return nll.mean(), state, sols
+
+    @torch.no_grad()
+    def evaluate(self, model, splits=("valid", "test")) -> dict:
+        from ..data.text import eval_rows
+
+        cfg = self.cfg
+        T = cfg.data.eval_seq_len or cfg.data.seq_len
+        was = model.training
+        model.eval()
+        out = {}
+        for split in splits:
+            stream = self.corpus.split(split)
+            if cfg.data.eval_limit:
+                stream = stream[: cfg.data.eval_limit]
+            x, y = eval_rows(stream, cfg.eval_batch_size)
+            total, count, state = 0.0, 0, None
+            for s in range(0, x.shape[1], T):
+                xb = x[:, s : s + T].to(cfg.device)
+                yb = y[:, s : s + T].to(cfg.device)
+                nll, state, _ = model(xb, state, targets=yb)
+                total += nll.double().sum().item()
+                count += int((yb != -100).sum())
+            loss = total / count
+            out[f"{split}_loss"] = loss
+            if self.char:
+                out[f"{split}_bpc"] = loss / math.log(2)
+            else:
+                out[f"{split}_ppl"] = math.exp(min(loss, 700.0))
+            out[f"{split}_tokens"] = count
+        model.train(was)
+        return out
+
+
+TASKS = {"copy_memory": CopyMemoryTask, "lm": LanguageModelTask}
+
+
+def make_task(cfg: TrainConfig) -> Task:
+    try:
+        cls = TASKS[cfg.data.task]
+    except KeyError:
+        raise ValueError(
+            f"Unknown data.task {cfg.data.task!r}; available: {sorted(TASKS)}."
+        ) from None
+    return cls(cfg)
