@@ -107,7 +107,7 @@ LM_CONFIGS = sorted(
 
 @pytest.mark.parametrize("config", LM_CONFIGS, ids=lambda p: p.stem)
 def test_two_steps_of_every_language_model_config(config, tmp_path):
-    """Every LM config trains 2 steps on CPU; paper-size models run at their own widths, WikiText
+    """Every LM config trains 2 steps on CPU (paper-size models at a reduced width; WikiText
     configs on generated files in the official layout)."""
     cfg = load_config(config)
     over = [
