@@ -47,9 +47,47 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-def _eval(argv: list[str]) -> int:
+def eval_sweep(model, task, caps: list[int | None]) -> list[str]:
+    """Markdown rows: the task's metrics, mean forward NFE and mean final relative residual at
+    each eval solver cap (None: the configured eval solver)."""
     from .solvers import make_solver
-    from .train.loop import evaluate, load_run
+    from .train.loop import evaluate
+
+    lines, header = [], None
+    for cap in caps:
+        if cap is not None and hasattr(model, "deq"):
+            c = model.config
+            model.deq.eval_solver = make_solver(c.solver, rtol=c.f_rtol, max_steps=cap)
+        nfe: list[int] = []
+        res: list[float] = []
+        hook = None
+        if hasattr(model, "deq"):
+
+            def record(m, i, o, nfe=nfe, res=res):
+                nfe.append(o[1].stats.nfe)
+                res.append(o[1].stats.rel_residual.mean().item())
+
+            hook = model.deq.register_forward_hook(record)
+        m = {k: v for k, v in evaluate(model, task).items() if k in task.eval_fields}
+        if hook is not None:
+            hook.remove()
+        if header is None:
+            header = list(m)
+            lines.append(
+                "| eval max_steps | "
+                + " | ".join(header)
+                + " | mean fwd NFE | mean rel. residual |"
+            )
+            lines.append("|---" * (len(header) + 3) + "|")
+        mean = lambda v, f: format(sum(v) / len(v), f) if v else "-"  # noqa: E731
+        cells = " | ".join(f"{m[k]:.4g}" for k in header)
+        label = cap if cap is not None else "config"
+        lines.append(f"| {label} | {cells} | {mean(nfe, '.2f')} | {mean(res, '.3g')} |")
+    return lines
+
+
+def _eval(argv: list[str]) -> int:
+    from .train.loop import load_run
 
     p = argparse.ArgumentParser(
         prog="deepeq eval", description="Evaluate a run's best (or latest) checkpoint."
@@ -62,27 +100,8 @@ def _eval(argv: list[str]) -> int:
     args = p.parse_args(argv)
     _cfg, model, task = load_run(args.run_dir, args.checkpoint)
     caps = [int(v) for v in args.max_steps.split(",") if v] or [None]
-    header = None
-    for cap in caps:
-        if cap is not None and hasattr(model, "deq"):
-            c = model.config
-            model.deq.eval_solver = make_solver(c.solver, rtol=c.f_rtol, max_steps=cap)
-        nfe: list[int] = []
-        hook = None
-        if hasattr(model, "deq"):
-            hook = model.deq.register_forward_hook(
-                lambda m, i, o, acc=nfe: acc.append(o[1].stats.nfe)
-            )
-        m = {k: v for k, v in evaluate(model, task).items() if k in task.eval_fields}
-        if hook is not None:
-            hook.remove()
-        if header is None:
-            header = list(m)
-            print("| eval max_steps | " + " | ".join(header) + " | mean fwd NFE |")
-            print("|---" * (len(header) + 2) + "|")
-        mean_nfe = f"{sum(nfe) / len(nfe):.1f}" if nfe else "-"
-        cells = " | ".join(f"{m[k]:.4g}" for k in header)
-        print(f"| {cap if cap is not None else 'config'} | {cells} | {mean_nfe} |")
+    for line in eval_sweep(model, task, caps):
+        print(line)
     return 0
 
 

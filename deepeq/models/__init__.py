@@ -2,6 +2,7 @@
 
 from . import baselines as baselines
 from . import deq_transformer as deq_transformer
+from . import mdeq as mdeq
 from . import trellisnet as trellisnet
 from ._registry import create_model as create_model
 from ._registry import list_models as list_models

@@ -182,7 +182,87 @@ class LanguageModelTask(Task):
         return out
 
 
-TASKS = {"copy_memory": CopyMemoryTask, "lm": LanguageModelTask}
+class ImageTask(Task):
+    """Image classification (MNIST, CIFAR-10, ImageFolder, idx files): cross-entropy on the logits,
+    accuracy; a training batch is a pure function of the step (indices and augmentation draws)."""
+
+    throughput = "images_per_s"
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        from ..data import images as im
+
+        d = cfg.data
+        data = im.load_images(d.dataset, d.path, d.image_size)
+        xtr, ytr, xte, yte = data.train_x, data.train_y, data.test_x, data.test_y
+        if d.image_size:
+            xtr, xte = im.pad_to(xtr, d.image_size), im.pad_to(xte, d.image_size)
+        if d.n_valid:
+            if not 0 < d.n_valid < xtr.shape[0]:
+                raise ValueError(
+                    f"data.n_valid={d.n_valid} must be in (0, {xtr.shape[0]}) (training images)."
+                )
+            xtr, ytr, self.xva, self.yva = (
+                xtr[: -d.n_valid],
+                ytr[: -d.n_valid],
+                xtr[-d.n_valid :],
+                ytr[-d.n_valid :],
+            )
+        if d.limit_train:
+            xtr, ytr = xtr[: d.limit_train], ytr[: d.limit_train]
+        if d.limit_test:
+            xte, yte = xte[: d.limit_test], yte[: d.limit_test]
+        self.data, self.xtr, self.ytr, self.xte, self.yte = data, xtr, ytr, xte, yte
+        self.mean, self.std = im.channel_stats(xtr)
+        self.flip = d.dataset not in ("mnist", "idx")  # digits are not mirror-symmetric
+        self.periodic_splits = ("valid", "test") if d.n_valid else ("test",)
+        self.final_splits = self.periodic_splits
+        self.select = "valid_loss" if d.n_valid else "test_loss"
+        self.eval_fields = tuple(f"{s}_{m}" for s in self.periodic_splits for m in ("loss", "acc"))
+
+    def model_kwargs(self) -> dict:
+        return {
+            "in_channels": self.xtr.shape[1],
+            "num_classes": self.data.num_classes,
+            "image_size": self.xtr.shape[-1],
+        }
+
+    def prepare(self, x: Tensor) -> Tensor:
+        from ..data.images import normalise
+
+        return normalise(x, self.mean, self.std)
+
+    def train_batch(self, step, rank, world):
+        from ..data.images import augment
+
+        idx = batch_indices(self.cfg, self.xtr.shape[0], step)
+        x, y = self.xtr[idx], self.ytr[idx]
+        if self.cfg.data.augment:  # draws seeded by (seed, step): exact resume
+            g = torch.Generator().manual_seed(self.cfg.seed * 7_000_003 + step)
+            x = augment(x, g, pad=4 if x.shape[-1] >= 32 else 2, flip=self.flip)
+        return self.prepare(x[rank::world]), y[rank::world], True
+
+    @torch.no_grad()
+    def evaluate(self, model, splits=("test",)) -> dict:
+        cfg = self.cfg
+        was = model.training
+        model.eval()
+        out = {}
+        for split in splits:
+            x, y = (self.xva, self.yva) if split == "valid" else (self.xte, self.yte)
+            total, correct = 0.0, 0
+            for i in range(0, x.shape[0], cfg.eval_batch_size):
+                xb = self.prepare(x[i : i + cfg.eval_batch_size]).to(cfg.device)
+                yb = y[i : i + cfg.eval_batch_size].to(cfg.device)
+                logits, _, _ = model(xb)
+                total += F.cross_entropy(logits, yb, reduction="sum").item()
+                correct += (logits.argmax(-1) == yb).sum().item()
+            out[f"{split}_loss"], out[f"{split}_acc"] = total / x.shape[0], correct / x.shape[0]
+        model.train(was)
+        return out
+
+
+TASKS = {"copy_memory": CopyMemoryTask, "lm": LanguageModelTask, "image": ImageTask}
 
 
 def make_task(cfg: TrainConfig) -> Task:
