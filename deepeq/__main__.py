@@ -147,17 +147,22 @@ def _analyze(argv: list[str]) -> int:
         if args.run:
             from .train.loop import load_run
 
-            cfg, model, _task = load_run(args.run)
-            if not hasattr(model, "config") or not hasattr(model, "embed"):
+            cfg, model, task = load_run(args.run)
+            if getattr(model, "family", None) == "mdeq":
+                images = task.prepare(task.xte[:4])  # the run's own test images
+            elif hasattr(model, "embed") and hasattr(model, "deq"):
+                images = None
+            else:
                 raise TypeError(
-                    f"{args.run}: the convergence study needs a DEQ sequence model; got {cfg.model.name}."
+                    f"{args.run}: the convergence study needs a DEQ sequence or image model; got "
+                    f"{cfg.model.name}."
                 )
         else:
             from .models import create_model
 
-            model = create_model(args.model)
+            model, images = create_model(args.model), None
         rows = studies.stack_convergence(
-            model, [int(v) for v in args.lengths.split(",")], args.layers
+            model, [int(v) for v in args.lengths.split(",")], args.layers, images=images
         )
         studies.write_csv(rows, out / "convergence.csv")
         studies.plot_convergence(rows, out / "convergence.png")

@@ -123,7 +123,28 @@ def test_convergence_command(tmp_path, capsys):
         r = [float(x["stack_rel_residual"]) for x in rows if x["length"] == T]
         assert r[-1] < 0.1 * r[1]  # the stack's residual decreases for this contractive f
     assert main(["analyze", "convergence", "--model", "lstm_tiny", "--out", str(tmp_path)]) == 2
-    assert "not a DEQ sequence model" in capsys.readouterr().err
+    assert "not a DEQ sequence or image model" in capsys.readouterr().err
+
+
+def test_convergence_command_on_an_image_model(tmp_path):
+    """MDEQ: the stack and Broyden run on image inputs with the tuple (multiscale) state."""
+    import csv
+
+    from deepeq.__main__ import main
+
+    out = tmp_path / "an"
+    assert (
+        main(
+            ["analyze", "convergence", "--model", "mdeq_tiny", "--layers", "12", "--out", str(out)]
+        )
+        == 0
+    )
+    rows = list(csv.DictReader((out / "convergence.csv").read_text().splitlines()))
+    assert len(rows) == 12 and {r["length"] for r in rows} == {"28"}
+    stack = [float(r["stack_rel_residual"]) for r in rows]
+    broyden = [float(r["broyden_rel_residual"]) for r in rows]
+    assert stack[-1] < 0.1 * stack[0]  # contractive at initialisation (small f weights)
+    assert broyden[-1] < stack[-1]
 
 
 def test_metric_vs_nfe_command(tmp_path, capsys):

@@ -13,44 +13,66 @@ from .._fixed_point import fixed_point
 from ..solvers import Broyden, make_solver
 
 
-def _equilibrium_parts(model):
+def _problem(model, T: int, batch: int, g: torch.Generator, images=None):
+    """(f, args, z0) of the model's equilibrium problem on one input batch: random token
+    sequences of length T for sequence models; for image models (MDEQ) the given images
+    (e.g. the run's test images) or, without them, standard-normal images."""
+    if getattr(model, "family", None) == "mdeq":
+        c = model.config
+        x = (
+            images[:batch]
+            if images is not None
+            else torch.randn(batch, c.in_channels, c.image_size, c.image_size, generator=g)
+        )
+        inj = model.inject(x)
+        z0 = tuple(inj.new_zeros(s) for s in model.state_shapes(x.shape[0]))
+        return model.f, (inj,), z0
     if not all(hasattr(model, a) for a in ("embed", "inject", "f", "initial_context")):
         raise TypeError(
-            f"{type(model).__name__} is not a DEQ sequence model (needs embed, inject, f); use a "
-            f"deq_* model from deepeq.models.list_models()."
+            f"{type(model).__name__} is not a DEQ sequence or image model (needs embed, inject, "
+            f"f, or an MDEQ); use a deq_* or mdeq_* model from deepeq.models.list_models()."
         )
-    return model
+    tokens = torch.randint(0, model.config.vocab_size, (batch, T), generator=g)
+    x = model.embed(tokens)
+    ctx = model.initial_context(batch, model.size, x.device, x.dtype)
+    inj = model.inject(x, ctx)
+    return model.f, ((inj, ctx),), torch.zeros(batch, T, model.state_dim(model.size))
+
+
+def _flat(z) -> torch.Tensor:
+    if isinstance(z, torch.Tensor):
+        return z.flatten(1)
+    return torch.cat([t.flatten(1) for t in z], dim=1)
 
 
 @torch.no_grad()
 def stack_convergence(
-    model, lengths: list[int], layers: int, *, batch: int = 4, seed: int = 0
+    model, lengths: list[int], layers: int, *, batch: int = 4, seed: int = 0, images=None
 ) -> list[dict]:
-    """Iterate the model's f as an explicit weight-tied stack for ``layers`` layers on random
-    token sequences of each length, recording the mean relative residual ``||f(z)-z||/||f(z)||``
-    after every layer, next to Broyden's residual trace on the same input (same NFE axis)."""
-    _equilibrium_parts(model)
+    """Iterate the model's f as an explicit weight-tied stack for ``layers`` layers, recording the
+    mean relative residual ``||f(z)-z||/||f(z)||`` after every layer, next to Broyden's residual
+    trace on the same input (same NFE axis). Sequence models: random token sequences of each
+    length in ``lengths``; image models (MDEQ): ``images`` (or random ones), one "length" = the
+    image size."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
+    if getattr(model, "family", None) == "mdeq":
+        lengths = [model.config.image_size]
     rows = []
     for T in lengths:
-        tokens = torch.randint(0, model.config.vocab_size, (batch, T), generator=g)
-        x = model.embed(tokens)
-        ctx = model.initial_context(batch, model.size, x.device, x.dtype)
-        inj = model.inject(x, ctx)
-        z = torch.zeros(batch, T, model.state_dim(model.size))
+        f, args, z0 = _problem(model, T, batch, g, images)
+        z = z0
         stack = []
         for _ in range(layers):
-            fz = model.f(z, (inj, ctx))
-            stack.append(
-                ((fz - z).flatten(1).norm(dim=1) / fz.flatten(1).norm(dim=1)).mean().item()
-            )
+            fz = f(z, *args)
+            a, b = _flat(fz), _flat(z)
+            stack.append(((a - b).norm(dim=1) / a.norm(dim=1)).mean().item())
             z = fz
         sol = fixed_point(
-            model.f,
-            torch.zeros_like(z),
+            f,
+            z0,
             Broyden(atol=0.0, rtol=0.0, max_steps=layers),
-            args=((inj, ctx),),
+            args=args,
             trace=True,
             nonfinite="return",
         )

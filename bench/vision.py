@@ -1,0 +1,104 @@
+"""MNIST reproduction at CPU scale: MDEQ-tiny with and without Jacobian regularisation, and its
+explicit weight-tied twin (not a test).
+
+    .venv/bin/python bench/vision.py [--threads 1] [--reuse]
+
+Trains ``configs/mnist_mdeq.toml``, ``configs/mnist_mdeq_jr.toml`` and
+``configs/mnist_mdeq_tied.toml`` (each in its own process: peak RSS is its own; ``--reuse``
+reports existing run directories, resuming any that are unfinished), then reports per model: test
+accuracy of the final weights (the configured eval solver), mean forward/backward NFE during
+training, train time per epoch (60,000 images at the median step time; evaluation excluded),
+bytes saved for backward for one batch of 64 (deterministic) and peak RSS; and, for the DEQs,
+test accuracy and mean relative residual against the eval solver cap (1 ... 50). "NFE to
+tolerance" is the mean forward NFE with the cap at 50 and the configured tolerance (rtol 1e-3):
+seed 003's claim is that JR reaches the same accuracy with fewer NFE (CIFAR-10: 17 -> 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from deepeq.__main__ import eval_sweep  # noqa: E402
+from deepeq.analysis import saved_bytes  # noqa: E402
+from deepeq.train import load_config  # noqa: E402
+from deepeq.train.loop import load_run  # noqa: E402
+
+CONFIGS = ["configs/mnist_mdeq.toml", "configs/mnist_mdeq_jr.toml", "configs/mnist_mdeq_tied.toml"]
+CAPS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 50]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reuse", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows, sweeps = [], {}
+    for config in CONFIGS:
+        cfg = load_config(ROOT / config)
+        run = ROOT / cfg.out_dir
+        done = (run / "final.json").exists()
+        if not (args.reuse and done):
+            cmd = [sys.executable, "-m", "deepeq", "train", config, f"--threads={args.threads}", "--no-progress"]  # fmt: skip
+            if (run / "metrics.csv").exists():
+                cmd.append("--resume")
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        with (run / "metrics.csv").open() as fh:
+            metrics = list(csv.DictReader(fh))
+        final = json.loads((run / "final.json").read_text())
+        num = lambda k: [float(r[k]) for r in metrics if r.get(k)]  # noqa: E731
+        step_s = statistics.median(cfg.batch_size / v for v in num("images_per_s"))
+        _, model, task = load_run(run, "latest")
+        x, y, _ = task.train_batch(0, 0, 1)
+        saved, _ = saved_bytes(lambda: task.loss(model, x, y, None)[0])  # noqa: B023
+        rows.append(
+            dict(
+                run=run.name, model=cfg.model.name, jr=cfg.jac.weight,
+                params=sum(p.numel() for p in model.parameters()),
+                test_acc=final["test_acc"], epochs=cfg.steps * cfg.batch_size / task.xtr.shape[0],
+                fwd=statistics.mean(num("fwd_nfe")) if num("fwd_nfe") else None,
+                bwd=statistics.mean(num("bwd_nfe")) if num("bwd_nfe") else None,
+                epoch_min=step_s * task.xtr.shape[0] / cfg.batch_size / 60,
+                saved_mib=saved / 2**20, rss=final.get("peak_rss_mib"),
+                radius=num("spectral_radius")[-1] if num("spectral_radius") else None,
+            )
+        )  # fmt: skip
+        if hasattr(model, "deq"):
+            sweeps[run.name] = eval_sweep(model, task, CAPS)
+    print(
+        f"# bench/vision.py  torch {torch.__version__}  CPU ({platform.processor() or platform.machine()})"
+        f"  threads {args.threads}"
+    )
+    print(
+        "| run | model | JR γ | params | epochs | test acc | train fwd NFE | train bwd NFE | "
+        "spectral radius (last) | min/epoch | saved for backward MiB | peak RSS MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda v, s: "-" if v is None else format(v, s)  # noqa: E731
+    for r in rows:
+        print(
+            f"| {r['run']} | {r['model']} | {r['jr']:g} | {r['params']:,} | {r['epochs']:.1f} | "
+            f"{100 * r['test_acc']:.2f}% | {fmt(r['fwd'], '.1f')} | {fmt(r['bwd'], '.1f')} | "
+            f"{fmt(r['radius'], '.3f')} | {r['epoch_min']:.1f} | {r['saved_mib']:.1f} | {fmt(r['rss'], '.0f')} |"
+        )
+    for name, lines in sweeps.items():
+        print(f"\n## {name}: test accuracy vs eval solver cap (rtol 1e-3)\n")
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
