@@ -60,7 +60,7 @@ def main(argv=None) -> None:
         with (run / "metrics.csv").open() as fh:
             metrics = list(csv.DictReader(fh))
         final = json.loads((run / "final.json").read_text())
-        num = lambda k: [float(r[k]) for r in metrics if r.get(k)]  # noqa: E731
+        num = lambda k, rows=metrics: [float(r[k]) for r in rows if r.get(k)]  # noqa: E731
         step_s = statistics.median(cfg.batch_size / v for v in num("images_per_s"))
         _, model, task = load_run(run, "latest")
         x, y, _ = task.train_batch(0, 0, 1)
