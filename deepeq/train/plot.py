@@ -6,7 +6,8 @@ import csv
 from pathlib import Path
 
 PANELS = [
-    ("loss", ["loss", "task_loss", "test_loss"], True),
+    ("loss", ["loss", "task_loss", "valid_loss", "test_loss"], True),
+    ("metric", ["valid_ppl", "test_ppl", "valid_bpc", "test_bpc", "valid_acc", "test_acc"], False),
     ("nfe", ["fwd_nfe", "bwd_nfe"], False),
     ("residual", ["fwd_res_max", "fwd_res_mean", "bwd_res_max"], True),
     ("jacobian", ["jac_penalty", "jac_fro", "spectral_radius"], False),
@@ -14,7 +15,8 @@ PANELS = [
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write ``plots/<panel>.png`` for loss, NFE, residual and Jacobian terms over steps.
+    """Write ``plots/<panel>.png`` for loss, evaluation metric (perplexity / accuracy), NFE,
+    residual and Jacobian terms over steps.
 
     Returns:
         The paths written (panels without data are skipped).
@@ -44,7 +46,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
                 ax.plot(
                     *zip(*pts, strict=True),
                     label=k,
-                    marker="o" if k.startswith("test") else None,
+                    marker="o" if k.startswith(("test", "valid")) else None,
                     ms=3,
                 )
                 drawn = True
