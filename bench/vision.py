@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deepeq.__main__ import eval_sweep  # noqa: E402
+from deepeq.__main__ import format_sweep, sweep  # noqa: E402
 from deepeq.analysis import saved_bytes  # noqa: E402
 from deepeq.train import load_config  # noqa: E402
 from deepeq.train.loop import load_run  # noqa: E402
@@ -78,21 +78,32 @@ def main(argv=None) -> None:
             )
         )  # fmt: skip
         if hasattr(model, "deq"):
-            sweeps[run.name] = eval_sweep(model, task, CAPS)
+            rs = sweep(model, task, CAPS)
+            sweeps[run.name] = format_sweep(rs)
+            at_train = next(r for r in rs if r["max_steps"] == model.config.f_max_steps)
+            best = max(rs, key=lambda r: r["test_acc"])
+            rows[-1].update(
+                acc_train_cap=at_train["test_acc"], best_acc=best["test_acc"], best_cap=best["max_steps"],
+                nfe_tol=rs[-1]["mean_nfe"], res_tol=rs[-1]["mean_residual"],
+            )  # fmt: skip
     print(
         f"# bench/vision.py  torch {torch.__version__}  CPU ({platform.processor() or platform.machine()})"
         f"  threads {args.threads}"
     )
     print(
-        "| run | model | JR γ | params | epochs | test acc | train fwd NFE | train bwd NFE | "
+        "| run | model | JR γ | params | epochs | test acc logged at the end of training | test acc at train cap | "
+        "best test acc (cap) | NFE to tolerance (cap 50) | residual at 50 | train fwd / bwd NFE | "
         "spectral radius (last) | min/epoch | saved for backward MiB | peak RSS MiB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * 15 + "|")
     fmt = lambda v, s: "-" if v is None else format(v, s)  # noqa: E731
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     for r in rows:
         print(
             f"| {r['run']} | {r['model']} | {r['jr']:g} | {r['params']:,} | {r['epochs']:.1f} | "
-            f"{100 * r['test_acc']:.2f}% | {fmt(r['fwd'], '.1f')} | {fmt(r['bwd'], '.1f')} | "
+            f"{100 * r['test_acc']:.2f}% | {pct(r.get('acc_train_cap'))} | "
+            f"{pct(r.get('best_acc'))} ({r.get('best_cap', '-')}) | {fmt(r.get('nfe_tol'), '.1f')} | "
+            f"{fmt(r.get('res_tol'), '.3g')} | {fmt(r['fwd'], '.1f')} / {fmt(r['bwd'], '.1f')} | "
             f"{fmt(r['radius'], '.3f')} | {r['epoch_min']:.1f} | {r['saved_mib']:.1f} | {fmt(r['rss'], '.0f')} |"
         )
     for name, lines in sweeps.items():

@@ -47,13 +47,13 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-def eval_sweep(model, task, caps: list[int | None]) -> list[str]:
-    """Markdown rows: the task's metrics, mean forward NFE and mean final relative residual at
-    each eval solver cap (None: the configured eval solver)."""
+def sweep(model, task, caps: list[int | None]) -> list[dict]:
+    """The task's metrics, mean forward NFE and mean final relative residual at each eval solver
+    cap (None: the configured eval solver)."""
     from .solvers import make_solver
     from .train.loop import evaluate
 
-    lines, header = [], None
+    rows = []
     for cap in caps:
         if cap is not None and hasattr(model, "deq"):
             c = model.config
@@ -71,18 +71,35 @@ def eval_sweep(model, task, caps: list[int | None]) -> list[str]:
         m = {k: v for k, v in evaluate(model, task).items() if k in task.eval_fields}
         if hook is not None:
             hook.remove()
-        if header is None:
-            header = list(m)
-            lines.append(
-                "| eval max_steps | "
-                + " | ".join(header)
-                + " | mean fwd NFE | mean rel. residual |"
-            )
-            lines.append("|---" * (len(header) + 3) + "|")
-        mean = lambda v, f: format(sum(v) / len(v), f) if v else "-"  # noqa: E731
-        cells = " | ".join(f"{m[k]:.4g}" for k in header)
-        label = cap if cap is not None else "config"
-        lines.append(f"| {label} | {cells} | {mean(nfe, '.2f')} | {mean(res, '.3g')} |")
+        rows.append(
+            {
+                "max_steps": cap,
+                **m,
+                "mean_nfe": sum(nfe) / len(nfe) if nfe else None,
+                "mean_residual": sum(res) / len(res) if res else None,
+            }
+        )
+    return rows
+
+
+def eval_sweep(model, task, caps: list[int | None]) -> list[str]:
+    """:func:`sweep` as markdown table lines."""
+    return format_sweep(sweep(model, task, caps))
+
+
+def format_sweep(rows: list[dict]) -> list[str]:
+    header = [k for k in rows[0] if k not in ("max_steps", "mean_nfe", "mean_residual")]
+    lines = [
+        "| eval max_steps | " + " | ".join(header) + " | mean fwd NFE | mean rel. residual |",
+        "|---" * (len(header) + 3) + "|",
+    ]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        cells = " | ".join(f"{r[k]:.4g}" for k in header)
+        label = r["max_steps"] if r["max_steps"] is not None else "config"
+        lines.append(
+            f"| {label} | {cells} | {fmt(r['mean_nfe'], '.2f')} | {fmt(r['mean_residual'], '.3g')} |"
+        )
     return lines
 
 
