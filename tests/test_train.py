@@ -259,7 +259,7 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert not (tmp_path / "x").exists()  # failed before any work
     assert main(["plot", str(tmp_path)]) == 0
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
-    assert pngs == ["loss.png", "nfe.png", "residual.png"]  # no Jacobian terms were logged
+    assert pngs == ["loss.png", "metric.png", "nfe.png", "residual.png"]  # no Jacobian terms logged
 
 
 @pytest.mark.slow
