@@ -36,7 +36,7 @@ from deepeq.train import load_config  # noqa: E402
 from deepeq.train.loop import load_run  # noqa: E402
 
 CONFIGS = ["configs/mnist_mdeq.toml", "configs/mnist_mdeq_jr.toml", "configs/mnist_mdeq_tied.toml"]
-CAPS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 50]
+CAPS = [1, 2, 4, 6, 8, 12, 16, 24, 50]
 
 
 def main(argv=None) -> None:
