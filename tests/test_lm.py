@@ -296,3 +296,28 @@ def test_lm_configs_parse_and_build():
                 **cfg.model.overrides,
             )
         assert model.non_embedding_parameters() > 0, path.name
+
+
+def test_lm_resume_is_bit_identical_with_memory(tmp_path):
+    """The memory carried across segments is checkpointed: stopping mid-epoch and resuming gives
+    the parameters of an uninterrupted run (CPU)."""
+    d = tmp_path / "c"
+    d.mkdir()
+    words = [f"w{i % 37}" for i in range(3000)]
+    (d / "train.txt").write_text("\n".join(" ".join(words[i : i + 10]) for i in range(0, 3000, 10)))
+    (d / "valid.txt").write_text("w1 w2 w3\n")
+    (d / "test.txt").write_text("w4 w5\n")
+    common = [
+        "--data.task=lm", "--data.corpus=text", f"--data.path={d}", "--data.cache_dir=",
+        "--data.seq_len=8", "--batch_size=4", "--eval_batch_size=2", "--steps=6", "--eval_every=6",
+        "--ckpt_every=1", "--model.name=deq_transformer_tiny", "--model.overrides.mem_len=8",
+    ]  # fmt: skip
+    train(load_config(None, [*common, f"--out_dir={tmp_path / 'full'}"]), progress=False)
+    cfg = load_config(None, [*common, f"--out_dir={tmp_path / 'cut'}"])
+    train(cfg, progress=False, until_step=3)
+    train(cfg, progress=False, resume=True)
+    a = torch.load(tmp_path / "full/checkpoints/latest.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut/checkpoints/latest.pt", weights_only=False)
+    assert a["state"] is not None and a["state"].shape[1] == 8  # a real memory was carried
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
