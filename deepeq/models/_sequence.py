@@ -20,12 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._solution import Solution
-from ..backward import ImplicitBackward
 from ..nn.adaptive import AdaptiveEmbedding, AdaptiveSoftmax
-from ..nn.deq import DEQ
 from ..nn.layers import count_parameters
 from ..regularization.norm import weight_norm
-from ..solvers import make_solver
+from ._solve import config_deq
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,15 +119,7 @@ class SequenceModel(nn.Module):
             self.size = base
             self.f = self.make_layer(base)
             self.inject = self.make_injection(base)
-            self.deq = DEQ(
-                self.f,
-                solver=make_solver(c.solver, rtol=c.f_rtol, max_steps=c.f_max_steps),
-                eval_solver=make_solver(c.solver, rtol=c.f_rtol, max_steps=c.eval_max_steps),
-                backward=ImplicitBackward(
-                    solver=make_solver(c.b_solver, rtol=c.b_rtol, max_steps=c.b_max_steps)
-                ),
-                nonfinite="return",
-            )
+            self.deq = config_deq(self.f, c)
         if c.tie_weights and self.readout_dim(base) != c.d_embed:
             raise ValueError(
                 f"tie_weights needs the head input ({self.readout_dim(base)}) to equal d_embed ({c.d_embed})."

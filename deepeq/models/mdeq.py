@@ -28,12 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._solution import Solution
-from ..backward import ImplicitBackward
-from ..nn.deq import DEQ
 from ..nn.dropout import VariationalDropout
 from ..regularization.norm import weight_norm
-from ..solvers import make_solver
 from ._registry import build_config, register_model
+from ._solve import config_deq
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,15 +177,7 @@ class MDEQ(nn.Module):
         self.f = MDEQLayer(c)
         self.depth = c.depth if c.depth is not None else c.f_max_steps
         if c.core == "deq":
-            self.deq = DEQ(
-                self.f,
-                solver=make_solver(c.solver, rtol=c.f_rtol, max_steps=c.f_max_steps),
-                eval_solver=make_solver(c.solver, rtol=c.f_rtol, max_steps=c.eval_max_steps),
-                backward=ImplicitBackward(
-                    solver=make_solver(c.b_solver, rtol=c.b_rtol, max_steps=c.b_max_steps)
-                ),
-                nonfinite="return",
-            )
+            self.deq = config_deq(self.f, c)
         self.head_in = nn.ModuleList(
             nn.Sequential(
                 nn.Conv2d(ch, hc, 1, bias=False),
