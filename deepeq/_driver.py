@@ -126,8 +126,10 @@ def solve(f, z, solver, layout, args, independent, nonfinite, trace):
     elif atol == 0:
         threshold = rtol
 
-        def key_of(norms: Tensor) -> Tensor:
-            return norms[0] / norms[1]
+        tiny = torch.finfo(z.dtype).tiny
+
+        def key_of(norms: Tensor) -> Tensor:  # 0/0 (z = f(z) = 0) is converged, not NaN
+            return norms[0] / norms[1].clamp_min(tiny)
     else:
         threshold = 1.0
 

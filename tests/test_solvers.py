@@ -381,3 +381,13 @@ def test_already_converged_z0(gen):
     assert sol.status is Status.CONVERGED
     assert sol.stats.nfe == 1 and (sol.stats.num_steps == 0).all()
     assert torch.equal(sol.value, z_star)
+
+
+@pytest.mark.parametrize("which", ["picard", "anderson", "broyden"])
+def test_zero_fixed_point_with_rtol_only_converges_at_once(which):
+    # f(0) = 0: the relative residual is 0/0; it must count as converged (found by an MDEQ whose
+    # injection was zeroed at initialisation), not as NaN that never meets the tolerance.
+    solver = {"picard": Picard, "anderson": Anderson, "broyden": Broyden}[which](rtol=1e-3)
+    sol = deepeq.fixed_point(lambda z: 0.5 * z, torch.zeros(3, 4), solver)
+    assert sol.status is Status.CONVERGED
+    assert sol.stats.nfe == 1 and (sol.stats.num_steps == 0).all()

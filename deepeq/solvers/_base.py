@@ -80,22 +80,25 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-# Batched products with a short "history" axis n (n ≤ a few dozen). On CPU, bmm takes a slow
-# matrix-vector path for these shapes (measured 1.5-3x slower than multiply-and-sum up to
-# B*n*D = 2^22 elements, bench notes in docs/benchmarks.md); elsewhere, and for large
-# tensors where the (B, n, D) temporary would cost memory, bmm is used.
-_SMALL = 1 << 22
+# Batched products with a short "history" axis n (n ≤ a few dozen). On CPU, multiply-and-sum beats
+# bmm's matrix-vector path for small tensors (per-op overhead) and loses 2-8x for large ones, where
+# it also allocates a (B, n, D) temporary (MDEQ on MNIST: B=64, D=9408). Crossovers measured with
+# torch 2.13 on the 2-core development CPU, 1 and 2 threads: ~2^19 elements for A @ x, ~2^15 for
+# Σ_i w_i A_i (e.g. (64, 6, 9408): 2.6 vs 1.6 ms and 2.4 vs 0.7 ms; (32, 20, 128): 30 vs 87 µs and
+# 27 vs 14 µs).
+_SMALL_BMV = 1 << 19
+_SMALL_BVM = 1 << 15
 
 
 def bmv(A: Tensor, x: Tensor) -> Tensor:
     """``A @ x`` per sample: A (B, n, D), x (B, D) -> (B, n)."""
-    if A.device.type == "cpu" and A.numel() <= _SMALL:
+    if A.device.type == "cpu" and A.numel() <= _SMALL_BMV:
         return (A * x.unsqueeze(1)).sum(2)
     return torch.bmm(A, x.unsqueeze(2)).squeeze(2)
 
 
 def bvm(w: Tensor, A: Tensor) -> Tensor:
     """``Σ_i w_i A_i`` per sample: w (B, n), A (B, n, D) -> (B, D)."""
-    if A.device.type == "cpu" and A.numel() <= _SMALL:
+    if A.device.type == "cpu" and A.numel() <= _SMALL_BVM:
         return (w.unsqueeze(2) * A).sum(1)
     return torch.bmm(w.unsqueeze(1), A).squeeze(1)
