@@ -12,7 +12,7 @@ weight-tied twin (the same ``f`` unrolled ``depth`` times).
 
 The classification head maps each ``z_i`` to ``head_channels[i]`` (1x1 conv), merges from high to
 low resolution with stride-2 convolutions, then a 1x1 conv to ``final_channels``, average pooling
-to a ``head_pool x head_pool`` grid (1: global, as in the paper; the CPU-size MNIST model uses 4,
+to a ``head_pool x head_pool`` grid (1: global, as in the paper; the CPU-size MNIST model uses 2,
 which learns much faster than global pooling at 64 channels) and a linear classifier. The calling protocol is the sequence models'::
 
     logits, state, solutions = model(images)        # images (B, C, H, W); state is None
@@ -257,10 +257,13 @@ def _make(defaults: dict, overrides: dict) -> MDEQ:
     return MDEQ(build_config(MDEQConfig, defaults, overrides))
 
 
-# MNIST at CPU scale: 28x28 halves exactly once -> 2 resolutions (28, 14).
+# MNIST at CPU scale: a stride-2 stem takes 28x28 to 14x14, then 2 resolutions (14, 7), channels
+# (16, 32). Against the first version (no stem, 28/14 with channels 8/16): the same convolution cost
+# per f call, half the state (D = 4,704), so half the solver work; 2x faster per training step on
+# one CPU thread (0.31 vs 0.61 s at batch 64, Broyden 6/6) and better accuracy after 400 steps.
 _TINY = dict(
-    in_channels=1, image_size=28, channels=(8, 16), head_channels=(8, 16), final_channels=64,
-    head_pool=4, num_groups=4, f_max_steps=6, eval_max_steps=6, b_max_steps=6,
+    in_channels=1, image_size=28, downsample_input=1, channels=(16, 32), head_channels=(16, 32),
+    final_channels=64, head_pool=2, num_groups=4, f_max_steps=6, eval_max_steps=6, b_max_steps=6,
 )  # fmt: skip
 # CIFAR-10 ("MDEQ-small" of seed 003 Table 4): 4 resolutions 32/16/8/4, channels [28, 56, 112, 224],
 # GroupNorm, dropout 0.25, weight norm, NFE 7 forward / 8 backward, eps 1e-3 / 1e-4.
@@ -279,7 +282,7 @@ _IMAGENET = dict(
 
 @register_model
 def mdeq_tiny(**overrides) -> MDEQ:
-    """MDEQ for MNIST on a CPU: 2 resolutions (28, 14), channels (8, 16), NFE 6 / 6, 4x4 pooled head."""
+    """MDEQ for MNIST on a CPU: stride-2 stem, 2 resolutions (14, 7), channels (16, 32), NFE 6 / 6."""
     return _make(_TINY, overrides)
 
 
@@ -297,8 +300,10 @@ def mdeq_small(**overrides) -> MDEQ:
             **_TINY,
             "in_channels": 3,
             "image_size": 32,
+            "downsample_input": 0,
             "channels": (16, 32, 64),
             "head_channels": (16, 32, 64),
+            "head_pool": 4,
         },
         overrides,
     )
