@@ -47,62 +47,6 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-def sweep(model, task, caps: list[int | None]) -> list[dict]:
-    """The task's metrics, mean forward NFE and mean final relative residual at each eval solver
-    cap (None: the configured eval solver)."""
-    from .solvers import make_solver
-    from .train.loop import evaluate
-
-    rows = []
-    for cap in caps:
-        if cap is not None and hasattr(model, "deq"):
-            c = model.config
-            model.deq.eval_solver = make_solver(c.solver, rtol=c.f_rtol, max_steps=cap)
-        nfe: list[int] = []
-        res: list[float] = []
-        hook = None
-        if hasattr(model, "deq"):
-
-            def record(m, i, o, nfe=nfe, res=res):
-                nfe.append(o[1].stats.nfe)
-                res.append(o[1].stats.rel_residual.mean().item())
-
-            hook = model.deq.register_forward_hook(record)
-        m = {k: v for k, v in evaluate(model, task).items() if k in task.eval_fields}
-        if hook is not None:
-            hook.remove()
-        rows.append(
-            {
-                "max_steps": cap,
-                **m,
-                "mean_nfe": sum(nfe) / len(nfe) if nfe else None,
-                "mean_residual": sum(res) / len(res) if res else None,
-            }
-        )
-    return rows
-
-
-def eval_sweep(model, task, caps: list[int | None]) -> list[str]:
-    """:func:`sweep` as markdown table lines."""
-    return format_sweep(sweep(model, task, caps))
-
-
-def format_sweep(rows: list[dict]) -> list[str]:
-    header = [k for k in rows[0] if k not in ("max_steps", "mean_nfe", "mean_residual")]
-    lines = [
-        "| eval max_steps | " + " | ".join(header) + " | mean fwd NFE | mean rel. residual |",
-        "|---" * (len(header) + 3) + "|",
-    ]
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    for r in rows:
-        cells = " | ".join(f"{r[k]:.4g}" for k in header)
-        label = r["max_steps"] if r["max_steps"] is not None else "config"
-        lines.append(
-            f"| {label} | {cells} | {fmt(r['mean_nfe'], '.2f')} | {fmt(r['mean_residual'], '.3g')} |"
-        )
-    return lines
-
-
 def _eval(argv: list[str]) -> int:
     from .train.loop import load_run
 
@@ -117,6 +61,8 @@ def _eval(argv: list[str]) -> int:
     args = p.parse_args(argv)
     _cfg, model, task = load_run(args.run_dir, args.checkpoint)
     caps = [int(v) for v in args.max_steps.split(",") if v] or [None]
+    from .analysis.studies import eval_sweep
+
     for line in eval_sweep(model, task, caps):
         print(line)
     return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepeq.__main__ import eval_sweep
+from deepeq.analysis.studies import eval_sweep
 from deepeq.data import images as im
 from deepeq.models import create_model, list_models
 from deepeq.models.mdeq import Fusion, MDEQConfig
@@ -212,8 +212,10 @@ def test_tiny_mnist_run_beats_chance_and_sweeps_nfe(tmp_path):
     _, model, task = load_run(tmp_path)
     rows = eval_sweep(model, task, [1, 2, 4, 8])
     res = [float(r.split("|")[-2]) for r in rows[2:]]
-    nfe = [float(r.split("|")[-3]) for r in rows[2:]]
+    per_sample = [float(r.split("|")[-3]) for r in rows[2:]]
+    nfe = [float(r.split("|")[-4]) for r in rows[2:]]
     assert nfe == [2.0, 3.0, 5.0, 9.0]  # cap + the tracked call at the equilibrium
+    assert all(1 <= s <= n for s, n in zip(per_sample, nfe, strict=True)), (per_sample, nfe)
     assert all(b <= a for a, b in itertools.pairwise(res)), res  # lowest-residual iterate
     # The DEQ's solution is a fixed point of the explicit twin's layer (same weights): one more
     # layer of the twin on z* changes neither the state nor the logits.

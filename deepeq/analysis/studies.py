@@ -89,38 +89,99 @@ def stack_convergence(
     return rows
 
 
+def sweep(model, task, caps: list[int | None], splits: tuple[str, ...] | None = None) -> list[dict]:
+    """The task's evaluation metrics at each eval solver cap (None: the configured eval solver),
+    with the mean forward NFE per batch (solver steps + the tracked call; a batch runs until its
+    slowest sample stops), the mean NFE per sample (each sample stops on its own when it meets
+    the tolerance), the mean final relative residual and the wall time. ``splits``: the task's
+    final splits by default."""
+    from ..train.loop import evaluate
+
+    rows = []
+    for cap in caps:
+        if cap is not None and hasattr(model, "deq"):
+            c = model.config
+            model.deq.eval_solver = make_solver(c.solver, rtol=c.f_rtol, max_steps=cap)
+        nfe: list[int] = []
+        per_sample: list[float] = []
+        res: list[float] = []
+        hook = None
+        if hasattr(model, "deq"):
+
+            def record(m, i, o, nfe=nfe, per_sample=per_sample, res=res):
+                st = o[1].stats
+                nfe.append(st.nfe)
+                # sample_evals counts f evaluations of single samples, counted as nfe counts
+                # batch evaluations: a sample that never stops early has nfe of them
+                per_sample.append(st.sample_evals / st.rel_residual.numel())
+                res.append(st.rel_residual.mean().item())
+
+            hook = model.deq.register_forward_hook(record)
+        t0 = time.perf_counter()
+        m = {k: v for k, v in evaluate(model, task, splits).items() if k in task.eval_fields}
+        wall = time.perf_counter() - t0
+        if hook is not None:
+            hook.remove()
+        mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
+        rows.append(
+            {
+                "max_steps": cap,
+                **m,
+                "mean_nfe": mean(nfe),
+                "mean_sample_nfe": mean(per_sample),
+                "mean_residual": mean(res),
+                "seconds": wall,
+            }
+        )
+    return rows
+
+
+_SWEEP_KEYS = ("max_steps", "mean_nfe", "mean_sample_nfe", "mean_residual", "seconds")
+
+
+def format_sweep(rows: list[dict]) -> list[str]:
+    """:func:`sweep` rows as markdown table lines."""
+    header = [k for k in rows[0] if k not in _SWEEP_KEYS]
+    lines = [
+        "| eval max_steps | " + " | ".join(header)
+        + " | mean fwd NFE (batch) | mean fwd NFE (sample) | mean rel. residual |",
+        "|---" * (len(header) + 4) + "|",
+    ]  # fmt: skip
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        cells = " | ".join(f"{r[k]:.4g}" for k in header)
+        label = r["max_steps"] if r["max_steps"] is not None else "config"
+        lines.append(
+            f"| {label} | {cells} | {fmt(r['mean_nfe'], '.2f')} | "
+            f"{fmt(r['mean_sample_nfe'], '.2f')} | {fmt(r['mean_residual'], '.3g')} |"
+        )
+    return lines
+
+
+def eval_sweep(model, task, caps: list[int | None]) -> list[str]:
+    """:func:`sweep` as markdown table lines."""
+    return format_sweep(sweep(model, task, caps))
+
+
 def metric_vs_nfe(run_dirs: list[str], caps: list[int], checkpoint: str = "best") -> list[dict]:
-    """Evaluate each run with its eval solver capped at each of ``caps`` steps: test loss and
-    accuracy against mean forward NFE and wall time."""
-    from ..train.loop import evaluate, load_run
+    """:func:`sweep` over runs: each run's test loss and task metric against mean forward NFE
+    and wall time, one row per (run, cap)."""
+    from ..train.loop import load_run
 
     rows = []
     for run in run_dirs:
         cfg, model, task = load_run(run, checkpoint)
         if not hasattr(model, "deq"):
             raise TypeError(f"{run}: metric vs NFE needs a DEQ model; got {cfg.model.name}.")
-        c = model.config
-        for cap in caps:
-            model.deq.eval_solver = make_solver(c.solver, rtol=c.f_rtol, max_steps=cap)
-            nfe: list[int] = []
-            hook = model.deq.register_forward_hook(
-                lambda m, i, o, acc=nfe: acc.append(o[1].stats.nfe)
-            )
-            t0 = time.perf_counter()
-            m = evaluate(model, task, ("test",))
-            wall = time.perf_counter() - t0
-            hook.remove()
+        for r in sweep(model, task, list(caps), ("test",)):
             rows.append(
                 {
-                    "run": str(run),
-                    "max_steps": cap,
-                    "mean_nfe": sum(nfe) / len(nfe),
-                    "seconds": wall,
-                    "metric": task.metric,
-                    "value": m[task.metric],
-                    "test_loss": m["test_loss"],
+                    "run": str(run), "max_steps": r["max_steps"], "mean_nfe": r["mean_nfe"],
+                    "mean_sample_nfe": r["mean_sample_nfe"], "seconds": r["seconds"],
+                    "metric": task.metric, "value": r[task.metric],
+                    "test_loss": r["test_loss"],
                 }
-            )
+            )  # fmt: skip
     return rows
 
 
