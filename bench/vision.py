@@ -46,10 +46,16 @@ def main(argv=None) -> None:
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reuse", action="store_true")
+    p.add_argument(
+        "--only", default="", help="comma-separated config names to include (default: all three)"
+    )
     args = p.parse_args(argv)
+    only = [c for c in args.only.split(",") if c]
     torch.set_num_threads(args.threads)
     rows, sweeps = [], {}
     for config in CONFIGS:
+        if only and Path(config).stem not in only:
+            continue
         cfg = load_config(ROOT / config)
         run = ROOT / cfg.out_dir
         done = (run / "final.json").exists()
@@ -79,7 +85,15 @@ def main(argv=None) -> None:
             )
         )  # fmt: skip
         if hasattr(model, "deq"):
-            rs = sweep(model, task, CAPS)
+            # The sweep of these final weights is kept in the run directory: --reuse reads it back.
+            cache = run / "bench_vision_sweep.json"
+            key = {"caps": CAPS, "step": final.get("step"), "final": final.get("test_acc")}
+            cached = json.loads(cache.read_text()) if cache.exists() else {}
+            if args.reuse and cached.get("key") == key:
+                rs = cached["rows"]
+            else:
+                rs = sweep(model, task, CAPS)
+                cache.write_text(json.dumps({"key": key, "rows": rs}))
             sweeps[run.name] = format_sweep(rs)
             at_train = next(r for r in rs if r["max_steps"] == model.config.f_max_steps)
             best = max(rs, key=lambda r: r["test_acc"])
