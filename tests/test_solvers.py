@@ -391,3 +391,17 @@ def test_zero_fixed_point_with_rtol_only_converges_at_once(which):
     sol = deepeq.fixed_point(lambda z: 0.5 * z, torch.zeros(3, 4), solver)
     assert sol.status is Status.CONVERGED
     assert sol.stats.nfe == 1 and (sol.stats.num_steps == 0).all()
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_history_products_agree_on_both_cpu_paths(small, monkeypatch, gen):
+    # bmv/bvm switch between multiply-and-sum and bmm by size; both paths must give the products.
+    from deepeq.solvers import _base
+
+    monkeypatch.setattr(_base, "_SMALL_BMV", 1 << 40 if small else 0)
+    monkeypatch.setattr(_base, "_SMALL_BVM", 1 << 40 if small else 0)
+    A = torch.randn(3, 5, 7, generator=gen, dtype=torch.float64)
+    x = torch.randn(3, 7, generator=gen, dtype=torch.float64)
+    w = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(_base.bmv(A, x), torch.einsum("bnd,bd->bn", A, x))
+    torch.testing.assert_close(_base.bvm(w, A), torch.einsum("bn,bnd->bd", w, A))
