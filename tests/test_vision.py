@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepeq.analysis.studies import eval_sweep
+from deepeq.analysis.studies import eval_sweep, sweep
 from deepeq.data import images as im
 from deepeq.models import create_model, list_models
 from deepeq.models.mdeq import Fusion, MDEQConfig
@@ -217,6 +217,11 @@ def test_tiny_mnist_run_beats_chance_and_sweeps_nfe(tmp_path):
     assert nfe == [2.0, 3.0, 5.0, 9.0]  # cap + the tracked call at the equilibrium
     assert all(1 <= s <= n for s, n in zip(per_sample, nfe, strict=True)), (per_sample, nfe)
     assert all(b <= a for a, b in itertools.pairwise(res)), res  # lowest-residual iterate
+    # None = the configured eval solver, even after a capped row; the sweep restores it
+    configured = model.deq.eval_solver
+    first, last = sweep(model, task, [1, None], splits=("test",))
+    assert model.deq.eval_solver is configured
+    assert first["mean_nfe"] == 2.0 and last["mean_nfe"] > 2.0, (first, last)
     # The DEQ's solution is a fixed point of the explicit twin's layer (same weights): one more
     # layer of the twin on z* changes neither the state nor the logits.
     model = model.double().eval()

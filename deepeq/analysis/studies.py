@@ -98,42 +98,54 @@ def sweep(model, task, caps: list[int | None], splits: tuple[str, ...] | None = 
     from ..train.loop import evaluate
 
     rows = []
-    for cap in caps:
-        if cap is not None and hasattr(model, "deq"):
-            c = model.config
-            model.deq.eval_solver = make_solver(c.solver, rtol=c.f_rtol, max_steps=cap)
-        nfe: list[int] = []
-        per_sample: list[float] = []
-        res: list[float] = []
-        hook = None
+    configured = model.deq.eval_solver if hasattr(model, "deq") else None
+    try:
+        for cap in caps:
+            rows.append(_sweep_row(model, task, cap, splits, evaluate, configured))
+    finally:  # the sweep must not leave the model with its last cap
         if hasattr(model, "deq"):
+            model.deq.eval_solver = configured
+    return rows
 
-            def record(m, i, o, nfe=nfe, per_sample=per_sample, res=res):
-                st = o[1].stats
-                nfe.append(st.nfe)
-                # sample_evals counts f evaluations of single samples, counted as nfe counts
-                # batch evaluations: a sample that never stops early has nfe of them
-                per_sample.append(st.sample_evals / st.rel_residual.numel())
-                res.append(st.rel_residual.mean().item())
 
-            hook = model.deq.register_forward_hook(record)
-        t0 = time.perf_counter()
+def _mean(v: list[float]) -> float | None:
+    return sum(v) / len(v) if v else None
+
+
+def _sweep_row(model, task, cap, splits, evaluate, configured) -> dict:
+    nfe: list[int] = []
+    per_sample: list[float] = []
+    res: list[float] = []
+    hook = None
+    if hasattr(model, "deq"):
+        c = model.config
+        model.deq.eval_solver = (
+            configured if cap is None else make_solver(c.solver, rtol=c.f_rtol, max_steps=cap)
+        )
+
+        def record(m, i, o):
+            st = o[1].stats
+            nfe.append(st.nfe)
+            # sample_evals counts f evaluations of single samples, counted as nfe counts
+            # batch evaluations: a sample that never stops early has nfe of them
+            per_sample.append(st.sample_evals / st.rel_residual.numel())
+            res.append(st.rel_residual.mean().item())
+
+        hook = model.deq.register_forward_hook(record)
+    t0 = time.perf_counter()
+    try:
         m = {k: v for k, v in evaluate(model, task, splits).items() if k in task.eval_fields}
-        wall = time.perf_counter() - t0
+    finally:
         if hook is not None:
             hook.remove()
-        mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
-        rows.append(
-            {
-                "max_steps": cap,
-                **m,
-                "mean_nfe": mean(nfe),
-                "mean_sample_nfe": mean(per_sample),
-                "mean_residual": mean(res),
-                "seconds": wall,
-            }
-        )
-    return rows
+    return {
+        "max_steps": cap,
+        **m,
+        "mean_nfe": _mean(nfe),
+        "mean_sample_nfe": _mean(per_sample),
+        "mean_residual": _mean(res),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 _SWEEP_KEYS = ("max_steps", "mean_nfe", "mean_sample_nfe", "mean_residual", "seconds")
