@@ -114,6 +114,36 @@ def test_subsequence_solving_matches_full_solve(name):
 
 
 @pytest.mark.parametrize("name", DEQS)
+def test_phantom_backward_is_k_tracked_steps_from_the_equilibrium(name):
+    torch.manual_seed(0)
+    kw = dict(f_rtol=1e-12, f_max_steps=300, eval_max_steps=300)
+    implicit = create_model(name, **kw).double().eval()
+    phantom = create_model(name, backward="phantom", phantom_steps=2, **kw).double().eval()
+    phantom.load_state_dict(implicit.state_dict())
+    x = tokens()
+    with torch.no_grad():
+        _, _, sols = implicit(x)
+    logits, _, _ = phantom(x)
+    logits.pow(2).mean().backward()
+    # by hand: two recorded applications of f from the (detached) equilibrium
+    m = implicit
+    emb = m.embed(x)
+    ctx = m.initial_context(x.shape[0], m.size, x.device, x.dtype)
+    inj = m.inject(emb, ctx)
+    z = sols[0].value.detach()
+    for _ in range(2):
+        z = m.f(z, (inj, ctx))
+    ref = m.logits(z)
+    ref.pow(2).mean().backward()
+    torch.testing.assert_close(logits, ref, atol=1e-9, rtol=0)
+    grads = dict(phantom.named_parameters())
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(grads[n].grad, p.grad, atol=1e-9, rtol=1e-7, msg=n)
+    with pytest.raises(ValueError, match=r"backward must be one of \['implicit', 'phantom'\]"):
+        create_model(name, backward="unrolled")
+
+
+@pytest.mark.parametrize("name", DEQS)
 def test_pretraining_mode_is_a_k_step_unroll(name):
     torch.manual_seed(0)
     model = create_model(name, pretrain_depth=2)

@@ -225,6 +225,15 @@ def nan_tiny(**overrides):
     return NaNModel()
 
 
+def test_jacobian_regularisation_needs_the_implicit_backward(tmp_path):
+    cfg = load_config(
+        ROOT / "configs/copy_memory_tiny.toml",
+        [*SMALL, "--jac.weight=1", "--model.overrides.backward=phantom", f"--out_dir={tmp_path}"],
+    )
+    with pytest.raises(ValueError, match=r"jac.weight = 1 needs f\(z\*\) tracked"):
+        train(cfg, progress=False)
+
+
 def test_nonfinite_guard(tmp_path, caplog):
     cfg = load_config(
         ROOT / "configs/copy_memory_tiny.toml",

@@ -51,6 +51,8 @@ class SequenceConfig:
     b_solver: str = "anderson"
     b_max_steps: int = 30
     b_rtol: float = 1e-4
+    backward: Literal["implicit", "phantom"] = "implicit"  # gradient (see models._solve)
+    phantom_steps: int = 1  # k of backward="phantom"
     pretrain_depth: int = 2  # k of the shallow-pretraining warm-up (k-layer weight-tied unroll)
     pretrain_steps: int = 0  # training steps run in pretraining mode before equilibrium training
     subseq_len: int = 0  # solve segments in chunks of this many positions (0: whole segment)
@@ -72,6 +74,7 @@ class SequenceConfig:
             "eval_max_steps",
             "b_max_steps",
             "pretrain_depth",
+            "phantom_steps",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

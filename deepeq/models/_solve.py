@@ -4,20 +4,31 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..backward import ImplicitBackward
+from ..backward import ImplicitBackward, PhantomBackward
 from ..nn.deq import DEQ
 from ..solvers import make_solver
 
+BACKWARDS = ("implicit", "phantom")
+
 
 def config_deq(f: nn.Module, c) -> DEQ:
-    """``DEQ(f)`` with the config's forward (train/eval caps) and implicit-backward solvers;
-    non-finite solves are returned (the training loop's guard skips them)."""
+    """``DEQ(f)`` with the config's forward (train/eval caps) solvers and its backward:
+    ``backward="implicit"`` (the implicit-function gradient, solved by ``b_solver`` to ``b_rtol``
+    within ``b_max_steps``) or ``"phantom"`` (``phantom_steps`` differentiable applications of f
+    from z*, Geng et al. 2021; ``phantom_steps=1`` is the Jacobian-free gradient). Non-finite
+    solves are returned (the training loop's guard skips them)."""
+    if c.backward == "implicit":
+        backward = ImplicitBackward(
+            solver=make_solver(c.b_solver, rtol=c.b_rtol, max_steps=c.b_max_steps)
+        )
+    elif c.backward == "phantom":
+        backward = PhantomBackward(steps=c.phantom_steps)
+    else:
+        raise ValueError(f"backward must be one of {list(BACKWARDS)}; got {c.backward!r}.")
     return DEQ(
         f,
         solver=make_solver(c.solver, rtol=c.f_rtol, max_steps=c.f_max_steps),
         eval_solver=make_solver(c.solver, rtol=c.f_rtol, max_steps=c.eval_max_steps),
-        backward=ImplicitBackward(
-            solver=make_solver(c.b_solver, rtol=c.b_rtol, max_steps=c.b_max_steps)
-        ),
+        backward=backward,
         nonfinite="return",
     )

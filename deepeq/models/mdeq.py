@@ -57,6 +57,8 @@ class MDEQConfig:
     b_solver: str = "broyden"
     b_max_steps: int = 12
     b_rtol: float = 1e-4
+    backward: Literal["implicit", "phantom"] = "implicit"  # gradient (see models._solve)
+    phantom_steps: int = 1  # k of backward="phantom"
 
     def validate(self) -> None:
         if self.core not in ("deq", "tied"):

@@ -169,7 +169,14 @@ def train(
         loss = task_loss
         w = jac(step)
         pen = None
-        if w > 0 and sols and sols[0].fz is not None:
+        if w > 0 and sols and sols[0].fz is None:
+            raise ValueError(
+                f"jac.weight = {w:g} needs f(z*) tracked at the equilibrium, which only the "
+                f"implicit backward records; this model's backward does not (e.g. "
+                f"model.overrides.backward = 'phantom'). Set model.overrides.backward = "
+                f"'implicit' or jac.weight = 0."
+            )
+        if w > 0 and sols:
             pen = sum(
                 jacobian_penalty(s.fz, s.z_leaf, num_samples=j.num_samples) for s in sols
             ) / len(sols)
