@@ -228,8 +228,11 @@ def nan_tiny(**overrides):
 def test_jacobian_regularisation_needs_the_implicit_backward(tmp_path):
     cfg = load_config(
         ROOT / "configs/copy_memory_tiny.toml",
-        [*SMALL, "--jac.weight=1", "--model.overrides.backward=phantom", f"--out_dir={tmp_path}"],
-    )
+        [
+            *SMALL, "--jac.weight=1", "--jac.probability=0.01", "--model.overrides.backward=phantom",
+            f"--out_dir={tmp_path}",
+        ],
+    )  # fmt: skip
     with pytest.raises(ValueError, match=r"jac.weight = 1 needs f\(z\*\) tracked"):
         train(cfg, progress=False)
 

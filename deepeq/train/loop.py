@@ -169,9 +169,10 @@ def train(
         loss = task_loss
         w = jac(step)
         pen = None
-        if w > 0 and sols and sols[0].fz is None:
+        if max(j.weight, j.final_weight or 0.0) > 0 and sols and sols[0].fz is None:
+            # checked on the first step, not only on the (random, scheduled) regularised ones
             raise ValueError(
-                f"jac.weight = {w:g} needs f(z*) tracked at the equilibrium, which only the "
+                f"jac.weight = {j.weight:g} needs f(z*) tracked at the equilibrium, which only the "
                 f"implicit backward records; this model's backward does not (e.g. "
                 f"model.overrides.backward = 'phantom'). Set model.overrides.backward = "
                 f"'implicit' or jac.weight = 0."
