@@ -79,6 +79,42 @@ def test_causality(name, pre_ln):
     assert (la[:, t:] - lb[:, t:]).abs().max() > 1e-4  # the future does change later outputs
 
 
+@pytest.mark.parametrize("path", ["fused", "explicit"])
+def test_relative_attention_matches_the_formula(path):
+    """score_ij = (q_i + u)·k_j + (q_i + v)·W_r R_(M+i-j) over [ctx; z], causal, softmax, · v_j;
+    computed position by position. "fused": the scaled-dot-product kernel (no attention
+    dropout); "explicit": the path taken with attention dropout in training (p ~ 0 here)."""
+    from deepeq.nn.layers import RelativeAttention, sinusoid
+
+    torch.manual_seed(0)
+    B, T, M, D, H = 2, 5, 3, 8, 2
+    att = RelativeAttention(D, H, dropatt=1e-12 if path == "explicit" else 0.0).double()
+    with torch.no_grad():
+        att.u.normal_(), att.v.normal_()
+    att.train(path == "explicit")
+    z, ctx = torch.randn(B, T, D).double(), torch.randn(B, M, D).double()
+    inj, ctx_inj = torch.randn(B, T, 3 * D).double(), torch.randn(B, M, 3 * D).double()
+    out = att(z, ctx, inj, ctx_inj)
+    qkv = att.qkv(torch.cat([ctx, z], 1)) + torch.cat([ctx_inj, inj], 1)
+    q, k, v = (t.reshape(B, M + T, H, D // H) for t in qkv.split(D, 2))
+    R = att.r_net(sinusoid(torch.arange(M + T), D).double()).reshape(M + T, H, D // H)
+    ref = torch.zeros(B, T, H, D // H, dtype=torch.float64)
+    for i in range(T):
+        keys = range(M + i + 1)  # the whole context and the segment up to i
+        s = (
+            torch.stack(
+                [
+                    ((q[:, M + i] + att.u) * k[:, j] + (q[:, M + i] + att.v) * R[M + i - j]).sum(-1)
+                    for j in keys
+                ],
+                dim=-1,
+            )
+            / (D // H) ** 0.5
+        )  # (B, H, keys)
+        ref[:, i] = torch.einsum("bhj,bjhd->bhd", s.softmax(-1), v[:, : M + i + 1])
+    torch.testing.assert_close(out, att.out(ref.reshape(B, T, D)), atol=1e-10, rtol=0)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_two_segments_with_memory_equal_one_pass(name):
     torch.manual_seed(0)
@@ -128,11 +164,11 @@ def test_phantom_backward_is_k_tracked_steps_from_the_equilibrium(name):
     # by hand: two recorded applications of f from the (detached) equilibrium
     m = implicit
     emb = m.embed(x)
-    ctx = m.initial_context(x.shape[0], m.size, x.device, x.dtype)
+    ctx = m.initial_context(x.shape[0], m.size, emb.device, emb.dtype)
     inj = m.inject(emb, ctx)
     z = sols[0].value.detach()
     for _ in range(2):
-        z = m.f(z, (inj, ctx))
+        z = m.f(z, m.layer_input(m.f, inj, ctx))
     ref = m.logits(z)
     ref.pow(2).mean().backward()
     torch.testing.assert_close(logits, ref, atol=1e-9, rtol=0)
@@ -160,13 +196,13 @@ def test_pretraining_mode_is_a_k_step_unroll(name):
     assert sols == []
     ref, _, _ = twin(x)
     torch.testing.assert_close(out, ref)
-    # ... and by hand: z <- f(z, (x̃, ctx)) twice from zero.
+    # ... and by hand: z <- f(z, x) twice from zero.
     e = model.embed(x)
     ctx = model.initial_context(3, model.size, e.device, e.dtype)
     inj = model.inject(e, ctx)
     z = torch.zeros(3, 12, model.state_dim(model.size))
     for _ in range(2):
-        z = model.f(z, (inj, ctx))
+        z = model.f(z, model.layer_input(model.f, inj, ctx))
     torch.testing.assert_close(out, model.head(model.readout(z)))
     model.set_pretraining(False)
     assert len(model(x)[2]) == 1

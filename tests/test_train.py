@@ -325,7 +325,9 @@ def test_torchrun_two_processes_give_the_single_process_gradient(tmp_path):
     a, b = _params(tmp_path / "one"), _params(tmp_path / "ddp")
     for k in a:
         ga, gb = init[k] - a[k], init[k] - b[k]
-        torch.testing.assert_close(gb, ga, atol=1e-6, rtol=1e-4, msg=k)
+        # float32 round-off: the fused attention kernel blocks a batch of 4 and one of 8
+        # differently (differences ~2e-6 on entries ~0.5); a wrong reduction is off by O(|g|)
+        torch.testing.assert_close(gb, ga, atol=1e-5, rtol=1e-4, msg=k)
     assert not (tmp_path / "ddp" / "checkpoints" / "rank1").exists()
     assert (
         len((tmp_path / "ddp" / "metrics.csv").read_text().splitlines()) == 2

@@ -36,7 +36,8 @@ def _problem(model, T: int, batch: int, g: torch.Generator, images=None):
     x = model.embed(tokens)
     ctx = model.initial_context(batch, model.size, x.device, x.dtype)
     inj = model.inject(x, ctx)
-    return model.f, ((inj, ctx),), torch.zeros(batch, T, model.state_dim(model.size))
+    x = model.layer_input(model.f, inj, ctx)
+    return model.f, (x,), torch.zeros(batch, T, model.state_dim(model.size))
 
 
 def _flat(z) -> torch.Tensor:

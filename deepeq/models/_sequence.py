@@ -179,6 +179,12 @@ class SequenceModel(nn.Module):
         """What a solved position contributes to the context of later positions."""
         return z
 
+    def layer_input(self, f: nn.Module, inj: Tensor, ctx: Tensor) -> Any:
+        """The ``x`` of ``f(z, x)`` for a segment with injection ``inj`` and context ``ctx``;
+        computed once per solve, so a family can precompute there whatever does not depend on z
+        (the Transformer: the memory's keys and values)."""
+        return (inj, ctx)
+
     def context_len(self) -> int:
         """Positions of context the layer needs before a segment (at least)."""
         return 0
@@ -279,7 +285,7 @@ class SequenceModel(nn.Module):
                     f, inject = self.f, self.inject
                 inj = inject(x, ctx)
                 new_state.append(self.next_context(ctx, self.context_entry(z, inj)))
-                z = f(z, (inj, ctx))
+                z = f(z, self.layer_input(f, inj, ctx))
             return z, new_state, sols
         if isinstance(state, list):  # leaving pretraining mode: the last layer's memory
             state = state[-1]
@@ -288,7 +294,7 @@ class SequenceModel(nn.Module):
         if self.config.subseq_len and self.config.subseq_len < T:
             z, sols = self.solve_in_chunks(inj, ctx, zeros)
         else:
-            z, sol = self.deq((inj, ctx), z0=zeros)
+            z, sol = self.deq(self.layer_input(self.f, inj, ctx), z0=zeros)
             sols.append(sol)
         return z, self.next_context(ctx, self.context_entry(z, inj)), sols
 
@@ -329,7 +335,8 @@ class SequenceModel(nn.Module):
         zs, outs, sols = [], [], []
         for s in range(0, inj.shape[1], S):
             context = torch.cat([ctx, *zs], dim=1)
-            z, sol = self.deq((inj[:, s : s + S], context), z0=z0[:, s : s + S])
+            x = self.layer_input(self.f, inj[:, s : s + S], context)
+            z, sol = self.deq(x, z0=z0[:, s : s + S])
             zs.append(self.context_entry(z, inj[:, s : s + S]))
             outs.append(z)
             sols.append(sol)

@@ -24,7 +24,7 @@ class DEQTransformerConfig(SequenceConfig):
 
 
 class TransformerLayer(nn.Module):
-    """``f(z, (x̃, ctx))``: Post-LN ``u = LN(z + Attn(z; ctx, x̃))``, ``f = LN(u + FFN(u))``;
+    """``f(z, x)`` with ``x = prepare(x̃, ctx)``: Post-LN ``u = LN(z + Attn(z; ctx, x̃))``, ``f = LN(u + FFN(u))``;
     Pre-LN ``u = z + Attn(LN(z); LN(ctx), x̃)``, ``f = LN_out(u + FFN(LN(u)))`` (the final LN keeps
     the map bounded, so that an equilibrium exists). z ``(B, T, D)``, x̃ ``(B, T, 3D)`` enters the
     query/key/value projections (``z W_QKV + x̃``), ctx ``(B, M, 4D)`` is the memory: the
@@ -42,14 +42,21 @@ class TransformerLayer(nn.Module):
         self.drop = VariationalDropout(dropout, shared_dims=(1,))
         self.pre_ln = pre_ln
 
-    def forward(self, z: Tensor, x: tuple[Tensor, Tensor]) -> Tensor:
-        inj, ctx = x
-        D = z.shape[-1]
+    def prepare(self, inj: Tensor, ctx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The layer input ``x = (x̃, K_ctx, V_ctx)`` from the injection and the memory: the
+        memory's keys and values do not depend on z, so a solve computes them once, not in every
+        iteration (with autograd in the caller's mode, so gradients reach them)."""
+        D = inj.shape[-1] // 3
         ctx_z, ctx_inj = ctx[..., :D], ctx[..., D:]  # memory: [z*, x̃] of earlier positions
+        k, v = self.attn.context(self.ln1(ctx_z) if self.pre_ln else ctx_z, ctx_inj)
+        return inj, k, v
+
+    def forward(self, z: Tensor, x: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        inj, k_ctx, v_ctx = x
         if self.pre_ln:
-            u = z + self.drop(self.attn(self.ln1(z), self.ln1(ctx_z), inj, ctx_inj))
+            u = z + self.drop(self.attn.attend(self.ln1(z), k_ctx, v_ctx, inj))
             return self.ln_out(u + self.ff(self.ln2(u)))
-        u = self.ln1(z + self.drop(self.attn(z, ctx_z, inj, ctx_inj)))
+        u = self.ln1(z + self.drop(self.attn.attend(z, k_ctx, v_ctx, inj)))
         return self.ln2(u + self.ff(u))
 
 
@@ -112,6 +119,9 @@ class DEQTransformer(SequenceModel):
 
     def context_entry(self, z: Tensor, inj: Tensor) -> Tensor:
         return torch.cat([z, inj], dim=-1)
+
+    def layer_input(self, f: nn.Module, inj: Tensor, ctx: Tensor) -> Any:
+        return f.prepare(inj, ctx)
 
     def readout_dim(self, size: Any) -> int:
         return size[0]

@@ -45,37 +45,64 @@ class RelativeAttention(nn.Module):
         self.v = nn.Parameter(torch.zeros(n_heads, self.dh))
         self.dropatt = VariationalDropout(dropatt, shared_dims=())  # fixed per DEQ forward
 
-    def forward(
-        self, z: Tensor, ctx: Tensor, inj: Tensor | None = None, ctx_inj: Tensor | None = None
-    ) -> Tensor:
+    def context(self, ctx: Tensor, ctx_inj: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Keys and values ``(B, M, D)`` of the context positions. They do not depend on the
+        segment's state, so an equilibrium solve computes them once (see :meth:`attend`)."""
+        D = ctx.shape[-1]
+        kv = F.linear(ctx, self.qkv.weight[D:])  # (B, M, 2D): no queries for the context
+        if ctx_inj is not None:
+            kv = kv + ctx_inj[..., D:]
+        k, v = kv.split(D, dim=2)
+        return k, v
+
+    def attend(self, z: Tensor, k_ctx: Tensor, v_ctx: Tensor, inj: Tensor | None = None) -> Tensor:
+        """Attention of the segment z over ``[context; z]`` with the context's keys/values
+        precomputed by :meth:`context`."""
         B, T, D = z.shape
-        M = ctx.shape[1]
+        M = k_ctx.shape[1]
         K = M + T
-        cat = torch.cat([ctx, z], dim=1)  # (B, K, D)
-        qkv = self.qkv(cat)  # (B, K, 3D)
-        if inj is not None or ctx_inj is not None:
-            head = qkv[:, :M] if ctx_inj is None else qkv[:, :M] + ctx_inj
-            tail = qkv[:, M:] if inj is None else qkv[:, M:] + inj
-            qkv = torch.cat([head, tail], dim=1)
+        qkv = self.qkv(z)  # (B, T, 3D)
+        if inj is not None:
+            qkv = qkv + inj
         q, k, v = qkv.split(D, dim=2)
-        q = q[:, M:].reshape(B, T, self.h, self.dh)
-        k = k.reshape(B, K, self.h, self.dh)
-        v = v.reshape(B, K, self.h, self.dh)
+        scale = self.dh**-0.5  # applied to the (B, T, D) queries, not the (B, H, T, K) scores
+        q = q.reshape(B, T, self.h, self.dh) * scale
+        k = torch.cat([k_ctx, k], dim=1).reshape(B, K, self.h, self.dh)
+        v = torch.cat([v_ctx, v], dim=1).reshape(B, K, self.h, self.dh)
         r = self.r_net(sinusoid(torch.arange(K, device=z.device), D).to(z.dtype)).reshape(
             K, self.h, self.dh
         )
-        ac = torch.einsum("bihd,bjhd->bhij", q + self.u, k)  # (B, H, T, K)
-        bd_all = torch.einsum("bihd,lhd->bhil", q + self.v, r)  # (B, H, T, K): by distance l
+        bd_all = torch.einsum(
+            "bihd,lhd->bhil", q + self.v * scale, r
+        )  # (B, H, T, K): by distance l
         # Relative distance of query i (absolute position M + i) to key j is M + i - j >= 0.
         i = torch.arange(T, device=z.device).unsqueeze(1)
         j = torch.arange(K, device=z.device).unsqueeze(0)
         dist = M + i - j  # (T, K)
         bd = bd_all.gather(3, dist.clamp(min=0).expand(B, self.h, T, K))
-        score = (ac + bd) / math.sqrt(self.dh)
-        score = score.masked_fill(dist < 0, float("-inf"))
-        attn = self.dropatt(torch.softmax(score, dim=-1))
-        o = torch.einsum("bhij,bjhd->bihd", attn, v).reshape(B, T, D)
-        return self.out(o)
+        causal = torch.zeros(T, K, dtype=bd.dtype, device=bd.device).masked_fill_(
+            dist < 0, float("-inf")
+        )
+        qu = q + self.u * scale
+        if self.dropatt.p == 0.0 or not self.training:
+            # fused kernel: softmax(qu·k + bd + causal) v (every row keeps its own position)
+            o = F.scaled_dot_product_attention(
+                qu.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=bd + causal,
+                scale=1.0,
+            ).transpose(1, 2)
+        else:  # attention dropout needs the weights
+            score = torch.einsum("bihd,bjhd->bhij", qu, k) + bd + causal  # (B, H, T, K)
+            attn = self.dropatt(torch.softmax(score, dim=-1))
+            o = torch.einsum("bhij,bjhd->bihd", attn, v)
+        return self.out(o.reshape(B, T, D))
+
+    def forward(
+        self, z: Tensor, ctx: Tensor, inj: Tensor | None = None, ctx_inj: Tensor | None = None
+    ) -> Tensor:
+        return self.attend(z, *self.context(ctx, ctx_inj), inj)
 
 
 class FeedForward(nn.Module):
