@@ -9,9 +9,13 @@ peak RSS is its own) and evaluated on the whole PTB validation/test streams. Rep
 * valid / test perplexity after ``--steps`` steps (equal steps);
 * valid perplexity at equal wall-clock: the last evaluation reached within the training time of the
   fastest model of the family (evaluations every steps/4; evaluation time not counted);
-* time per training step (median) and its ratios to the untied stack (seed 002: DEQ 2.8x vs an
-  18-layer Transformer) and to the weight-tied twin (seed 002: 2.4x vs a 70-layer TrellisNet,
-  which is weight-tied);
+* time per training step (median over the run) and its ratios to the untied stack (seed 002: DEQ
+  2.8x vs an 18-layer Transformer) and to the weight-tied twin (seed 002: 2.4x vs a 70-layer
+  TrellisNet, which is weight-tied); the runs of a family train one after another, so these
+  ratios carry the machine's load changes. The ratio columns "(interleaved)" come from one process
+  that loads the family's trained models and times full training steps (forward + backward, same
+  batch, warm memory) round-robin, one step per model per round, ``--rounds`` rounds: load
+  changes hit every model alike;
 * mean forward / backward NFE;
 * bytes saved for backward by the equilibrium core alone (embedding and softmax excluded, as the
   papers count "memory"), for one training batch (B=16, T=70, memory 70), and the ratio to the
@@ -86,6 +90,38 @@ def read_run(run: Path) -> dict:
     }
 
 
+def interleaved_step_s(runs: dict[str, Path], rounds: int, threads: int) -> dict[str, float]:
+    """Median seconds per training step of each trained model, timed round-robin in this process."""
+    import time
+
+    from deepeq.train.loop import load_run
+
+    if threads:
+        torch.set_num_threads(threads)
+    models = {}
+    for name, run in runs.items():
+        _, model, task = load_run(run, "latest", device="cpu")
+        model.train()
+        state = None
+        with torch.no_grad():  # a warm memory, as in the middle of an epoch
+            for step in range(97, 100):
+                x, y, _ = task.train_batch(step, 0, 1)
+                _, state, _ = model(x, state, targets=y)
+        x, y, _ = task.train_batch(100, 0, 1)
+        models[name] = (model, x, y, state)
+    times = {name: [] for name in models}
+    for r in range(rounds + 2):
+        for name, (model, x, y, state) in models.items():
+            torch.manual_seed(r)
+            t = time.perf_counter()
+            nll, _, _ = model(x, state, targets=y)
+            nll.mean().backward()
+            if r >= 2:  # two warm-up rounds
+                times[name].append(time.perf_counter() - t)
+            model.zero_grad(set_to_none=True)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -95,6 +131,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="runs/bench_lm")
     p.add_argument("--reuse", action="store_true", help="report existing runs without training")
+    p.add_argument("--rounds", type=int, default=20, help="rounds of the interleaved timing")
     args = p.parse_args(argv)
     print(
         f"# bench/lm.py  torch {torch.__version__}  CPU ({platform.processor() or platform.machine()})"
@@ -102,9 +139,10 @@ def main(argv=None) -> None:
     )
     print(
         "| model | core | non-emb. params | valid ppl | test ppl | valid ppl @ equal time | "
-        "s/step | time × untied | time × tied | fwd NFE | bwd NFE | core saved MiB | saved × tied | peak RSS MiB |"
+        "s/step | time × untied | time × tied | s/step (interleaved) | time × untied (interleaved) | "
+        "time × tied (interleaved) | fwd NFE | bwd NFE | core saved MiB | saved × tied | peak RSS MiB |"
     )
-    print("|---" * 14 + "|")
+    print("|---" * 17 + "|")
     for fam in args.families.split(","):
         config, names = FAMILIES[fam]
         res = {}
@@ -126,9 +164,18 @@ def main(argv=None) -> None:
                 m = create_model(name, vocab_size=10000)
             res[name]["core"] = m.config.core
             res[name]["params"] = m.non_embedding_parameters()
+        inter = interleaved_step_s(
+            {name: ROOT / args.out / name for name in names}, args.rounds, args.threads
+        )
         budget = min(r["train_s"] for r in res.values())
-        untied = next((r for r in res.values() if r["core"] == "untied"), None)
-        tied = next((r for r in res.values() if r["core"] == "tied"), None)
+        untied = next((n for n, r in res.items() if r["core"] == "untied"), None)
+        tied = next((n for n, r in res.items() if r["core"] == "tied"), None)
+
+        def ratio(v: float, ref: str | None, key: str, res=res) -> str:
+            return "-" if ref is None else format(v / res[ref][key], ".2f")
+
+        for name in names:
+            res[name]["inter_s"] = inter[name]
         for name, r in res.items():
             f = r["final"]
             at_budget = [ppl for t, ppl in r["curve"] if t <= budget * 1.001]
@@ -136,10 +183,11 @@ def main(argv=None) -> None:
             print(
                 f"| {name} | {r['core']} | {r['params']:,} | {f['valid_ppl']:.1f} | {f['test_ppl']:.1f} | "
                 f"{fmt(at_budget[-1] if at_budget else None, '.1f')} | {r['step_s']:.3f} | "
-                f"{fmt(r['step_s'] / untied['step_s'] if untied else None, '.2f')} | "
-                f"{fmt(r['step_s'] / tied['step_s'] if tied else None, '.2f')} | "
+                f"{ratio(r['step_s'], untied, 'step_s')} | {ratio(r['step_s'], tied, 'step_s')} | "
+                f"{r['inter_s']:.3f} | {ratio(r['inter_s'], untied, 'inter_s')} | "
+                f"{ratio(r['inter_s'], tied, 'inter_s')} | "
                 f"{fmt(r['fwd_nfe'], '.1f')} | {fmt(r['bwd_nfe'], '.1f')} | {r['saved']:.2f} | "
-                f"{fmt(r['saved'] / tied['saved'] if tied else None, '.2f')} | {f['peak_rss_mib']:.0f} |"
+                f"{ratio(r['saved'], tied, 'saved')} | {f['peak_rss_mib']:.0f} |"
             )
             sys.stdout.flush()
 

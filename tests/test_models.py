@@ -80,10 +80,10 @@ def test_causality(name, pre_ln):
 
 
 @pytest.mark.parametrize("path", ["fused", "explicit"])
-def test_relative_attention_matches_the_formula(path):
+def test_relative_attention_matches_the_formula(path, monkeypatch):
     """score_ij = (q_i + u)·k_j + (q_i + v)·W_r R_(M+i-j) over [ctx; z], causal, softmax, · v_j;
-    computed position by position. "fused": the scaled-dot-product kernel (no attention
-    dropout); "explicit": the path taken with attention dropout in training (p ~ 0 here)."""
+    computed position by position. "fused": the scaled-dot-product kernel (no autograd, as in the
+    solver's iterations); "explicit": the path with autograd or attention dropout (p ~ 0 here)."""
     from deepeq.nn.layers import RelativeAttention, sinusoid
 
     torch.manual_seed(0)
@@ -94,7 +94,16 @@ def test_relative_attention_matches_the_formula(path):
     att.train(path == "explicit")
     z, ctx = torch.randn(B, T, D).double(), torch.randn(B, M, D).double()
     inj, ctx_inj = torch.randn(B, T, 3 * D).double(), torch.randn(B, M, 3 * D).double()
-    out = att(z, ctx, inj, ctx_inj)
+    import deepeq.nn.layers as layers
+
+    calls = []
+    fused = layers.F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        layers.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k)
+    )
+    with torch.set_grad_enabled(path == "explicit"):
+        out = att(z, ctx, inj, ctx_inj)
+    assert len(calls) == (1 if path == "fused" else 0)  # the path under test was taken
     qkv = att.qkv(torch.cat([ctx, z], 1)) + torch.cat([ctx_inj, inj], 1)
     q, k, v = (t.reshape(B, M + T, H, D // H) for t in qkv.split(D, 2))
     R = att.r_net(sinusoid(torch.arange(M + T), D).double()).reshape(M + T, H, D // H)

@@ -84,8 +84,10 @@ class RelativeAttention(nn.Module):
             dist < 0, float("-inf")
         )
         qu = q + self.u * scale
-        if self.dropatt.p == 0.0 or not self.training:
-            # fused kernel: softmax(qu·k + bd + causal) v (every row keeps its own position)
+        if not torch.is_grad_enabled() and (self.dropatt.p == 0.0 or not self.training):
+            # Fused kernel, softmax(qu·k + bd + causal) v (every row keeps its own position), for
+            # the solver's iterations and evaluation. With autograd it would fall back to a path
+            # that saves more for backward than the explicit one below.
             o = F.scaled_dot_product_attention(
                 qu.transpose(1, 2),
                 k.transpose(1, 2),
@@ -93,7 +95,7 @@ class RelativeAttention(nn.Module):
                 attn_mask=bd + causal,
                 scale=1.0,
             ).transpose(1, 2)
-        else:  # attention dropout needs the weights
+        else:
             score = torch.einsum("bihd,bjhd->bhij", qu, k) + bd + causal  # (B, H, T, K)
             attn = self.dropatt(torch.softmax(score, dim=-1))
             o = torch.einsum("bhij,bjhd->bihd", attn, v)
