@@ -26,6 +26,7 @@ def fixed_point(
     throw: bool = False,
     nonfinite: Literal["raise", "return"] = "raise",
     trace: bool = False,
+    solve_dtype: torch.dtype | str | None = None,
 ) -> Solution:
     """Solve ``z* = f(z*, *args)`` per sample, starting from ``z0``.
 
@@ -60,6 +61,14 @@ def fixed_point(
             samples where f produced inf/nan; ``"return"`` stops those samples, returns their
             lowest-residual finite iterate and sets ``Status.NONFINITE``.
         trace: record each sample's residual at every step in ``stats.trace``/``rel_trace``.
+        solve_dtype: run f under ``torch.autocast`` in this dtype (``torch.bfloat16`` or
+            ``"bfloat16"``, ``float16``) during the forward solver's iterations only; the
+            solver's state and arithmetic, the tracked call at z* that gradients flow through,
+            and the backward solve stay in z0's dtype. The iterations then cost less (bf16
+            matrix units) but carry the low precision's round-off (~0.4% relative for bf16),
+            which bounds the reachable residual: use it when the solve stops well above that
+            (loose tolerances or small caps), as in training. With ``UnrolledBackward`` the
+            gradient flows through these low-precision iterations.
 
     Returns:
         A :class:`Solution` with ``value`` (the structure of z0), ``status`` and ``stats``.
@@ -104,6 +113,8 @@ def fixed_point(
     layout = layout_of(z0)
     check_args(args, layout)
     problem = Problem(f, z0, solver, layout, tuple(args), independent, throw, nonfinite, trace)
+    if solve_dtype is not None:
+        problem.iterate_f = _autocast(f, layout, _solve_dtype(solve_dtype))
     if not torch.is_grad_enabled():
         return problem.finish(*problem.solve())
     return backward.apply(problem)
@@ -121,11 +132,12 @@ class Problem:
             trace,
         )
         self.z0 = flatten(z0, layout).detach()
+        self.iterate_f = f  # what the forward solver calls (f itself, or f under autocast)
 
     def solve(self) -> tuple[Tensor, Status, Stats]:
         """Run the solver (recording autograd only if grad mode is on): flat z*, status, stats."""
         return solve(
-            self.f, self.z0, self.solver, self.layout, self.args, self.independent,
+            self.iterate_f, self.z0, self.solver, self.layout, self.args, self.independent,
             self.nonfinite, self.trace,
         )  # fmt: skip
 
@@ -140,3 +152,32 @@ class Problem:
         if self.throw and status is Status.MAX_STEPS:
             sol.raise_for_status()
         return sol
+
+
+_SOLVE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _solve_dtype(value: torch.dtype | str) -> torch.dtype:
+    dtype = _SOLVE_DTYPES.get(value, value) if isinstance(value, str) else value
+    if dtype not in _SOLVE_DTYPES.values():
+        raise ValueError(
+            f"solve_dtype must be torch.bfloat16 or torch.float16 (or their names), or None; got "
+            f"{value!r}."
+        )
+    return dtype
+
+
+def _autocast(f: FixedPointFn, layout, dtype: torch.dtype) -> FixedPointFn:
+    """f under ``torch.autocast(dtype)``, its output cast back to the state's dtype."""
+    device = layout.device.type
+
+    def iterate(z, *args):
+        with torch.autocast(device, dtype=dtype):
+            out = f(z, *args)
+        if isinstance(out, Tensor):
+            return out.to(layout.dtype)
+        if isinstance(out, tuple | list):
+            return type(out)(o.to(layout.dtype) if isinstance(o, Tensor) else o for o in out)
+        return out  # not a state: the driver's output check reports it
+
+    return iterate

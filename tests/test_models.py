@@ -189,6 +189,23 @@ def test_phantom_backward_is_k_tracked_steps_from_the_equilibrium(name):
 
 
 @pytest.mark.parametrize("name", DEQS)
+def test_solve_dtype_from_the_config(name):
+    torch.manual_seed(0)
+    ref = create_model(name, f_rtol=1e-2)
+    m = create_model(name, f_rtol=1e-2, solve_dtype="bfloat16")
+    m.load_state_dict(ref.state_dict())
+    assert m.deq.solve_dtype == "bfloat16" and m.deq.eval_solve_dtype is None
+    x = tokens()
+    out, _, _ = m(x)
+    out_ref, _, _ = ref(x)
+    out.pow(2).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    assert ((out - out_ref).norm() / out_ref.norm()).item() < 0.05
+    with pytest.raises(ValueError, match="solve_dtype must be"):
+        create_model(name, solve_dtype="int8")
+
+
+@pytest.mark.parametrize("name", DEQS)
 def test_pretraining_mode_is_a_k_step_unroll(name):
     torch.manual_seed(0)
     model = create_model(name, pretrain_depth=2)

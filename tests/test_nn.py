@@ -143,3 +143,49 @@ def test_autocast_bfloat16_cpu():
         assert torch.isfinite(a).all()
         assert ((a - b).norm() / b.norm()).item() < 0.1
     assert sol.backward.calls == 1 and sol.backward.abs_residual.dtype == torch.float32
+
+
+class Recording(Layer):
+    """Layer that records, per call, whether autocast was on and whether autograd recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, z, x):
+        self.calls.append((torch.is_autocast_enabled("cpu"), torch.is_grad_enabled()))
+        return super().forward(z, x)
+
+
+def test_solve_dtype_casts_only_the_forward_iterations():
+    torch.manual_seed(0)
+    layer = Recording()
+    x, c = torch.randn(4, 16), torch.randn(4, 16)
+    deq = DEQ(layer, solver=Anderson(rtol=1e-2), solve_dtype=torch.bfloat16)
+    z, sol = deq(x)
+    g = torch.autograd.grad((z * c).sum(), list(layer.parameters()))
+    iterations, tracked = layer.calls[:-1], layer.calls[-1]
+    assert iterations and all(cast and not grad for cast, grad in iterations)
+    assert tracked == (False, True)  # the call gradients flow through: full precision
+    assert z.dtype == sol.fz.dtype == torch.float32 and sol.status is Status.CONVERGED
+    # the same solve in full precision: equal up to the tolerance and bf16 round-off
+    layer.calls.clear()
+    z32, _ = DEQ(layer, solver=Anderson(rtol=1e-2))(x)
+    assert not any(cast for cast, _ in layer.calls)
+    assert ((z - z32).norm() / z32.norm()).item() < 0.05
+    g32 = torch.autograd.grad((z32 * c).sum(), list(layer.parameters()))
+    for a, b in zip(g, g32, strict=True):
+        assert ((a - b).norm() / b.norm()).item() < 0.1
+    # eval mode: full precision unless eval_solve_dtype is given
+    layer.calls.clear()
+    with torch.no_grad():
+        deq.eval()(x)
+    assert layer.calls and not any(cast for cast, _ in layer.calls)
+    layer.calls.clear()
+    with torch.no_grad():
+        DEQ(layer, eval_solve_dtype="bfloat16").eval()(x)
+    assert all(cast for cast, _ in layer.calls)
+    with pytest.raises(ValueError, match=r"solve_dtype must be torch\.bfloat16 or torch\.float16"):
+        DEQ(layer, solve_dtype="float8")
+    with pytest.raises(ValueError, match="solve_dtype must be"):
+        deepeq.fixed_point(lambda z: z, torch.zeros(2, 3), solve_dtype=torch.float64)

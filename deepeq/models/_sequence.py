@@ -53,6 +53,9 @@ class SequenceConfig:
     b_rtol: float = 1e-4
     backward: Literal["implicit", "phantom"] = "implicit"  # gradient (see models._solve)
     phantom_steps: int = 1  # k of backward="phantom"
+    # dtype of f during the training solves' iterations (autocast; e.g. "bfloat16"); the tracked
+    # call at z*, the backward and evaluation stay in full precision (deepeq.fixed_point)
+    solve_dtype: str | None = None
     pretrain_depth: int = 2  # k of the shallow-pretraining warm-up (k-layer weight-tied unroll)
     pretrain_steps: int = 0  # training steps run in pretraining mode before equilibrium training
     subseq_len: int = 0  # solve segments in chunks of this many positions (0: whole segment)

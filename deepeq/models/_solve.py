@@ -15,7 +15,8 @@ def config_deq(f: nn.Module, c) -> DEQ:
     """``DEQ(f)`` with the config's forward (train/eval caps) solvers and its backward:
     ``backward="implicit"`` (the implicit-function gradient, solved by ``b_solver`` to ``b_rtol``
     within ``b_max_steps``) or ``"phantom"`` (``phantom_steps`` differentiable applications of f
-    from z*, Geng et al. 2021; ``phantom_steps=1`` is the Jacobian-free gradient). Non-finite
+    from z*, Geng et al. 2021; ``phantom_steps=1`` is the Jacobian-free gradient); ``solve_dtype``
+    (``"bfloat16"``) runs the training solves' iterations of f under autocast. Non-finite
     solves are returned (the training loop's guard skips them)."""
     if c.backward == "implicit":
         backward = ImplicitBackward(
@@ -31,4 +32,5 @@ def config_deq(f: nn.Module, c) -> DEQ:
         eval_solver=make_solver(c.solver, rtol=c.f_rtol, max_steps=c.eval_max_steps),
         backward=backward,
         nonfinite="return",
+        solve_dtype=getattr(c, "solve_dtype", None),
     )

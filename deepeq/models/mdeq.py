@@ -59,6 +59,9 @@ class MDEQConfig:
     b_rtol: float = 1e-4
     backward: Literal["implicit", "phantom"] = "implicit"  # gradient (see models._solve)
     phantom_steps: int = 1  # k of backward="phantom"
+    # dtype of f during the training solves' iterations (autocast; e.g. "bfloat16"); the tracked
+    # call at z*, the backward and evaluation stay in full precision (deepeq.fixed_point)
+    solve_dtype: str | None = None
 
     def validate(self) -> None:
         if self.core not in ("deq", "tied"):
