@@ -103,6 +103,15 @@ def _analyze(argv: list[str]) -> int:
     n.add_argument("runs", nargs="+")
     n.add_argument("--max-steps", default="2,4,8,16,30")
     n.add_argument("--out", default="runs/analysis")
+    g = sub.add_parser(
+        "gradient",
+        help="training-gradient accuracy vs forward/backward solver caps, against a tight solve",
+    )
+    g.add_argument("run")
+    g.add_argument("--caps", default="4/4,8/4,8/8,12/4,12/12", help="FORWARD/BACKWARD pairs")
+    g.add_argument("--step", type=int, default=100, help="the training batch of this step")
+    g.add_argument("--checkpoint", default="latest", choices=("best", "latest"))
+    g.add_argument("--out", default="runs/analysis")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,6 +139,24 @@ def _analyze(argv: list[str]) -> int:
         studies.write_csv(rows, out / "convergence.csv")
         studies.plot_convergence(rows, out / "convergence.png")
         print(out / "convergence.csv", out / "convergence.png")
+    elif args.study == "gradient":
+        from .train.loop import load_run
+
+        caps = studies.parse_caps(args.caps)
+        _, model, task = load_run(args.run, args.checkpoint)
+        rows = studies.gradient_accuracy(model, task, caps, step=args.step)
+        studies.write_csv(rows, out / "gradient_accuracy.csv")
+        studies.plot_gradient_accuracy(rows, out / "gradient_accuracy.png")
+        print(
+            "| caps fwd/bwd | loss | fwd rel. res. | bwd rel. res. | fwd NFE | bwd NFE | cosine | rel. error | s |"
+        )
+        print("|---" * 9 + "|")
+        for r in rows:
+            print(
+                f"| {r['f_cap']}/{r['b_cap']} | {r['loss']:.5f} | {r['fwd_rel_residual']:.2e} | "
+                f"{r['bwd_rel_residual']:.2e} | {r['fwd_nfe']} | {r['bwd_nfe']} | "
+                f"{r['cosine']:.4f} | {r['rel_error']:.3f} | {r['seconds']:.2f} |"
+            )
     else:
         rows = studies.metric_vs_nfe(args.runs, [int(v) for v in args.max_steps.split(",")])
         studies.write_csv(rows, out / "metric_vs_nfe.csv")
@@ -163,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser("eval", help="evaluate a run: deepeq eval RUN_DIR [--max-steps 5,10,20]")
     sub.add_parser("plot", help="write PNGs of a run's metrics: deepeq plot RUN_DIR")
-    sub.add_parser("analyze", help="analysis studies: deepeq analyze {convergence,nfe} ...")
+    sub.add_parser(
+        "analyze", help="analysis studies: deepeq analyze {convergence,nfe,gradient} ..."
+    )
     sub.add_parser("version", help="print the version")
     args = parser.parse_args(argv)
     if args.command == "version":

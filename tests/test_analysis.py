@@ -183,3 +183,36 @@ def test_metric_vs_nfe_command(tmp_path, capsys):
     assert len(rows) == 4 and (tmp_path / "an/metric_vs_nfe.png").exists()
     nfe = {(Path(r["run"]).name, int(r["max_steps"])): float(r["mean_nfe"]) for r in rows}
     assert nfe[("a", 1)] <= 2 < nfe[("a", 4)] <= 5  # the cap bounds the NFE (1 + steps)
+
+
+def test_gradient_accuracy_command(tmp_path, capsys):
+    import csv
+    from pathlib import Path
+
+    from deepeq.__main__ import main
+
+    cfg = str(Path(__file__).resolve().parents[1] / "configs/copy_memory_tiny.toml")
+    run = tmp_path / "run"
+    args = ["--steps=2", "--data.seq_len=10", "--data.n_train=32", "--data.n_test=16"]
+    args.append(
+        "--model.name=deq_trellisnet_tiny"
+    )  # converges to 1e-7 in float32 when trained 2 steps
+    assert main(["train", cfg, *args, "--batch_size=8", "--no-progress", f"--out_dir={run}"]) == 0
+    out = tmp_path / "an"
+    assert (
+        main(
+            ["analyze", "gradient", str(run), "--caps", "1/1,40/40", "--step=1", "--out", str(out)]
+        )
+        == 0
+    )
+    rows = list(csv.DictReader((out / "gradient_accuracy.csv").read_text().splitlines()))
+    assert [r["f_cap"] for r in rows] == ["ref 200", "1", "40"]
+    ref, crude, tight = rows
+    assert float(ref["fwd_rel_residual"]) < 1e-6 and float(ref["bwd_rel_residual"]) < 1e-6
+    # converged solves give the reference gradient up to the solver tolerances (1e-3 / 1e-4)...
+    assert float(tight["cosine"]) > 0.9999 and float(tight["rel_error"]) < 0.01
+    # ... one-step solves do not
+    assert float(crude["rel_error"]) > 10 * float(tight["rel_error"])
+    assert int(crude["fwd_nfe"]) <= 2 and int(crude["bwd_nfe"]) <= 2
+    assert (out / "gradient_accuracy.png").exists() and "| 40/40 |" in capsys.readouterr().out
+    assert main(["analyze", "gradient", str(run), "--caps", "8-4"]) == 2  # clear error, exit 2
