@@ -111,6 +111,7 @@ def _analyze(argv: list[str]) -> int:
     g.add_argument("--caps", default="4/4,8/4,8/8,12/4,12/12", help="FORWARD/BACKWARD pairs")
     g.add_argument("--step", type=int, default=100, help="the training batch of this step")
     g.add_argument("--checkpoint", default="latest", choices=("best", "latest"))
+    g.add_argument("--no-dropout", action="store_true", help="f without dropout (eval mode)")
     g.add_argument("--out", default="runs/analysis")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -144,7 +145,9 @@ def _analyze(argv: list[str]) -> int:
 
         caps = studies.parse_caps(args.caps)
         _, model, task = load_run(args.run, args.checkpoint)
-        rows = studies.gradient_accuracy(model, task, caps, step=args.step)
+        rows = studies.gradient_accuracy(
+            model, task, caps, step=args.step, dropout=not args.no_dropout
+        )
         studies.write_csv(rows, out / "gradient_accuracy.csv")
         studies.plot_gradient_accuracy(rows, out / "gradient_accuracy.png")
         print(
@@ -156,6 +159,13 @@ def _analyze(argv: list[str]) -> int:
                 f"| {r['f_cap']}/{r['b_cap']} | {r['loss']:.5f} | {r['fwd_rel_residual']:.2e} | "
                 f"{r['bwd_rel_residual']:.2e} | {r['fwd_nfe']} | {r['bwd_nfe']} | "
                 f"{r['cosine']:.4f} | {r['rel_error']:.3f} | {r['seconds']:.2f} |"
+            )
+        ref = rows[0]
+        if max(ref["fwd_rel_residual"], ref["bwd_rel_residual"]) > 1e-5:
+            print(
+                f"warning: the reference solve did not converge (relative residuals "
+                f"{ref['fwd_rel_residual']:.1e} / {ref['bwd_rel_residual']:.1e}); cosines and "
+                f"errors are relative to an inexact gradient (try --no-dropout or another --step)."
             )
     else:
         rows = studies.metric_vs_nfe(args.runs, [int(v) for v in args.max_steps.split(",")])

@@ -219,6 +219,7 @@ def gradient_accuracy(
     caps: list[tuple[int, int]],
     step: int = 100,
     reference: tuple[int, int] = (200, 200),
+    dropout: bool = True,
 ) -> list[dict]:
     """How close the training gradient at each (forward cap, backward cap) is to the exact one.
 
@@ -228,7 +229,9 @@ def gradient_accuracy(
     within ``reference`` steps (its residuals are reported: check that they are small). Per
     setting: the loss, forward/backward relative residuals (max over samples), NFE, the cosine
     between its gradient and the reference's and the relative error ``||g - g*|| / ||g*||``
-    (all parameters together), and the seconds of forward + backward."""
+    (all parameters together), and the seconds of forward + backward. ``dropout=False``: the
+    model in eval mode (no dropout masks; the training solvers are still the ones set here) —
+    f with a dropout mask can be harder to solve than f itself."""
     from ..backward import ImplicitBackward
     from ..train.tasks import LanguageModelTask
 
@@ -237,8 +240,8 @@ def gradient_accuracy(
             f"gradient accuracy needs a DEQ model (with .deq); got {type(model).__name__}."
         )
     c, deq = model.config, model.deq
-    saved = (deq.solver, deq.backward_rule)
-    model.train()
+    saved = (deq.solver, deq.eval_solver, deq.backward_rule, model.training)
+    model.train(dropout)
     state = None
     if isinstance(task, LanguageModelTask):
         with torch.no_grad():
@@ -249,7 +252,7 @@ def gradient_accuracy(
     params = [p for p in model.parameters() if p.requires_grad]
 
     def run(f_cap: int, b_cap: int, f_rtol: float, b_rtol: float) -> dict:
-        deq.solver = make_solver(c.solver, rtol=f_rtol, max_steps=f_cap)
+        deq.solver = deq.eval_solver = make_solver(c.solver, rtol=f_rtol, max_steps=f_cap)
         deq.backward_rule = ImplicitBackward(
             solver=make_solver(c.b_solver, rtol=b_rtol, max_steps=b_cap)
         )
@@ -286,7 +289,8 @@ def gradient_accuracy(
             r["rel_error"] = ((g - ref["_g"]).norm() / ref["_g"].norm()).item()
             rows.append(r)
     finally:
-        deq.solver, deq.backward_rule = saved
+        deq.solver, deq.eval_solver, deq.backward_rule = saved[:3]
+        model.train(saved[3])
     ref.pop("_g")
     return [
         {
