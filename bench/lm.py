@@ -1,6 +1,7 @@
 """Penn Treebank benchmark at CPU scale: DEQ vs its explicit twins, trained side by side (not a test).
 
     .venv/bin/python bench/lm.py [--steps 600] [--families transformer,trellisnet] [--threads 2]
+        [--variant "solve_dtype=bfloat16"]   # an extra row: the family's DEQ with these overrides
 
 Each model is trained with ``deepeq train configs/ptb_deq_transformer.toml --model.name=...``
 (same data order, optimiser, schedule and number of steps; each in its own process, so that its
@@ -53,11 +54,11 @@ FAMILIES = {
 }
 
 
-def core_saved_mib(name: str, B: int = 16, T: int = 70) -> float:
+def core_saved_mib(name: str, overrides: dict | None = None, B: int = 16, T: int = 70) -> float:
     """Bytes saved for backward by the core: a full training forward (with a warm memory of
     mem_len positions) minus the same pass with the core skipped (embedding -> head)."""
     torch.manual_seed(0)
-    m = create_model(name, vocab_size=10000)
+    m = create_model(name, vocab_size=10000, **(overrides or {}))
     x = torch.randint(0, 10000, (B, T))
     with torch.no_grad():
         _, state, _ = m(x)  # a memory, as in the middle of an epoch
@@ -88,6 +89,25 @@ def read_run(run: Path) -> dict:
         "fwd_nfe": statistics.mean(num("fwd_nfe")) if num("fwd_nfe") else None,
         "bwd_nfe": statistics.mean(num("bwd_nfe")) if num("bwd_nfe") else None,
     }
+
+
+def parse_overrides(text: str) -> dict:
+    """``"solve_dtype=bfloat16;f_max_steps=12"`` -> ``{"solve_dtype": "bfloat16", "f_max_steps": 12}``."""
+    out = {}
+    for item in text.split(";"):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--variant needs KEY=VALUE pairs separated by ';'; got {text!r}.")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def run_name(label: str) -> str:
+    """Run directory of a row: the label with the override brackets made path-safe."""
+    return label.replace("[", "__").replace("]", "").replace("=", "-").replace(",", "_")
 
 
 def interleaved_step_s(runs: dict[str, Path], rounds: int, threads: int) -> dict[str, float]:
@@ -132,6 +152,14 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/bench_lm")
     p.add_argument("--reuse", action="store_true", help="report existing runs without training")
     p.add_argument("--rounds", type=int, default=20, help="rounds of the interleaved timing")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[;KEY=VALUE]",
+        help="an extra row: each family's DEQ with these model overrides (repeatable), e.g. "
+        "solve_dtype=bfloat16",
+    )
     args = p.parse_args(argv)
     print(
         f"# bench/lm.py  torch {torch.__version__}  CPU ({platform.processor() or platform.machine()})"
@@ -144,28 +172,35 @@ def main(argv=None) -> None:
     )
     print("|---" * 17 + "|")
     for fam in args.families.split(","):
-        config, names = FAMILIES[fam]
+        config, models = FAMILIES[fam]
+        rows = [(name, name, {}) for name in models]  # (label, model, overrides)
+        for v in args.variant:
+            ov = parse_overrides(v)
+            label = models[0] + "[" + ",".join(f"{k}={x}" for k, x in ov.items()) + "]"
+            rows.insert(1, (label, models[0], ov))
+        names = [label for label, _, _ in rows]
         res = {}
-        for name in names:
-            run = ROOT / args.out / name
+        for label, name, ov in rows:
+            run = ROOT / args.out / run_name(label)
             if not args.reuse:
                 cmd = [
                     sys.executable, "-m", "deepeq", "train", config, f"--model.name={name}",
                     f"--steps={args.steps}", f"--eval_every={max(1, args.steps // 4)}",
                     f"--optim.warmup_steps={min(200, args.steps // 10)}", f"--out_dir={run}",
                     f"--threads={args.threads}", "--no-progress",
+                    *(f"--model.overrides.{k}={x}" for k, x in ov.items()),
                 ]  # fmt: skip
                 if (run / "metrics.csv").exists():
                     cmd.append("--resume")
                 subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-            res[name] = read_run(run)
-            res[name]["saved"] = core_saved_mib(name)
+            res[label] = read_run(run)
+            res[label]["saved"] = core_saved_mib(name, ov)
             with torch.device("meta"):
-                m = create_model(name, vocab_size=10000)
-            res[name]["core"] = m.config.core
-            res[name]["params"] = m.non_embedding_parameters()
+                m = create_model(name, vocab_size=10000, **ov)
+            res[label]["core"] = m.config.core
+            res[label]["params"] = m.non_embedding_parameters()
         inter = interleaved_step_s(
-            {name: ROOT / args.out / name for name in names}, args.rounds, args.threads
+            {label: ROOT / args.out / run_name(label) for label in names}, args.rounds, args.threads
         )
         budget = min(r["train_s"] for r in res.values())
         untied = next((n for n, r in res.items() if r["core"] == "untied"), None)
