@@ -47,7 +47,9 @@ class TransformerLayer(nn.Module):
         memory's keys and values do not depend on z, so a solve computes them once, not in every
         iteration (with autograd in the caller's mode, so gradients reach them)."""
         D = inj.shape[-1] // 3
-        ctx_z, ctx_inj = ctx[..., :D], ctx[..., D:]  # memory: [z*, x̃] of earlier positions
+        # memory: [z*, x̃] of earlier positions. The z* part is copied: autograd saves it for
+        # the key/value projection, and a view would keep the whole (B, M, 4D) memory alive.
+        ctx_z, ctx_inj = ctx[..., :D].contiguous(), ctx[..., D:]
         k, v = self.attn.context(self.ln1(ctx_z) if self.pre_ln else ctx_z, ctx_inj)
         return inj, k, v
 
