@@ -165,6 +165,13 @@ def test_resume_is_bit_identical(tmp_path):
     la = [r.split(",")[1] for r in (tmp_path / "a/metrics.csv").read_text().splitlines()[1:]]
     lb = [r.split(",")[1] for r in (tmp_path / "b/metrics.csv").read_text().splitlines()[1:]]
     assert la == lb  # identical losses at every step
+    # resuming the finished run runs nothing and keeps its record (it used to overwrite
+    # final.json with one that had lost the final evaluation)
+    before = (tmp_path / "a/final.json").read_text()
+    again = train(a, progress=False, resume=True)
+    assert (tmp_path / "a/final.json").read_text() == before
+    assert again["step"] == 6 and again["test_loss"] > 0
+    assert (tmp_path / "a/metrics.csv").read_text().splitlines()[1:][-1].split(",")[1] == la[-1]
 
 
 def test_kill_then_resume_loses_at_most_one_interval(tmp_path):

@@ -288,13 +288,19 @@ def train(
         torch.distributed.barrier()
         if created:
             torch.distributed.destroy_process_group()
+    import json
+
+    if not metrics and (out / "final.json").exists():
+        # resumed a run that had already finished: nothing ran, keep its record (whose peak
+        # memory is the training process's, not this one's)
+        if main:
+            logger.info("%s was already complete at step %d; final.json kept", out, step)
+        return json.loads((out / "final.json").read_text())
     final = {k: v for k, v in metrics.items() if v is not None}
     final[f"best_{task.select}"] = best
     final["parameters"] = sum(p.numel() for p in model.parameters())
     final.update(_peak_memory(cfg.device))
     if main:
-        import json
-
         (out / "final.json").write_text(json.dumps(final, indent=1) + "\n")
     return final
 
