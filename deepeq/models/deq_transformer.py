@@ -145,13 +145,11 @@ _TINY = dict(
     b_max_steps=12,
 )
 # Penn Treebank at CPU scale (configs/ptb_*.toml): 0.26M non-embedding parameters, tied 10k
-# embedding/softmax; segments of 70 tokens with a memory of 70. Solver caps 12 forward / 4
-# backward (Anderson). In 600-step PTB trials (docs/benchmarks.md) a backward cap of 4 cost
-# nothing (valid 297.0 vs 301.9 at 12/12); the forward cap is what keeps training stable: 8/4
-# matched 12/12 at 600 steps but broke down in the longer schedule of
-# configs/ptb_deq_transformer.toml (forward residual 0.1% -> 84% by step 600), 6/4 already in
-# 600 steps. On a 12/12-trained checkpoint the gradient's cosine to a converged one
-# (`deepeq analyze gradient`) is 0.99 at 12/12, 0.97 at 12/4.
+# embedding/softmax; segments of 70 tokens with a memory of 70. Solver caps 12 forward / 12
+# backward (Anderson). Cheaper caps were measured (docs/benchmarks.md): in 600-step PTB trials
+# 12/4 (297.0 valid vs 301.9) and 8/4 (301.4) looked free, but over the 5,000 steps of
+# configs/ptb_deq_transformer.toml 8/4 broke down (forward residual 84% by step 600) and 12/4
+# ended 7% behind 12/12 (valid 134.5 vs 125.2, its backward solves falling back late in training).
 _SMALL = dict(
     vocab_size=10000,
     d_embed=128,
@@ -164,7 +162,7 @@ _SMALL = dict(
     emb_dropout=0.1,
     f_max_steps=12,
     eval_max_steps=20,
-    b_max_steps=4,
+    b_max_steps=12,
 )
 # WikiText-103 (seeds 001/003/004; vocabulary 267,735, frequency-ordered). "medium": embedding
 # 700, sequence length 150, variational dropout 0.06, weight norm; seed 004 trains with f_thres 30,
