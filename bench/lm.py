@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/lm.py [--steps 600] [--families transformer,trellisnet] [--threads 2]
         [--variant "solve_dtype=bfloat16"]   # an extra row: the family's DEQ with these overrides
+        [--variant "jac.weight=0.5;jac.probability=0.35;f_max_steps=8"]   # ... or with JR
+    .venv/bin/python bench/lm.py --time RUN_DIR [--time RUN_DIR ...]   # interleaved timing only
 
 Each model is trained with ``deepeq train configs/ptb_deq_transformer.toml --model.name=...``
 (same data order, optimiser, schedule and number of steps; each in its own process, so that its
@@ -110,17 +112,27 @@ def run_name(label: str) -> str:
     return label.replace("[", "__").replace("]", "").replace("=", "-").replace(",", "_")
 
 
-def interleaved_step_s(runs: dict[str, Path], rounds: int, threads: int) -> dict[str, float]:
-    """Median seconds per training step of each trained model, timed round-robin in this process."""
+def interleaved_step_s(
+    runs: dict[str, Path], rounds: int, threads: int, parts: dict | None = None
+) -> dict[str, float]:
+    """Mean seconds per training step of each trained model, timed round-robin in this process.
+
+    A step is the training loop's: forward, the Jacobian penalty when the run's config has one
+    (``jac.weight`` > 0; applied on a fraction ``jac.probability`` of the steps, so such a model is
+    timed both ways every round and its step time is ``(1 - p) t_plain + p t_penalty``, with the
+    run's final weight), backward. Per-kind times are medians over the rounds; ``parts``, when
+    given, receives them: ``{(name, weight): seconds}``."""
     import time
 
+    from deepeq.regularization import jacobian_penalty
     from deepeq.train.loop import load_run
 
     if threads:
         torch.set_num_threads(threads)
     models = {}
     for name, run in runs.items():
-        _, model, task = load_run(run, "latest", device="cpu")
+        cfg, model, task = load_run(run, "latest", device="cpu")
+        jac = cfg.jac
         model.train()
         state = None
         with torch.no_grad():  # a warm memory, as in the middle of an epoch
@@ -128,18 +140,66 @@ def interleaved_step_s(runs: dict[str, Path], rounds: int, threads: int) -> dict
                 x, y, _ = task.train_batch(step, 0, 1)
                 _, state, _ = model(x, state, targets=y)
         x, y, _ = task.train_batch(100, 0, 1)
-        models[name] = (model, x, y, state)
-    times = {name: [] for name in models}
+        weight = jac.final_weight if jac.final_weight is not None else jac.weight
+        kinds = (
+            [(0.0, 1.0)] if weight <= 0 else [(0.0, 1 - jac.probability), (weight, jac.probability)]
+        )
+        models[name] = (model, x, y, state, kinds, jac.num_samples)
+    times = {(name, w): [] for name, m in models.items() for w, _ in m[4]}
     for r in range(rounds + 2):
-        for name, (model, x, y, state) in models.items():
-            torch.manual_seed(r)
-            t = time.perf_counter()
-            nll, _, _ = model(x, state, targets=y)
-            nll.mean().backward()
-            if r >= 2:  # two warm-up rounds
-                times[name].append(time.perf_counter() - t)
-            model.zero_grad(set_to_none=True)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+        for name, (model, x, y, state, kinds, probes) in models.items():
+            for w, _ in kinds:
+                torch.manual_seed(r)
+                t = time.perf_counter()
+                nll, _, sols = model(x, state, targets=y)
+                loss = nll.mean()
+                if w > 0:
+                    pen = sum(jacobian_penalty(s.fz, s.z_leaf, num_samples=probes) for s in sols)
+                    loss = loss + w * pen / len(sols)
+                loss.backward()
+                if r >= 2:  # two warm-up rounds
+                    times[name, w].append(time.perf_counter() - t)
+                model.zero_grad(set_to_none=True)
+    if parts is not None:
+        parts.update({key: statistics.median(ts) for key, ts in times.items()})
+    return {
+        name: sum(p * statistics.median(times[name, w]) for w, p in m[4])
+        for name, m in models.items()
+    }
+
+
+def time_runs(runs: list[Path], rounds: int, threads: int) -> None:
+    """Print the interleaved time per training step of existing runs and their ratios."""
+    from deepeq.train.config import load_config
+
+    for run in runs:
+        if not (run / "checkpoints" / "latest.pt").exists():
+            raise SystemExit(f"--time {run}: no checkpoints/latest.pt; train the run first.")
+    labels = {str(run): run for run in runs}
+    parts: dict = {}
+    inter = interleaved_step_s(labels, rounds, threads, parts)
+    cores = {}
+    for label, run in labels.items():
+        cfg = load_config(run / "config.toml")
+        with torch.device("meta"):
+            cores[label] = create_model(cfg.model.name, vocab_size=10000, **cfg.model.overrides)
+    untied = next((k for k, m in cores.items() if m.config.core == "untied"), None)
+    print(
+        f"# bench/lm.py --time  torch {torch.__version__}  threads "
+        f"{threads or torch.get_num_threads()}  rounds {rounds}"
+    )
+    print(
+        "| run | model | JR γ / p | s/step (interleaved) | time × untied | s/step without / with "
+        "the penalty |"
+    )
+    print("|---|---|---|---|---|---|")
+    for label, run in labels.items():
+        cfg = load_config(run / "config.toml")
+        j = cfg.jac
+        jr = "-" if j.weight <= 0 else f"{j.final_weight or j.weight:g} / {j.probability:g}"
+        r = "-" if untied is None else f"{inter[label] / inter[untied]:.2f}"
+        split = " / ".join(f"{t:.3f}" for (name, _), t in parts.items() if name == label)
+        print(f"| {label} | {cfg.model.name} | {jr} | {inter[label]:.3f} | {r} | {split} |")
 
 
 def main(argv=None) -> None:
@@ -158,9 +218,21 @@ def main(argv=None) -> None:
         default=[],
         metavar="KEY=VALUE[;KEY=VALUE]",
         help="an extra row: each family's DEQ with these model overrides (repeatable), e.g. "
-        "solve_dtype=bfloat16",
+        "solve_dtype=bfloat16; keys starting with 'jac.' set the Jacobian regularisation "
+        "(jac.weight=0.5;jac.probability=0.35)",
+    )
+    p.add_argument(
+        "--time",
+        action="append",
+        default=[],
+        metavar="RUN_DIR",
+        help="only time these trained runs' steps, interleaved (repeatable; ratios to the run "
+        "whose core is untied, if any)",
     )
     args = p.parse_args(argv)
+    if args.time:
+        time_runs([Path(r) for r in args.time], args.rounds, args.threads)
+        return
     print(
         f"# bench/lm.py  torch {torch.__version__}  CPU ({platform.processor() or platform.machine()})"
         f"  threads {args.threads or torch.get_num_threads()}  steps {args.steps}  B=16 T=70"
@@ -188,15 +260,19 @@ def main(argv=None) -> None:
                     f"--steps={args.steps}", f"--eval_every={max(1, args.steps // 4)}",
                     f"--optim.warmup_steps={min(200, args.steps // 10)}", f"--out_dir={run}",
                     f"--threads={args.threads}", "--no-progress",
-                    *(f"--model.overrides.{k}={x}" for k, x in ov.items()),
+                    *(
+                        f"--{k}={x}" if k.startswith("jac.") else f"--model.overrides.{k}={x}"
+                        for k, x in ov.items()
+                    ),
                 ]  # fmt: skip
                 if (run / "metrics.csv").exists():
                     cmd.append("--resume")
                 subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
             res[label] = read_run(run)
-            res[label]["saved"] = core_saved_mib(name, ov)
+            mov = {k: x for k, x in ov.items() if not k.startswith("jac.")}  # model overrides
+            res[label]["saved"] = core_saved_mib(name, mov)
             with torch.device("meta"):
-                m = create_model(name, vocab_size=10000, **ov)
+                m = create_model(name, vocab_size=10000, **mov)
             res[label]["core"] = m.config.core
             res[label]["params"] = m.non_embedding_parameters()
         inter = interleaved_step_s(
