@@ -235,6 +235,38 @@ def test_backward_max_steps_is_counted_not_fallback(gen):
     assert not sol.backward.fallback.any()
 
 
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_backward_solve_starts_at_v_no_wasted_vjp(steps, gen):
+    # Linear f(z) = A z + x: the backward fixed point is g = Aᵀ g + v. Started at g = v, the
+    # initial evaluation and k Picard steps use k + 1 vjps and return the iterate g_k, the
+    # k + 1-term Neumann sum Σ_{i<=k} (Aᵀ)^i v; a start at g = 0 would spend the first vjp on
+    # Aᵀ0 = 0 and be one term short.
+    A = _contraction(gen, 5, norm=0.8)
+    x = torch.randn(2, 5, generator=gen, dtype=F64, requires_grad=True)
+    v = torch.randn(2, 5, generator=gen, dtype=F64)
+    backward = ImplicitBackward(solver=Picard(atol=0.0, rtol=0.0, max_steps=steps))
+    sol = deepeq.fixed_point(
+        lambda z, x: z @ A.T + x, torch.zeros(2, 5, dtype=F64), Broyden(**EXACT), args=(x,),
+        backward=backward,
+    )  # fmt: skip
+    (sol.value * v).sum().backward()
+    term, expected = v, v
+    for _ in range(steps):
+        term = term @ A  # (Aᵀ)^i v, row-wise
+        expected = expected + term
+    # dL/dx = gᵀ ∂f/∂x = g; the driver returns the last iterate g_k (its residual is the lowest)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-12, atol=1e-12)
+    assert sol.backward.nfe == steps + 1
+
+
+def test_backward_of_a_z_independent_f_takes_one_vjp(gen):
+    x = torch.randn(3, 4, generator=gen, dtype=F64, requires_grad=True)
+    sol = deepeq.fixed_point(lambda z, x: 0 * z + 2 * x, torch.zeros(3, 4, dtype=F64), args=(x,))
+    sol.value.sum().backward()
+    assert sol.backward.status is deepeq.Status.CONVERGED and sol.backward.nfe == 1
+    torch.testing.assert_close(x.grad, 2 * torch.ones_like(x))
+
+
 def _expansive(x):
     # f(z) = 2 z - x: fixed point z* = x (Broyden finds it), but J = 2I, so the backward
     # fixed point g = 2g + v diverges under Picard iteration.

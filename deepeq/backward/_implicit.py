@@ -27,14 +27,15 @@ class ImplicitBackward(AbstractBackward):
     The forward iterations run without an autograd graph; then ONE tracked call ``f(z*)`` is
     made from a detached leaf ``z*``. In the backward pass, with ``v = dL/dz*`` and
     ``J = ∂f/∂z`` at ``z*``, the linear fixed point ``g = Jᵀ g + v`` is solved per sample by
-    ``solver`` using vector-Jacobian products through that single call, and ``g`` is then
+    ``solver``, started at ``g = v``, using vector-Jacobian products through that single call
+    (a cap of k steps costs k + 1 of them), and ``g`` is then
     propagated through it to f's parameters, ``args`` and anything f closes over:
     ``dL/dθ = gᵀ ∂f/∂θ = v (I - J)⁻¹ ∂f/∂θ``. Memory is that of one call of f, whatever the
     number of forward steps. Implemented with a module-level ``torch.autograd.Function``.
 
     Samples that reach ``max_steps`` with a shrinking residual are normal (counted in
     ``Solution.backward``). A sample whose backward solve *diverged* (non-finite, or final
-    residual above the starting residual ``||v||``) gets the ``fallback``: ``"phantom"``
+    residual above ``||v||``, the residual of ``g = 0``) gets the ``fallback``: ``"phantom"``
     (default) replaces its g by the phantom gradient at ``z*``,
     ``g = (1-β) Σ_{i<k} ((1-β) Jᵀ + β I)^i v`` with ``k = fallback_steps`` and
     ``β = fallback_damping`` (``k=1, β=0`` is the Jacobian-free gradient ``g = v``);
@@ -147,9 +148,10 @@ class _ImplicitFunction(torch.autograd.Function):
             return vjp(g) + v
 
         # The vjp runs on the full batch (one recorded graph), so samples are not independent
-        # for the driver; converged samples are still frozen.
+        # for the driver; converged samples are still frozen. The solve starts from g = v (the
+        # first Neumann term, = h(0)): starting from 0 would spend its first vjp on Jᵀ0 = 0.
         g, status, st = driver_solve(
-            h, torch.zeros_like(v), rule.solver, layout_of(v), (), False, "return", False
+            h, v.clone(), rule.solver, layout_of(v), (), False, "return", False
         )
         v_norm = torch.linalg.vector_norm(v, dim=1, dtype=st.abs_residual.dtype)
         diverged = st.nonfinite | (st.abs_residual > v_norm)
