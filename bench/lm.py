@@ -112,8 +112,26 @@ def run_name(label: str) -> str:
     return label.replace("[", "__").replace("]", "").replace("=", "-").replace(",", "_")
 
 
+def _train_step(model, x, y, state, weight: float, probes: int) -> list:
+    """The training loop's step without the optimiser: forward, Jacobian penalty, backward."""
+    from deepeq.regularization import jacobian_penalty
+
+    nll, _, sols = model(x, state, targets=y)
+    loss = nll.mean()
+    if weight > 0:
+        pen = sum(jacobian_penalty(s.fz, s.z_leaf, num_samples=probes) for s in sols)
+        loss = loss + weight * pen / len(sols)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sols
+
+
 def interleaved_step_s(
-    runs: dict[str, Path], rounds: int, threads: int, parts: dict | None = None
+    runs: dict[str, Path],
+    rounds: int,
+    threads: int,
+    parts: dict | None = None,
+    counts: dict | None = None,
 ) -> dict[str, float]:
     """Mean seconds per training step of each trained model, timed round-robin in this process.
 
@@ -121,10 +139,13 @@ def interleaved_step_s(
     (``jac.weight`` > 0; applied on a fraction ``jac.probability`` of the steps, so such a model is
     timed both ways every round and its step time is ``(1 - p) t_plain + p t_penalty``, with the
     run's final weight), backward. Per-kind times are medians over the rounds; ``parts``, when
-    given, receives them: ``{(name, weight): seconds}``."""
+    given, receives them: ``{(name, weight): seconds}``; ``counts``, when given, receives
+    ``{(name, weight): (GFLOP, forward NFE, backward NFE)}`` of one such step (counted with
+    ``torch.utils.flop_counter`` in the first warm-up round)."""
     import time
 
-    from deepeq.regularization import jacobian_penalty
+    from torch.utils.flop_counter import FlopCounterMode
+
     from deepeq.train.loop import load_run
 
     if threads:
@@ -150,16 +171,19 @@ def interleaved_step_s(
         for name, (model, x, y, state, kinds, probes) in models.items():
             for w, _ in kinds:
                 torch.manual_seed(r)
+                if r == 0 and counts is not None:  # warm-up round: count FLOPs and NFE once
+                    with FlopCounterMode(display=False) as fc:
+                        sols = _train_step(model, x, y, state, w, probes)
+                    counts[name, w] = (
+                        fc.get_total_flops() / 1e9,
+                        sum(s.stats.nfe for s in sols),
+                        sum(s.backward.nfe for s in sols if s.backward is not None),
+                    )
+                    continue
                 t = time.perf_counter()
-                nll, _, sols = model(x, state, targets=y)
-                loss = nll.mean()
-                if w > 0:
-                    pen = sum(jacobian_penalty(s.fz, s.z_leaf, num_samples=probes) for s in sols)
-                    loss = loss + w * pen / len(sols)
-                loss.backward()
+                _train_step(model, x, y, state, w, probes)
                 if r >= 2:  # two warm-up rounds
                     times[name, w].append(time.perf_counter() - t)
-                model.zero_grad(set_to_none=True)
     if parts is not None:
         parts.update({key: statistics.median(ts) for key, ts in times.items()})
     return {
@@ -177,29 +201,39 @@ def time_runs(runs: list[Path], rounds: int, threads: int) -> None:
             raise SystemExit(f"--time {run}: no checkpoints/latest.pt; train the run first.")
     labels = {str(run): run for run in runs}
     parts: dict = {}
-    inter = interleaved_step_s(labels, rounds, threads, parts)
-    cores = {}
-    for label, run in labels.items():
-        cfg = load_config(run / "config.toml")
+    counts: dict = {}
+    inter = interleaved_step_s(labels, rounds, threads, parts, counts)
+    cfgs = {label: load_config(run / "config.toml") for label, run in labels.items()}
+    gflop, untied = {}, None
+    for label, cfg in cfgs.items():
         with torch.device("meta"):
-            cores[label] = create_model(cfg.model.name, vocab_size=10000, **cfg.model.overrides)
-    untied = next((k for k, m in cores.items() if m.config.core == "untied"), None)
+            m = create_model(cfg.model.name, vocab_size=10000, **cfg.model.overrides)
+        if m.config.core == "untied" and untied is None:
+            untied = label
+        j = cfg.jac
+        p = j.probability if j.weight > 0 else 0.0
+        gflop[label] = sum(
+            (p if w > 0 else 1 - p) * c[0] for (name, w), c in counts.items() if name == label
+        )
     print(
         f"# bench/lm.py --time  torch {torch.__version__}  threads "
         f"{threads or torch.get_num_threads()}  rounds {rounds}"
     )
     print(
         "| run | model | JR γ / p | s/step (interleaved) | time × untied | s/step without / with "
-        "the penalty |"
+        "the penalty | GFLOP/step | FLOP × untied | fwd / bwd NFE (timed batch) |"
     )
-    print("|---|---|---|---|---|---|")
-    for label, run in labels.items():
-        cfg = load_config(run / "config.toml")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, cfg in cfgs.items():
         j = cfg.jac
         jr = "-" if j.weight <= 0 else f"{j.final_weight or j.weight:g} / {j.probability:g}"
-        r = "-" if untied is None else f"{inter[label] / inter[untied]:.2f}"
+        ratio = lambda d, k=label: "-" if untied is None else f"{d[k] / d[untied]:.2f}"  # noqa: E731
         split = " / ".join(f"{t:.3f}" for (name, _), t in parts.items() if name == label)
-        print(f"| {label} | {cfg.model.name} | {jr} | {inter[label]:.3f} | {r} | {split} |")
+        nfe = next(c for (name, _), c in counts.items() if name == label)
+        print(
+            f"| {label} | {cfg.model.name} | {jr} | {inter[label]:.3f} | {ratio(inter)} | {split} "
+            f"| {gflop[label]:.2f} | {ratio(gflop)} | {nfe[1] or '-'} / {nfe[2] or '-'} |"
+        )
 
 
 def main(argv=None) -> None:
