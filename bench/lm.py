@@ -5,6 +5,11 @@
         [--variant "jac.weight=0.5;jac.probability=0.35;f_max_steps=8"]   # ... or with JR
     .venv/bin/python bench/lm.py --time RUN_DIR [--time RUN_DIR ...]   # interleaved timing only
 
+``--time`` takes trained run directories (any config, e.g. the 1-hour runs) and prints their
+interleaved time per training step (Jacobian penalty included on its fraction of the steps), the
+FLOPs of one such step (``torch.utils.flop_counter``: deterministic, unlike time) and the ratios of
+both to the run whose core is untied.
+
 Each model is trained with ``deepeq train configs/ptb_deq_transformer.toml --model.name=...``
 (same data order, optimiser, schedule and number of steps; each in its own process, so that its
 peak RSS is its own) and evaluated on the whole PTB validation/test streams. Reported per model:
