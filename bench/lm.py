@@ -143,7 +143,8 @@ def interleaved_step_s(
     A step is the training loop's: forward, the Jacobian penalty when the run's config has one
     (``jac.weight`` > 0; applied on a fraction ``jac.probability`` of the steps, so such a model is
     timed both ways every round and its step time is ``(1 - p) t_plain + p t_penalty``, with the
-    run's final weight), backward. Per-kind times are medians over the rounds; ``parts``, when
+    run's final weight), backward; subnormal floats flushed to zero or not, as the run's config
+    says (``flush_denormal``, default on). Per-kind times are medians over the rounds; ``parts``, when
     given, receives them: ``{(name, weight): seconds}``; ``counts``, when given, receives
     ``{(name, weight): (GFLOP, forward NFE, backward NFE)}`` of one such step (counted with
     ``torch.utils.flop_counter`` in the first warm-up round)."""
@@ -170,10 +171,11 @@ def interleaved_step_s(
         kinds = (
             [(0.0, 1.0)] if weight <= 0 else [(0.0, 1 - jac.probability), (weight, jac.probability)]
         )
-        models[name] = (model, x, y, state, kinds, jac.num_samples)
+        models[name] = (model, x, y, state, kinds, jac.num_samples, cfg.flush_denormal)
     times = {(name, w): [] for name, m in models.items() for w, _ in m[4]}
     for r in range(rounds + 2):
-        for name, (model, x, y, state, kinds, probes) in models.items():
+        for name, (model, x, y, state, kinds, probes, flush) in models.items():
+            torch.set_flush_denormal(flush)  # as the run trained (config flush_denormal)
             for w, _ in kinds:
                 torch.manual_seed(r)
                 if r == 0 and counts is not None:  # warm-up round: count FLOPs and NFE once
@@ -189,6 +191,7 @@ def interleaved_step_s(
                 _train_step(model, x, y, state, w, probes)
                 if r >= 2:  # two warm-up rounds
                     times[name, w].append(time.perf_counter() - t)
+    torch.set_flush_denormal(False)
     if parts is not None:
         parts.update({key: statistics.median(ts) for key, ts in times.items()})
     return {

@@ -174,6 +174,38 @@ def test_resume_is_bit_identical(tmp_path):
     assert (tmp_path / "a/metrics.csv").read_text().splitlines()[1:][-1].split(",")[1] == la[-1]
 
 
+@pytest.mark.parametrize("flush", [True, False])
+def test_flush_denormal_holds_during_training_only(flush, tmp_path, monkeypatch):
+    tiny = torch.tensor(1e-40)  # subnormal in float32
+    seen, calls = [], []
+    real_set = torch.set_flush_denormal
+
+    def record(on):
+        calls.append(on)
+        return real_set(on)
+
+    real_step = torch.optim.Adam.step
+
+    def step(self, *a, **k):  # what a training step sees
+        seen.append(float(tiny * 1.0) == 0.0)
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch, "set_flush_denormal", record)
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    cfg = load_config(
+        ROOT / "configs/copy_memory_tiny.toml",
+        [*SMALL, f"--out_dir={tmp_path}", f"--flush_denormal={str(flush).lower()}"],
+    )
+    assert cfg.optim.name == "adam"
+    train(cfg, progress=False)
+    if not real_set(True):  # a CPU without FTZ/DAZ: nothing to check
+        pytest.skip("this CPU cannot flush denormals")
+    real_set(False)
+    assert seen == [flush] * 2  # flushed in every training step iff configured
+    assert calls == ([True, False] if flush else [])
+    assert float(tiny * 1.0) != 0.0  # torch's default restored afterwards
+
+
 def test_kill_then_resume_loses_at_most_one_interval(tmp_path):
     args = [
         sys.executable,

@@ -100,6 +100,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # torch.set_num_threads; 0 leaves the default
+    # CPU: subnormal floats (|x| < 1.2e-38) computed as zero while training (x86 FTZ/DAZ, via
+    # torch.set_flush_denormal). Late in training DEQs produce many of them and each costs ~100x
+    # a normal float operation: up to 1.5x time per step measured (docs/benchmarks.md).
+    flush_denormal: bool = True
     out_dir: str = "runs/default"
     max_nonfinite: int = 5  # consecutive skipped (non-finite) steps before the run stops
 
@@ -208,6 +212,8 @@ def parse_override(arg: str) -> tuple[str, Any]:
     tp = _field_type(key)
     if tp is str:
         return key, raw
+    if tp is bool and raw.lower() in ("true", "false"):  # TOML spelling as well as Python's
+        return key, raw.lower() == "true"
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):

@@ -93,7 +93,19 @@ def train(
     ``latest.pt``; on CPU the continued run is bit-identical to an uninterrupted one.
     ``until_step`` stops (with a checkpoint) once that step is reached, for time-boxed sessions;
     ``--resume`` later continues the same schedule.
+
+    With ``cfg.flush_denormal`` (default) subnormal floats are flushed to zero for the duration
+    of the call (``torch.set_flush_denormal(True)``; reset to torch's default, off, on return).
     """
+    flush = cfg.flush_denormal and torch.set_flush_denormal(True)  # False where unsupported
+    try:
+        return _train(cfg, resume=resume, progress=progress, until_step=until_step)
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+
+
+def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | None) -> dict:
     out = Path(cfg.out_dir)
     ckdir = out / "checkpoints"
     if cfg.threads:
