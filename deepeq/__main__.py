@@ -48,7 +48,7 @@ def _train(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from .train.loop import load_run
+    from .train.loop import flush_denormal, load_run
 
     p = argparse.ArgumentParser(
         prog="deepeq eval", description="Evaluate a run's best (or latest) checkpoint."
@@ -59,12 +59,13 @@ def _eval(argv: list[str]) -> int:
         "--max-steps", default="", help="comma-separated eval solver caps to sweep (DEQ models)"
     )
     args = p.parse_args(argv)
-    _cfg, model, task = load_run(args.run_dir, args.checkpoint)
+    cfg, model, task = load_run(args.run_dir, args.checkpoint)
     caps = [int(v) for v in args.max_steps.split(",") if v] or [None]
     from .analysis.studies import eval_sweep
 
-    for line in eval_sweep(model, task, caps):
-        print(line)
+    with flush_denormal(cfg.flush_denormal):  # as in training
+        for line in eval_sweep(model, task, caps):
+            print(line)
     return 0
 
 

@@ -204,6 +204,9 @@ def test_flush_denormal_holds_during_training_only(flush, tmp_path, monkeypatch)
     assert seen == [flush] * 2  # flushed in every training step iff configured
     assert calls == ([True, False] if flush else [])
     assert float(tiny * 1.0) != 0.0  # torch's default restored afterwards
+    calls.clear()
+    assert main(["eval", str(tmp_path)]) == 0  # `deepeq eval` follows the run's setting
+    assert calls == ([True, False] if flush else [])
 
 
 def test_kill_then_resume_loses_at_most_one_interval(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -97,9 +98,17 @@ def train(
     With ``cfg.flush_denormal`` (default) subnormal floats are flushed to zero for the duration
     of the call (``torch.set_flush_denormal(True)``; reset to torch's default, off, on return).
     """
-    flush = cfg.flush_denormal and torch.set_flush_denormal(True)  # False where unsupported
-    try:
+    with flush_denormal(cfg.flush_denormal):
         return _train(cfg, resume=resume, progress=progress, until_step=until_step)
+
+
+@contextlib.contextmanager
+def flush_denormal(on: bool):
+    """Subnormal floats computed as zero inside the block when ``on`` (and the CPU supports it),
+    then torch's default (off) again."""
+    flush = on and torch.set_flush_denormal(True)  # False where unsupported
+    try:
+        yield
     finally:
         if flush:
             torch.set_flush_denormal(False)
