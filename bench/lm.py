@@ -146,8 +146,8 @@ def interleaved_step_s(
     run's final weight), backward; subnormal floats flushed to zero or not, as the run's config
     says (``flush_denormal``, default on). Per-kind times are medians over the rounds; ``parts``, when
     given, receives them: ``{(name, weight): seconds}``; ``counts``, when given, receives
-    ``{(name, weight): (GFLOP, forward NFE, backward NFE)}`` of one such step (counted with
-    ``torch.utils.flop_counter`` in the first warm-up round)."""
+    ``{(name, weight): (share of steps, GFLOP, forward NFE, backward NFE)}`` of one such step
+    (counted with ``torch.utils.flop_counter`` in the first warm-up round)."""
     import time
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -176,12 +176,13 @@ def interleaved_step_s(
     for r in range(rounds + 2):
         for name, (model, x, y, state, kinds, probes, flush) in models.items():
             torch.set_flush_denormal(flush)  # as the run trained (config flush_denormal)
-            for w, _ in kinds:
+            for w, share in kinds:
                 torch.manual_seed(r)
                 if r == 0 and counts is not None:  # warm-up round: count FLOPs and NFE once
                     with FlopCounterMode(display=False) as fc:
                         sols = _train_step(model, x, y, state, w, probes)
                     counts[name, w] = (
+                        share,
                         fc.get_total_flops() / 1e9,
                         sum(s.stats.nfe for s in sols),
                         sum(s.backward.nfe for s in sols if s.backward is not None),
@@ -212,17 +213,16 @@ def time_runs(runs: list[Path], rounds: int, threads: int) -> None:
     counts: dict = {}
     inter = interleaved_step_s(labels, rounds, threads, parts, counts)
     cfgs = {label: load_config(run / "config.toml") for label, run in labels.items()}
-    gflop, untied = {}, None
+    gflop = {
+        label: sum(c[0] * c[1] for (name, _), c in counts.items() if name == label)
+        for label in labels
+    }
+    untied = None
     for label, cfg in cfgs.items():
         with torch.device("meta"):
             m = create_model(cfg.model.name, vocab_size=10000, **cfg.model.overrides)
         if m.config.core == "untied" and untied is None:
             untied = label
-        j = cfg.jac
-        p = j.probability if j.weight > 0 else 0.0
-        gflop[label] = sum(
-            (p if w > 0 else 1 - p) * c[0] for (name, w), c in counts.items() if name == label
-        )
     print(
         f"# bench/lm.py --time  torch {torch.__version__}  threads "
         f"{threads or torch.get_num_threads()}  rounds {rounds}"
@@ -240,7 +240,7 @@ def time_runs(runs: list[Path], rounds: int, threads: int) -> None:
         nfe = next(c for (name, _), c in counts.items() if name == label)
         print(
             f"| {label} | {cfg.model.name} | {jr} | {inter[label]:.3f} | {ratio(inter)} | {split} "
-            f"| {gflop[label]:.2f} | {ratio(gflop)} | {nfe[1] or '-'} / {nfe[2] or '-'} |"
+            f"| {gflop[label]:.2f} | {ratio(gflop)} | {nfe[2] or '-'} / {nfe[3] or '-'} |"
         )
 
 
