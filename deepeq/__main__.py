@@ -113,6 +113,13 @@ def _analyze(argv: list[str]) -> int:
     g.add_argument("--step", type=int, default=100, help="the training batch of this step")
     g.add_argument("--checkpoint", default="latest", choices=("best", "latest"))
     g.add_argument("--no-dropout", action="store_true", help="f without dropout (eval mode)")
+    g.add_argument(
+        "--b-init",
+        default="v",
+        choices=("v", "shine"),
+        help="backward start: dL/dz* or the forward Broyden solver's inverse estimate (SHINE)",
+    )
+    g.add_argument("--solver", default=None, help="forward solver (default: the run's)")
     g.add_argument("--out", default="runs/analysis")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -147,8 +154,9 @@ def _analyze(argv: list[str]) -> int:
         caps = studies.parse_caps(args.caps)
         _, model, task = load_run(args.run, args.checkpoint)
         rows = studies.gradient_accuracy(
-            model, task, caps, step=args.step, dropout=not args.no_dropout
-        )
+            model, task, caps, step=args.step, dropout=not args.no_dropout,
+            b_init=args.b_init, solver=args.solver,
+        )  # fmt: skip
         studies.write_csv(rows, out / "gradient_accuracy.csv")
         studies.plot_gradient_accuracy(rows, out / "gradient_accuracy.png")
         print(
@@ -157,7 +165,8 @@ def _analyze(argv: list[str]) -> int:
         print("|---" * 9 + "|")
         for r in rows:
             print(
-                f"| {r['f_cap']}/{r['b_cap']} | {r['loss']:.5f} | {r['fwd_rel_residual']:.2e} | "
+                f"| {r['f_cap']}/{r['b_cap']}{' shine' if r['b_init'] == 'shine' else ''} | "
+                f"{r['loss']:.5f} | {r['fwd_rel_residual']:.2e} | "
                 f"{r['bwd_rel_residual']:.2e} | {r['fwd_nfe']} | {r['bwd_nfe']} | "
                 f"{r['cosine']:.4f} | {r['rel_error']:.3f} | {r['seconds']:.2f} |"
             )

@@ -90,6 +90,21 @@ class _Evaluator:
         return flatten(out, self.layout).to(self.layout.dtype)[ids]
 
 
+def _record_inverse(
+    inverse: dict, solver, state, idx: Tensor, ids: Tensor, z: Tensor, B: int
+) -> None:
+    factors = solver.inverse_factors(state, idx)
+    if factors is None:
+        return
+    U, V = factors  # (n_done, n, D)
+    if "U" not in inverse:
+        shape = (B, solver.history_length, z.shape[1])
+        inverse["U"], inverse["V"] = z.new_zeros(shape), z.new_zeros(shape)
+    n = U.shape[1]
+    inverse["U"][ids, :n] = U.detach()
+    inverse["V"][ids, :n] = V.detach()
+
+
 def _norms(z: Tensor, fz: Tensor) -> Tensor:
     """``(2, b)``: row 0 ``||f(z) - z||``, row 1 ``||f(z)||``, computed in at least float32."""
     dtype = torch.promote_types(z.dtype, torch.float32)
@@ -101,8 +116,13 @@ def _norms(z: Tensor, fz: Tensor) -> Tensor:
 LAZY_COMPACTION: bool | str = "auto"
 
 
-def solve(f, z, solver, layout, args, independent, nonfinite, trace):
-    """The driver loop on flat ``z`` (B, D). Returns (z*, status, stats)."""
+def solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse=None):
+    """The driver loop on flat ``z`` (B, D). Returns (z*, status, stats).
+
+    ``inverse``, a dict, receives each sample's inverse-Jacobian estimate at the step it stopped,
+    for solvers that keep one (:meth:`AbstractSolver.inverse_factors`): ``inverse["U"]``,
+    ``inverse["V"]`` ``(B, m, D)`` with ``(I - J_f)⁻¹ ≈ I - Σ_i u_i v_iᵀ`` (unused slots zero).
+    It stays empty for the other solvers."""
     t0 = time.perf_counter()
     B, dev = layout.batch, layout.device
     grad = torch.is_grad_enabled()
@@ -187,6 +207,8 @@ def solve(f, z, solver, layout, args, independent, nonfinite, trace):
             out_best[ids] = best_step[idx]
             out_steps[ids] = k
             out_nonfinite[ids] = bad[idx]
+            if inverse is not None:
+                _record_inverse(inverse, solver, state, idx, ids, z, B)
             if ev.full_z is not None:
                 ev.full_z = ev.full_z.index_copy(0, ids, best_z[idx])
             gone = done if frozen is None else done | frozen

@@ -134,11 +134,12 @@ class Problem:
         self.z0 = flatten(z0, layout).detach()
         self.iterate_f = f  # what the forward solver calls (f itself, or f under autocast)
 
-    def solve(self) -> tuple[Tensor, Status, Stats]:
-        """Run the solver (recording autograd only if grad mode is on): flat z*, status, stats."""
+    def solve(self, inverse: dict | None = None) -> tuple[Tensor, Status, Stats]:
+        """Run the solver (recording autograd only if grad mode is on): flat z*, status, stats.
+        ``inverse`` (a dict) receives the solver's inverse-Jacobian estimate, if it keeps one."""
         return solve(
             self.iterate_f, self.z0, self.solver, self.layout, self.args, self.independent,
-            self.nonfinite, self.trace,
+            self.nonfinite, self.trace, inverse,
         )  # fmt: skip
 
     def call(self, z: Tensor) -> Tensor:

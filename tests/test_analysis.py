@@ -216,3 +216,14 @@ def test_gradient_accuracy_command(tmp_path, capsys):
     assert int(crude["fwd_nfe"]) <= 2 and int(crude["bwd_nfe"]) <= 2
     assert (out / "gradient_accuracy.png").exists() and "| 40/40 |" in capsys.readouterr().out
     assert main(["analyze", "gradient", str(run), "--caps", "8-4"]) == 2  # clear error, exit 2
+    # No backward iterations (cap 0) from the Broyden forward solver's inverse estimate (SHINE):
+    # no vector-Jacobian product, an approximate gradient; refined by 40 steps it is exact again.
+    cmd = ["analyze", "gradient", str(run), "--caps", "40/0,40/40", "--step=1", "--out", str(out)]
+    assert main([*cmd, "--b-init", "shine"]) == 2  # the run's Anderson keeps no estimate
+    assert main([*cmd, "--b-init", "shine", "--solver", "broyden"]) == 0
+    rows = list(csv.DictReader((out / "gradient_accuracy.csv").read_text().splitlines()))
+    ref, shine, refined = rows
+    assert [r["b_init"] for r in rows] == ["v", "shine", "shine"]
+    assert shine["bwd_nfe"] == "0" and shine["bwd_rel_residual"] == "nan"
+    assert float(ref["fwd_rel_residual"]) < 1e-6 and float(ref["bwd_rel_residual"]) < 1e-6
+    assert float(refined["rel_error"]) < 0.01 < float(shine["rel_error"])

@@ -267,6 +267,83 @@ def test_backward_of_a_z_independent_f_takes_one_vjp(gen):
     torch.testing.assert_close(x.grad, 2 * torch.ones_like(x))
 
 
+def test_shine_is_exact_for_scalar_linear_maps():
+    """f(z) = a z + x per sample (D = 1): Broyden is the secant method, its inverse estimate is
+    exactly (a - 1)⁻¹ after one update, so SHINE with no backward iteration gives the implicit
+    gradient 1/(1-a). The a = 0 sample stops one step earlier than the others (recorded at its
+    own stop), and the Jacobian-free gradient (init "v") gives 1 instead."""
+    a = torch.tensor([[0.3], [0.7], [-0.5], [0.9], [0.0]], dtype=F64)
+    grads = {}
+    for init in ("v", "shine"):
+        x = torch.tensor([[-1.0], [0.5], [0.25], [2.0], [1.5]], dtype=F64, requires_grad=True)
+        sol = deepeq.fixed_point(
+            lambda z, x, a: a * z + x,
+            torch.zeros(5, 1, dtype=F64),
+            Broyden(**EXACT),
+            args=(x, a),
+            backward=ImplicitBackward(solver=None, init=init),
+        )
+        sol.value.sum().backward()
+        assert sol.backward.nfe == 0 and sol.backward.rel_residual is None
+        grads[init] = x.grad
+        steps = sol.stats.num_steps
+    assert steps[4] < steps[0]  # the samples stopped at different steps
+    torch.testing.assert_close(grads["shine"], 1 / (1 - a), rtol=1e-12, atol=0)
+    torch.testing.assert_close(grads["v"], torch.ones_like(a))
+
+
+def test_shine_start_is_refined_to_the_implicit_gradient(gen):
+    W = _contraction(gen, 6, norm=0.8).requires_grad_()
+    x = torch.randn(3, 6, generator=gen, dtype=F64, requires_grad=True)
+    w = torch.randn(3, 6, generator=gen, dtype=F64)
+    out = {}
+    for init in ("v", "shine"):
+        sol = deepeq.fixed_point(
+            tanh_layer(W),
+            torch.zeros(3, 6, dtype=F64),
+            Broyden(**EXACT),
+            args=(x,),
+            backward=ImplicitBackward(solver=deepeq.Anderson(**EXACT), init=init),
+        )
+        out[init] = torch.autograd.grad((sol.value * w).sum(), (x, W))
+        assert sol.backward.status is deepeq.Status.CONVERGED
+    for a, b in zip(out["v"], out["shine"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    # and without refinement SHINE is an approximation that differs from the exact gradient
+    sol = deepeq.fixed_point(
+        tanh_layer(W), torch.zeros(3, 6, dtype=F64), Broyden(**EXACT), args=(x,),
+        backward=ImplicitBackward(solver=None, init="shine"),
+    )  # fmt: skip
+    approx = torch.autograd.grad((sol.value * w).sum(), x)[0]
+    assert (approx - out["v"][0]).abs().max() > 1e-4
+
+
+def test_backward_without_iterations_is_the_jacobian_free_gradient(gen):
+    W = _contraction(gen, 4)
+    x = torch.randn(3, 4, generator=gen, dtype=F64, requires_grad=True)
+    grads = []
+    for rule in (ImplicitBackward(solver=None), PhantomBackward(steps=1)):
+        sol = deepeq.fixed_point(
+            tanh_layer(W), torch.zeros(3, 4, dtype=F64), Broyden(**EXACT), args=(x,), backward=rule
+        )
+        grads.append(torch.autograd.grad(sol.value.sum(), x)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+def test_shine_needs_a_forward_solver_with_an_inverse_estimate():
+    x = torch.ones(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"Anderson does not keep.*Broyden"):
+        deepeq.fixed_point(
+            lambda z, x: 0.5 * z + x,
+            torch.zeros(2, 3),
+            deepeq.Anderson(),
+            args=(x,),
+            backward=ImplicitBackward(init="shine"),
+        )
+    with pytest.raises(ValueError, match="'v' or 'shine'"):
+        ImplicitBackward(init="broyden")
+
+
 def _expansive(x):
     # f(z) = 2 z - x: fixed point z* = x (Broyden finds it), but J = 2I, so the backward
     # fixed point g = 2g + v diverges under Picard iteration.

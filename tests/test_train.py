@@ -279,6 +279,26 @@ def test_jacobian_regularisation_needs_the_implicit_backward(tmp_path):
         train(cfg, progress=False)
 
 
+def test_shine_backward_without_iterations_trains(tmp_path):
+    """b_init="shine", b_max_steps=0: the gradient comes from the forward Broyden solver's
+    inverse estimate with no vector-Jacobian product; the log has bwd_nfe 0 and no residual."""
+    import csv
+
+    args = [*SMALL, "--model.overrides.b_init=shine", "--model.overrides.b_max_steps=0"]
+    with pytest.raises(ValueError, match="only solver='broyden' keeps"):
+        train(load_config(ROOT / "configs/copy_memory_tiny.toml", [*args, f"--out_dir={tmp_path}"]))
+    cfg = load_config(
+        ROOT / "configs/copy_memory_tiny.toml",
+        [*args, "--model.overrides.solver=broyden", f"--out_dir={tmp_path / 'run'}"],
+    )
+    train(cfg, progress=False)
+    with open(tmp_path / "run" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["bwd_nfe"] for r in rows] == ["0", "0"]
+    assert all(r["bwd_res_max"] == "" and r["fwd_nfe"] not in ("", "0") for r in rows)
+    assert all(float(r["grad_norm"]) > 0 for r in rows)
+
+
 def test_nonfinite_guard(tmp_path, caplog):
     cfg = load_config(
         ROOT / "configs/copy_memory_tiny.toml",

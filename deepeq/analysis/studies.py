@@ -200,14 +200,15 @@ def metric_vs_nfe(run_dirs: list[str], caps: list[int], checkpoint: str = "best"
 
 
 def parse_caps(text: str) -> list[tuple[int, int]]:
-    """``"8/4,12/12"`` -> ``[(8, 4), (12, 12)]`` (forward cap / backward cap)."""
+    """``"8/4,12/12"`` -> ``[(8, 4), (12, 12)]`` (forward cap / backward cap; a backward cap of 0
+    means no backward iterations)."""
     caps = []
     for item in text.split(","):
         parts = item.strip().split("/")
-        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) < 1:
             raise ValueError(
-                f"caps must be FORWARD/BACKWARD pairs of positive ints separated by commas, "
-                f"e.g. 8/4,12/12; got {item!r} in {text!r}."
+                f"caps must be FORWARD/BACKWARD pairs of ints (forward >= 1, backward >= 0) "
+                f"separated by commas, e.g. 8/4,12/12; got {item!r} in {text!r}."
             )
         caps.append((int(parts[0]), int(parts[1])))
     return caps
@@ -220,6 +221,8 @@ def gradient_accuracy(
     step: int = 100,
     reference: tuple[int, int] = (200, 200),
     dropout: bool = True,
+    b_init: str = "v",
+    solver: str | None = None,
 ) -> list[dict]:
     """How close the training gradient at each (forward cap, backward cap) is to the exact one.
 
@@ -231,7 +234,11 @@ def gradient_accuracy(
     between its gradient and the reference's and the relative error ``||g - g*|| / ||g*||``
     (all parameters together), and the seconds of forward + backward. ``dropout=False``: the
     model in eval mode (no dropout masks; the training solvers are still the ones set here) —
-    f with a dropout mask can be harder to solve than f itself."""
+    f with a dropout mask can be harder to solve than f itself. ``solver`` replaces the model's
+    forward solver (by name, e.g. ``"broyden"``) in every setting and the reference; ``b_init``
+    is the capped settings' backward start (``"shine"``: the forward Broyden solver's inverse
+    estimate; see :class:`deepeq.ImplicitBackward`), and a backward cap of 0 makes no backward
+    iterations (the start is the gradient; its backward residual is then NaN: not measured)."""
     from ..backward import ImplicitBackward
     from ..train.tasks import LanguageModelTask
 
@@ -240,9 +247,16 @@ def gradient_accuracy(
             f"gradient accuracy needs a DEQ model (with .deq); got {type(model).__name__}."
         )
     c, deq = model.config, model.deq
+    f_solver = solver or c.solver
+    if b_init == "shine" and f_solver != "broyden":
+        raise ValueError(
+            f"b_init='shine' needs the forward solver 'broyden' (its inverse-Jacobian estimate); "
+            f"the model's is {f_solver!r}: pass solver='broyden' (CLI: --solver broyden)."
+        )
     saved = (deq.solver, deq.eval_solver, deq.backward_rule, model.training)
     model.train(dropout)
     state = None
+    torch.manual_seed(0)  # the memory's dropout masks: the same in every call (reproducible)
     if isinstance(task, LanguageModelTask):
         with torch.no_grad():
             for s in range(max(0, step - 3), step):
@@ -251,11 +265,10 @@ def gradient_accuracy(
     x, y, _ = task.train_batch(step, 0, 1)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def run(f_cap: int, b_cap: int, f_rtol: float, b_rtol: float) -> dict:
-        deq.solver = deq.eval_solver = make_solver(c.solver, rtol=f_rtol, max_steps=f_cap)
-        deq.backward_rule = ImplicitBackward(
-            solver=make_solver(c.b_solver, rtol=b_rtol, max_steps=b_cap)
-        )
+    def run(f_cap: int, b_cap: int, f_rtol: float, b_rtol: float, init: str) -> dict:
+        deq.solver = deq.eval_solver = make_solver(f_solver, rtol=f_rtol, max_steps=f_cap)
+        b_solver = make_solver(c.b_solver, rtol=b_rtol, max_steps=b_cap) if b_cap else None
+        deq.backward_rule = ImplicitBackward(solver=b_solver, init=init)
         torch.manual_seed(0)  # identical dropout masks in every setting
         t0 = time.perf_counter()
         loss, _, sols = task.loss(model, x, y, state)
@@ -272,7 +285,13 @@ def gradient_accuracy(
             "b_cap": b_cap,
             "loss": loss.item(),
             "fwd_rel_residual": max(s.stats.rel_residual.max().item() for s in sols),
-            "bwd_rel_residual": max(s.backward.rel_residual.max().item() for s in sols),
+            "bwd_rel_residual": max(
+                s.backward.rel_residual.max().item()
+                if s.backward.rel_residual is not None
+                else float("nan")
+                for s in sols
+            ),
+            "b_init": init,
             "fwd_nfe": sum(s.stats.nfe for s in sols),
             "bwd_nfe": sum(s.backward.nfe for s in sols),
             "seconds": seconds,
@@ -280,10 +299,10 @@ def gradient_accuracy(
         }
 
     try:
-        ref = run(*reference, 1e-7, 1e-8)
+        ref = run(*reference, 1e-7, 1e-8, "v")
         rows = []
         for f_cap, b_cap in caps:
-            r = run(f_cap, b_cap, c.f_rtol, c.b_rtol)
+            r = run(f_cap, b_cap, c.f_rtol, c.b_rtol, b_init)
             g = r.pop("_g")
             r["cosine"] = torch.nn.functional.cosine_similarity(g, ref["_g"], dim=0).item()
             r["rel_error"] = ((g - ref["_g"]).norm() / ref["_g"].norm()).item()

@@ -14,7 +14,7 @@ from .._driver import solve as driver_solve
 from .._flatten import layout_of
 from .._solution import BackwardStats, Status
 from ..solvers import AbstractSolver, Anderson
-from ..solvers._base import _check_int
+from ..solvers._base import _check_int, bmv, bvm
 from ._base import AbstractBackward
 
 logger = logging.getLogger("deepeq")
@@ -42,11 +42,22 @@ class ImplicitBackward(AbstractBackward):
     ``"raise"`` raises ``FloatingPointError``. Fallbacks are counted in ``Solution.backward``
     and logged on the ``"deepeq"`` logger (never a Python warning).
 
+    ``init="shine"`` starts the backward solve from the forward solver's own estimate of the
+    inverse Jacobian instead of ``v`` (SHINE, Ramzi et al. 2022): Broyden keeps
+    ``(I - J_f)⁻¹ ≈ I - Σ_i u_i v_iᵀ`` at its last iterate, so ``g₀ = v - Σ_i (u_i·v) v_i`` costs
+    no vector-Jacobian product. With ``solver=None`` the backward makes no iterations at all and
+    ``g = g₀`` (``init="v"``: the Jacobian-free gradient; ``"shine"``: SHINE without refinement),
+    and no residual is measured (``Solution.backward`` then has ``nfe = 0`` and no residuals);
+    with a solver, ``g₀`` is refined by it as usual.
+
     Double backward (``create_graph=True`` through the equilibrium) is not supported and
     raises ``RuntimeError``.
 
     Args:
-        solver: solver for the backward linear fixed point (own tolerances).
+        solver: solver for the backward linear fixed point (own tolerances), or None (no
+            iterations: ``g`` is the initial guess).
+        init: the backward solve's initial guess, ``"v"`` (``dL/dz*``, the first Neumann term) or
+            ``"shine"`` (needs a forward solver with an inverse estimate: :class:`deepeq.Broyden`).
         fallback: ``"phantom"`` or ``"raise"``.
         fallback_steps: k of the phantom fallback.
         fallback_damping: β of the phantom fallback, in ``[0, 1)``.
@@ -65,17 +76,21 @@ class ImplicitBackward(AbstractBackward):
         'CONVERGED'
     """
 
-    solver: AbstractSolver = field(default_factory=lambda: Anderson(rtol=1e-4, max_steps=30))
+    solver: AbstractSolver | None = field(default_factory=lambda: Anderson(rtol=1e-4, max_steps=30))
+    init: Literal["v", "shine"] = "v"
     fallback: Literal["phantom", "raise"] = "phantom"
     fallback_steps: int = 1
     fallback_damping: float = 0.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.solver, AbstractSolver):
+        if self.solver is not None and not isinstance(self.solver, AbstractSolver):
             raise TypeError(
                 f"ImplicitBackward.solver must be a deepeq solver object such as "
-                f"deepeq.Anderson(rtol=1e-4); got {type(self.solver).__name__}."
+                f"deepeq.Anderson(rtol=1e-4), or None (no backward iterations); got "
+                f"{type(self.solver).__name__}."
             )
+        if self.init not in ("v", "shine"):
+            raise ValueError(f"ImplicitBackward.init must be 'v' or 'shine'; got {self.init!r}.")
         if self.fallback not in ("phantom", "raise"):
             raise ValueError(
                 f"ImplicitBackward.fallback must be 'phantom' or 'raise'; got {self.fallback!r}."
@@ -88,8 +103,17 @@ class ImplicitBackward(AbstractBackward):
             )
 
     def apply(self, problem):
+        inverse = None
+        if self.init == "shine":
+            if type(problem.solver).inverse_factors is AbstractSolver.inverse_factors:
+                raise ValueError(
+                    f"ImplicitBackward(init='shine') starts the backward solve from the forward "
+                    f"solver's inverse-Jacobian estimate, which {type(problem.solver).__name__} does "
+                    f"not keep. Use solver=deepeq.Broyden(...) for the forward solve, or init='v'."
+                )
+            inverse = {}
         with torch.no_grad():
-            z, status, stats = problem.solve()
+            z, status, stats = problem.solve(inverse=inverse)
         z_leaf = z.detach().requires_grad_()
         with torch.enable_grad():
             fz = problem.call(z_leaf)
@@ -97,7 +121,8 @@ class ImplicitBackward(AbstractBackward):
             # Nothing f depends on requires grad: plain values, no graph kept.
             return problem.finish(z, status, stats, fz=fz, z_leaf=z_leaf)
         holder = BackwardStats()
-        value = _ImplicitFunction.apply(fz, z_leaf, z, self, holder)
+        factors = (inverse["U"], inverse["V"]) if inverse else None
+        value = _ImplicitFunction.apply(fz, z_leaf, z, self, holder, factors)
         return problem.finish(value, status, stats, backward=holder, fz=fz, z_leaf=z_leaf)
 
 
@@ -122,9 +147,9 @@ class _ImplicitFunction(torch.autograd.Function):
     """Identity on z* in the forward pass; IFT linear solve in the backward pass."""
 
     @staticmethod
-    def forward(ctx, fz, z_leaf, z, rule, holder):
+    def forward(ctx, fz, z_leaf, z, rule, holder, factors):
         ctx.save_for_backward(fz, z_leaf)
-        ctx.rule, ctx.holder = rule, holder
+        ctx.rule, ctx.holder, ctx.factors = rule, holder, factors
         return z.clone()
 
     @staticmethod
@@ -147,12 +172,20 @@ class _ImplicitFunction(torch.autograd.Function):
         def h(g: Tensor) -> Tensor:  # the linear fixed-point map g -> Jᵀ g + v
             return vjp(g) + v
 
+        # The solve starts from g = v (the first Neumann term, = h(0): starting from 0 would
+        # spend its first vjp on Jᵀ0 = 0) or from the forward solver's inverse estimate.
+        g0 = v.clone() if ctx.factors is None else _shine(v, *ctx.factors)
+        if rule.solver is None:
+            holder.calls += 1
+            holder.status = holder.abs_residual = holder.rel_residual = holder.converged = None
+            holder.num_steps = torch.zeros(v.shape[0], dtype=torch.long, device=v.device)
+            holder.fallback = torch.zeros(v.shape[0], dtype=torch.bool, device=v.device)
+            holder.nfe = 0
+            holder.wall_time = time.perf_counter() - t0
+            return g0, None, None, None, None, None
         # The vjp runs on the full batch (one recorded graph), so samples are not independent
-        # for the driver; converged samples are still frozen. The solve starts from g = v (the
-        # first Neumann term, = h(0)): starting from 0 would spend its first vjp on Jᵀ0 = 0.
-        g, status, st = driver_solve(
-            h, v.clone(), rule.solver, layout_of(v), (), False, "return", False
-        )
+        # for the driver; converged samples are still frozen.
+        g, status, st = driver_solve(h, g0, rule.solver, layout_of(v), (), False, "return", False)
         v_norm = torch.linalg.vector_norm(v, dim=1, dtype=st.abs_residual.dtype)
         diverged = st.nonfinite | (st.abs_residual > v_norm)
         nfe = st.nfe
@@ -183,7 +216,15 @@ class _ImplicitFunction(torch.autograd.Function):
         holder.wall_time = time.perf_counter() - t0
         if status is Status.NONFINITE and not bool(diverged.any()):  # pragma: no cover
             raise AssertionError("non-finite backward samples must be marked diverged")
-        return g, None, None, None, None
+        return g, None, None, None, None, None
+
+
+def _shine(v: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    """``vᵀ(I - J_f)⁻¹ ≈ v - Σ_i (u_i·v) v_i`` from the forward solver's factors ``(B, m, D)``;
+    a sample whose estimate is not finite starts from v."""
+    g0 = v - bvm(bmv(U, v), V)
+    ok = torch.isfinite(g0).all(1, keepdim=True)
+    return torch.where(ok, g0, v)
 
 
 def _phantom_adjoint(vjp, v: Tensor, steps: int, damping: float) -> tuple[Tensor, int]:

@@ -51,6 +51,7 @@ class SequenceConfig:
     b_solver: str = "anderson"
     b_max_steps: int = 30
     b_rtol: float = 1e-4
+    b_init: Literal["v", "shine"] = "v"  # start of the backward solve (see models._solve)
     backward: Literal["implicit", "phantom"] = "implicit"  # gradient (see models._solve)
     phantom_steps: int = 1  # k of backward="phantom"
     # dtype of f during the training solves' iterations (autocast; e.g. "bfloat16"); the tracked
@@ -75,14 +76,13 @@ class SequenceConfig:
             "d_model",
             "f_max_steps",
             "eval_max_steps",
-            "b_max_steps",
             "pretrain_depth",
             "phantom_steps",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {v!r}.")
-        for name in ("mem_len", "subseq_len", "pretrain_steps"):
+        for name in ("mem_len", "subseq_len", "pretrain_steps", "b_max_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0; got {v!r}.")

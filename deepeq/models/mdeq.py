@@ -57,6 +57,7 @@ class MDEQConfig:
     b_solver: str = "broyden"
     b_max_steps: int = 12
     b_rtol: float = 1e-4
+    b_init: Literal["v", "shine"] = "v"  # start of the backward solve (see models._solve)
     backward: Literal["implicit", "phantom"] = "implicit"  # gradient (see models._solve)
     phantom_steps: int = 1  # k of backward="phantom"
     # dtype of f during the training solves' iterations (autocast; e.g. "bfloat16"); the tracked

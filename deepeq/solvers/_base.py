@@ -35,6 +35,13 @@ class AbstractSolver(abc.ABC):
     def step(self, f: FlatFn, z: Tensor, fz: Tensor, state: Any) -> tuple[Tensor, Tensor, Any]:
         """One iteration: return ``(z_next, f(z_next), new_state)``, evaluating ``f`` itself."""
 
+    def inverse_factors(self, state: Any, rows: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The solver's estimate of ``(I - J_f)⁻¹`` at its current iterate for samples ``rows``,
+        as low-rank factors ``(U, V)`` ``(len(rows), n, D)`` with ``(I - J_f)⁻¹ ≈ I - UᵀV``
+        (i.e. ``I - Σ_i u_i v_iᵀ``), or None for solvers that keep no such estimate (the default).
+        Used by ``ImplicitBackward(init="shine")``."""
+        return None
+
     def compact(self, state: Any, keep: Tensor) -> Any:
         """Keep only rows ``keep`` (int64 indices) of every batch-first tensor in ``state``."""
         return type(state)(

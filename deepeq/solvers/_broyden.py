@@ -108,6 +108,11 @@ class Broyden(AbstractSolver):
         V[:, n] = sJ
         return z_new, fz_new, _BroydenState(U, V, n + 1)
 
+    def inverse_factors(self, state: _BroydenState, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """``J_g⁻¹ ≈ -I + Σ u_i v_iᵀ`` for ``g = f - z``, so ``(I - J_f)⁻¹ = -J_g⁻¹ ≈ I - Σ u_i v_iᵀ``."""
+        U, V, n = state
+        return U[rows, :n], V[rows, :n]
+
     def _backtrack(self, f, z, g, dz, z_new, fz_new):
         gnorm = g.norm(dim=1)
         scale = torch.ones_like(gnorm)

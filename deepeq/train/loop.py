@@ -263,10 +263,13 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
                 b = [s.backward for s in sols]
                 row.update(
                     bwd_nfe=sum(x.nfe for x in b),
-                    bwd_res_max=max(x.rel_residual.max().item() for x in b),
-                    bwd_converged=sum(x.converged.float().mean().item() for x in b) / len(b),
                     bwd_fallbacks=sum(int(x.fallback.sum()) for x in b),
                 )
+                if all(x.rel_residual is not None for x in b):  # None: no backward iterations
+                    row.update(
+                        bwd_res_max=max(x.rel_residual.max().item() for x in b),
+                        bwd_converged=sum(x.converged.float().mean().item() for x in b) / len(b),
+                    )
         if not main:
             continue
         if step % cfg.eval_every == 0 or step == cfg.steps:
