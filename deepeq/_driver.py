@@ -90,19 +90,25 @@ class _Evaluator:
         return flatten(out, self.layout).to(self.layout.dtype)[ids]
 
 
-def _record_inverse(
-    inverse: dict, solver, state, idx: Tensor, ids: Tensor, z: Tensor, B: int
-) -> None:
+def _record_inverse(inverse: dict, solver, state, idx: Tensor, ids: Tensor) -> None:
     factors = solver.inverse_factors(state, idx)
-    if factors is None:
+    if factors is not None:
+        inverse.setdefault("_parts", []).append((ids, *(t.detach() for t in factors)))
+
+
+def _assemble_inverse(inverse: dict, B: int, z: Tensor) -> None:
+    """The recorded per-sample factors as full-batch ``(B, n, D)`` tensors, n the most slots any
+    sample used (fewer slots are zero: they add nothing to the low-rank sum)."""
+    parts = inverse.pop("_parts", None)
+    if parts is None:
         return
-    U, V = factors  # (n_done, n, D)
-    if "U" not in inverse:
-        shape = (B, solver.history_length, z.shape[1])
-        inverse["U"], inverse["V"] = z.new_zeros(shape), z.new_zeros(shape)
-    n = U.shape[1]
-    inverse["U"][ids, :n] = U.detach()
-    inverse["V"][ids, :n] = V.detach()
+    n = max(U.shape[1] for _, U, _ in parts)
+    U_all = z.new_zeros(B, n, z.shape[1])
+    V_all = z.new_zeros(B, n, z.shape[1])
+    for ids, U, V in parts:
+        U_all[ids, : U.shape[1]] = U
+        V_all[ids, : V.shape[1]] = V
+    inverse["U"], inverse["V"] = U_all, V_all
 
 
 def _norms(z: Tensor, fz: Tensor) -> Tensor:
@@ -121,7 +127,7 @@ def solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse=Non
 
     ``inverse``, a dict, receives each sample's inverse-Jacobian estimate at the step it stopped,
     for solvers that keep one (:meth:`AbstractSolver.inverse_factors`): ``inverse["U"]``,
-    ``inverse["V"]`` ``(B, m, D)`` with ``(I - J_f)⁻¹ ≈ I - Σ_i u_i v_iᵀ`` (unused slots zero).
+    ``inverse["V"]`` ``(B, n, D)`` with ``(I - J_f)⁻¹ ≈ I - Σ_i u_i v_iᵀ`` (unused slots zero).
     It stays empty for the other solvers."""
     t0 = time.perf_counter()
     B, dev = layout.batch, layout.device
@@ -208,7 +214,7 @@ def solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse=Non
             out_steps[ids] = k
             out_nonfinite[ids] = bad[idx]
             if inverse is not None:
-                _record_inverse(inverse, solver, state, idx, ids, z, B)
+                _record_inverse(inverse, solver, state, idx, ids)
             if ev.full_z is not None:
                 ev.full_z = ev.full_z.index_copy(0, ids, best_z[idx])
             gone = done if frozen is None else done | frozen
@@ -243,6 +249,8 @@ def solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse=Non
             best_key = torch.where(better, key, best_key)
             best_step = torch.where(better, k, best_step)
 
+    if inverse is not None:
+        _assemble_inverse(inverse, B, z)
     out_res, out_fnorm = out_norms[0], out_norms[1]
     converged = out_res <= atol + rtol * out_fnorm
     if bool(out_nonfinite.any()):
