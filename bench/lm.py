@@ -152,6 +152,7 @@ def interleaved_step_s(
 
     from torch.utils.flop_counter import FlopCounterMode
 
+    from deepeq.train._denormal import set_flush_denormal
     from deepeq.train.loop import load_run
 
     if threads:
@@ -175,7 +176,7 @@ def interleaved_step_s(
     times = {(name, w): [] for name, m in models.items() for w, _ in m[4]}
     for r in range(rounds + 2):
         for name, (model, x, y, state, kinds, probes, flush) in models.items():
-            torch.set_flush_denormal(flush)  # as the run trained (config flush_denormal)
+            set_flush_denormal(flush)  # as the run trained (config flush_denormal), all threads
             for w, share in kinds:
                 torch.manual_seed(r)
                 if r == 0 and counts is not None:  # warm-up round: count FLOPs and NFE once
@@ -192,7 +193,7 @@ def interleaved_step_s(
                 _train_step(model, x, y, state, w, probes)
                 if r >= 2:  # two warm-up rounds
                     times[name, w].append(time.perf_counter() - t)
-    torch.set_flush_denormal(False)
+    set_flush_denormal(False)
     if parts is not None:
         parts.update({key: statistics.median(ts) for key, ts in times.items()})
     return {

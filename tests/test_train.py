@@ -174,9 +174,32 @@ def test_resume_is_bit_identical(tmp_path):
     assert (tmp_path / "a/metrics.csv").read_text().splitlines()[1:][-1].split(",")[1] == la[-1]
 
 
+def test_flush_denormal_reaches_the_worker_threads():
+    """torch.set_flush_denormal alone sets the calling thread only: with 2 threads half of a
+    parallel product keeps its subnormals. deepeq's setter also sets torch's OpenMP workers."""
+    from deepeq.train._denormal import flushed_on_all_threads, set_flush_denormal
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        if not torch.set_flush_denormal(True):
+            pytest.skip("this CPU cannot flush denormals")
+        flushed_on_all_threads()  # make sure the worker pool exists
+        torch.set_flush_denormal(False)
+        assert not flushed_on_all_threads()
+        assert set_flush_denormal(True) and flushed_on_all_threads()
+        assert set_flush_denormal(False) and not flushed_on_all_threads()
+        x = torch.full((1 << 18,), 0x007FFFFF, dtype=torch.int32).view(torch.float32)
+        assert bool(((x * 1.0) != 0).all())  # off again on every thread
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("flush", [True, False])
 def test_flush_denormal_holds_during_training_only(flush, tmp_path, monkeypatch):
-    tiny = torch.tensor(1e-40)  # subnormal in float32
+    from deepeq.train._denormal import flushed_on_all_threads
+
     seen, calls = [], []
     real_set = torch.set_flush_denormal
 
@@ -186,27 +209,31 @@ def test_flush_denormal_holds_during_training_only(flush, tmp_path, monkeypatch)
 
     real_step = torch.optim.Adam.step
 
-    def step(self, *a, **k):  # what a training step sees
-        seen.append(float(tiny * 1.0) == 0.0)
+    def step(self, *a, **k):  # what a training step sees, on both of its threads
+        seen.append(flushed_on_all_threads())
         return real_step(self, *a, **k)
 
     monkeypatch.setattr(torch, "set_flush_denormal", record)
     monkeypatch.setattr(torch.optim.Adam, "step", step)
     cfg = load_config(
         ROOT / "configs/copy_memory_tiny.toml",
-        [*SMALL, f"--out_dir={tmp_path}", f"--flush_denormal={str(flush).lower()}"],
+        [*SMALL, f"--out_dir={tmp_path}", f"--flush_denormal={str(flush).lower()}", "--threads=2"],
     )
     assert cfg.optim.name == "adam"
-    train(cfg, progress=False)
-    if not real_set(True):  # a CPU without FTZ/DAZ: nothing to check
-        pytest.skip("this CPU cannot flush denormals")
-    real_set(False)
-    assert seen == [flush] * 2  # flushed in every training step iff configured
-    assert calls == ([True, False] if flush else [])
-    assert float(tiny * 1.0) != 0.0  # torch's default restored afterwards
-    calls.clear()
-    assert main(["eval", str(tmp_path)]) == 0  # `deepeq eval` follows the run's setting
-    assert calls == ([True, False] if flush else [])
+    threads = torch.get_num_threads()
+    try:
+        train(cfg, progress=False)
+        if not real_set(True):  # a CPU without FTZ/DAZ: nothing to check
+            pytest.skip("this CPU cannot flush denormals")
+        real_set(False)
+        assert seen == [flush] * 2  # flushed in every training step iff configured
+        assert calls == ([True, True, False] if flush else [])  # on, again after the threads, off
+        assert not flushed_on_all_threads()  # torch's default restored afterwards
+        calls.clear()
+        assert main(["eval", str(tmp_path)]) == 0  # `deepeq eval` follows the run's setting
+        assert calls == ([True, False] if flush else [])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_kill_then_resume_loses_at_most_one_interval(tmp_path):

@@ -100,8 +100,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # torch.set_num_threads; 0 leaves the default
-    # CPU: subnormal floats (|x| < 1.2e-38) computed as zero while training (x86 FTZ/DAZ, via
-    # torch.set_flush_denormal). Late in training DEQs produce many of them and each costs ~100x
+    # CPU: subnormal floats (|x| < 1.2e-38) computed as zero while training (x86 FTZ/DAZ, set on
+    # the main thread and torch's worker threads: train/_denormal.py). Late in training DEQs produce many of them and each costs ~100x
     # a normal float operation: up to 1.5x time per step measured (docs/benchmarks.md).
     flush_denormal: bool = True
     out_dir: str = "runs/default"

@@ -16,6 +16,7 @@ import torch
 
 from ..models import create_model
 from ..regularization import JacobianSchedule, jacobian_penalty, spectral_radius
+from ._denormal import set_flush_denormal
 from .config import TrainConfig, dump_config
 from .tasks import Task, make_task
 
@@ -96,7 +97,8 @@ def train(
     ``--resume`` later continues the same schedule.
 
     With ``cfg.flush_denormal`` (default) subnormal floats are flushed to zero for the duration
-    of the call (``torch.set_flush_denormal(True)``; reset to torch's default, off, on return).
+    of the call, on the calling thread and on torch's intra-op worker threads
+    (``deepeq.train._denormal.set_flush_denormal``; reset to torch's default, off, on return).
     """
     with flush_denormal(cfg.flush_denormal):
         return _train(cfg, resume=resume, progress=progress, until_step=until_step)
@@ -106,12 +108,12 @@ def train(
 def flush_denormal(on: bool):
     """Subnormal floats computed as zero inside the block when ``on`` (and the CPU supports it),
     then torch's default (off) again."""
-    flush = on and torch.set_flush_denormal(True)  # False where unsupported
+    flush = on and set_flush_denormal(True)  # False where unsupported
     try:
         yield
     finally:
         if flush:
-            torch.set_flush_denormal(False)
+            set_flush_denormal(False)
 
 
 def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | None) -> dict:
@@ -119,6 +121,8 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
     ckdir = out / "checkpoints"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+        if cfg.flush_denormal:
+            set_flush_denormal(True)  # again, for worker threads the pool kept from before
     rank, world, created = _setup_distributed(cfg)
     main = rank == 0  # only rank 0 writes logs and checkpoints
     if cfg.batch_size % world:
