@@ -79,6 +79,9 @@ class BackwardStats:
             above the starting residual ``||dL/dz*||``) and got the fallback gradient.
         nfe: vector-Jacobian products used by the backward solve (plus fallback ones).
         wall_time: seconds spent in the backward solve.
+
+    With ``ImplicitBackward(solver=None)`` (no backward iterations) nothing is measured: status,
+    residuals and converged stay None, nfe is 0.
     """
 
     calls: int = 0
