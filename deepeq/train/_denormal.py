@@ -29,16 +29,13 @@ def _runtime() -> tuple | None:
         with open("/proc/self/maps") as fh:
             paths = sorted({ln.split()[-1] for ln in fh if "libgomp" in ln and "/" in ln})
         libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-        for path in paths:
-            gomp = ctypes.CDLL(path)  # already loaded by torch: the same handle, the same pool
-            parallel = gomp.GOMP_parallel
-            parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-            parallel.restype = None
-            fesetenv = ctypes.cast(libm.fesetenv, ctypes.c_void_p).value
-            return parallel, libm.fegetenv, fesetenv
-    except (OSError, AttributeError):
-        pass
-    return None
+        # already loaded by torch: the same handle, hence the same thread pool
+        parallel = ctypes.CDLL(paths[0]).GOMP_parallel
+    except (OSError, AttributeError, IndexError):
+        return None
+    parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    parallel.restype = None
+    return parallel, libm.fegetenv, ctypes.cast(libm.fesetenv, ctypes.c_void_p).value
 
 
 def _copy_to_workers() -> bool:

@@ -100,6 +100,8 @@ def train(
     of the call, on the calling thread and on torch's intra-op worker threads
     (``deepeq.train._denormal.set_flush_denormal``; reset to torch's default, off, on return).
     """
+    if cfg.threads:  # before the flush, which sets every thread of the pool
+        torch.set_num_threads(cfg.threads)
     with flush_denormal(cfg.flush_denormal):
         return _train(cfg, resume=resume, progress=progress, until_step=until_step)
 
@@ -119,10 +121,6 @@ def flush_denormal(on: bool):
 def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | None) -> dict:
     out = Path(cfg.out_dir)
     ckdir = out / "checkpoints"
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-        if cfg.flush_denormal:
-            set_flush_denormal(True)  # again, for worker threads the pool kept from before
     rank, world, created = _setup_distributed(cfg)
     main = rank == 0  # only rank 0 writes logs and checkpoints
     if cfg.batch_size % world:
