@@ -321,7 +321,7 @@ def test_shine_backward_without_iterations_trains(tmp_path):
     import csv
 
     args = [*SMALL, "--model.overrides.b_init=shine", "--model.overrides.b_max_steps=0"]
-    with pytest.raises(ValueError, match="only solver='broyden' keeps"):
+    with pytest.raises(ValueError, match=r"Anderson does not keep.*solver='broyden'"):
         train(load_config(ROOT / "configs/copy_memory_tiny.toml", [*args, f"--out_dir={tmp_path}"]))
     cfg = load_config(
         ROOT / "configs/copy_memory_tiny.toml",

@@ -102,16 +102,20 @@ class ImplicitBackward(AbstractBackward):
                 f"ImplicitBackward.fallback_damping must be a float in [0, 1); got {d!r}."
             )
 
+    def check_forward_solver(self, solver: AbstractSolver) -> None:
+        """Raise if this rule cannot work after a forward solve by ``solver``
+        (``init="shine"`` needs a solver that keeps an inverse-Jacobian estimate)."""
+        if self.init == "shine" and type(solver).inverse_factors is AbstractSolver.inverse_factors:
+            raise ValueError(
+                f"ImplicitBackward(init='shine') starts the backward solve from the forward "
+                f"solver's inverse-Jacobian estimate, which {type(solver).__name__} does not "
+                f"keep. Use deepeq.Broyden(...) for the forward solve (models: solver='broyden'), "
+                f"or init='v'."
+            )
+
     def apply(self, problem):
-        inverse = None
-        if self.init == "shine":
-            if type(problem.solver).inverse_factors is AbstractSolver.inverse_factors:
-                raise ValueError(
-                    f"ImplicitBackward(init='shine') starts the backward solve from the forward "
-                    f"solver's inverse-Jacobian estimate, which {type(problem.solver).__name__} does "
-                    f"not keep. Use solver=deepeq.Broyden(...) for the forward solve, or init='v'."
-                )
-            inverse = {}
+        self.check_forward_solver(problem.solver)
+        inverse = {} if self.init == "shine" else None
         with torch.no_grad():
             z, status, stats = problem.solve(inverse=inverse)
         z_leaf = z.detach().requires_grad_()

@@ -82,7 +82,7 @@ class SequenceConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {v!r}.")
-        for name in ("mem_len", "subseq_len", "pretrain_steps", "b_max_steps"):
+        for name in ("mem_len", "subseq_len", "pretrain_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0; got {v!r}.")

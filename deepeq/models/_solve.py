@@ -16,20 +16,11 @@ def config_deq(f: nn.Module, c) -> DEQ:
     ``backward="implicit"`` (the implicit-function gradient, solved by ``b_solver`` to ``b_rtol``
     within ``b_max_steps``, started at ``b_init``: ``"v"`` = dL/dz*, or ``"shine"`` = the forward
     Broyden solver's inverse-Jacobian estimate; ``b_max_steps=0``: no backward iterations, the
-    start is the gradient — ``"v"`` the Jacobian-free one, ``"shine"`` SHINE) or ``"phantom"`` (``phantom_steps`` differentiable applications of f
-    from z*, Geng et al. 2021; ``phantom_steps=1`` is the Jacobian-free gradient); ``solve_dtype``
+    start is the gradient — ``"v"`` the Jacobian-free one, ``"shine"`` SHINE) or ``"phantom"``
+    (``phantom_steps`` differentiable applications of f from z*, Geng et al. 2021; ``phantom_steps=1`` is the Jacobian-free gradient); ``solve_dtype``
     (``"bfloat16"``) runs the training solves' iterations of f under autocast. Non-finite
     solves are returned (the training loop's guard skips them)."""
     if c.backward == "implicit":
-        b_init = getattr(c, "b_init", "v")
-        if b_init not in ("v", "shine"):
-            raise ValueError(f"b_init must be 'v' or 'shine'; got {b_init!r}.")
-        if b_init == "shine" and c.solver != "broyden":
-            raise ValueError(
-                f"b_init='shine' starts the backward solve from the forward solver's inverse-"
-                f"Jacobian estimate, which only solver='broyden' keeps; got solver={c.solver!r}. "
-                f"Set solver='broyden' or b_init='v'."
-            )
         if (
             not isinstance(c.b_max_steps, int)
             or isinstance(c.b_max_steps, bool)
@@ -43,7 +34,7 @@ def config_deq(f: nn.Module, c) -> DEQ:
             if c.b_max_steps > 0
             else None
         )
-        backward = ImplicitBackward(solver=b_solver, init=b_init)
+        backward = ImplicitBackward(solver=b_solver, init=c.b_init)
     elif c.backward == "phantom":
         backward = PhantomBackward(steps=c.phantom_steps)
     else:
