@@ -361,6 +361,11 @@ def test_shine_needs_a_forward_solver_with_an_inverse_estimate():
             args=(x,),
             backward=ImplicitBackward(init="shine"),
         )
+    with pytest.raises(ValueError, match=r"Anderson does not keep"):  # at construction already
+        deepeq.DEQ(
+            torch.nn.Linear(3, 3), solver=deepeq.Anderson(), backward=ImplicitBackward(init="shine")
+        )
+    deepeq.DEQ(torch.nn.Linear(3, 3), solver=Broyden(), backward=ImplicitBackward(init="shine"))
     with pytest.raises(ValueError, match="'v' or 'shine'"):
         ImplicitBackward(init="broyden")
 
