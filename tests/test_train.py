@@ -14,7 +14,7 @@ import torch
 
 from deepeq.__main__ import main
 from deepeq.data import copy_memory
-from deepeq.models import register_model
+from deepeq.models import _registry
 from deepeq.train import TrainConfig, dump_config, load_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,8 +290,7 @@ def test_kill_then_resume_loses_at_most_one_interval(tmp_path):
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, 401))
 
 
-@register_model
-def nan_tiny(**overrides):
+def _nan_model(**overrides):
     class NaNModel(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -335,14 +334,16 @@ def test_shine_backward_without_iterations_trains(tmp_path):
     assert all(float(r["grad_norm"]) > 0 for r in rows)
 
 
-def test_nonfinite_guard(tmp_path, caplog):
+def test_nonfinite_guard(tmp_path, caplog, monkeypatch):
+    # registered for this test only, so that other modules' model lists never see it
+    monkeypatch.setitem(_registry._MODELS, "nan_model", _nan_model)
     cfg = load_config(
         ROOT / "configs/copy_memory_tiny.toml",
         [
             *SMALL,
             "--steps=10",
             "--max_nonfinite=3",
-            "--model.name=nan_tiny",
+            "--model.name=nan_model",
             f"--out_dir={tmp_path}",
         ],
     )
