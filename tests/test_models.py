@@ -35,8 +35,23 @@ def test_registry():
         def deq_transformer_tiny():
             pass
 
-    with pytest.raises(ValueError, match="core must be"):
+    with pytest.raises(
+        ValueError, match=r"core: expected one of 'deq', 'tied', 'untied'; got 'lstm'"
+    ):
         create_model("deq_transformer_tiny", core="lstm")
+    # Override values are checked against the field's type: the string "false" is truthy, so
+    # taking it for a bool would switch Pre-LN on; a float cap or a bool rate are refused too.
+    for bad, msg in [
+        (dict(pre_ln="false"), r"DEQTransformerConfig.pre_ln: expected true or false; got 'false'"),
+        (dict(f_max_steps=5.0), r"f_max_steps: expected an int; got 5.0 \(float\)"),
+        (dict(dropout=True), r"dropout: expected a float; got True"),
+        (dict(cutoffs=[5, "a"]), r"cutoffs\[1\]: expected an int; got 'a'"),
+        (dict(solve_dtype=3), r"solve_dtype: expected str \| None; got 3"),
+    ]:
+        with pytest.raises(TypeError, match=msg):
+            create_model("deq_transformer_tiny", **bad)
+    m = create_model("deq_transformer_tiny", cutoffs=[4, 8], dropout=0, pre_ln=True)
+    assert m.config.cutoffs == (4, 8) and m.config.dropout == 0.0 and m.config.pre_ln is True
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -184,7 +199,7 @@ def test_phantom_backward_is_k_tracked_steps_from_the_equilibrium(name):
     grads = dict(phantom.named_parameters())
     for n, p in m.named_parameters():
         torch.testing.assert_close(grads[n].grad, p.grad, atol=1e-9, rtol=1e-7, msg=n)
-    with pytest.raises(ValueError, match=r"backward must be one of \['implicit', 'phantom'\]"):
+    with pytest.raises(ValueError, match=r"backward: expected one of 'implicit', 'phantom'"):
         create_model(name, backward="unrolled")
 
 

@@ -45,6 +45,25 @@ def test_config_overrides_and_errors(tmp_path):
     assert cfg.optim.lr == 5e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.model.name == "lstm_tiny" and cfg.model.overrides == {"hidden": 12}
     assert cfg.jac.final_weight == 2.0 and cfg.steps == 4  # from the file
+    # Free-form model overrides read TOML values as a config file would (true, 1e-2, [..]),
+    # Python literals, or else the word itself.
+    free = load_config(
+        None,
+        [
+            "--model.overrides.pre_ln=true",
+            "--model.overrides.b_rtol=1e-2",
+            "--model.overrides.cutoffs=[20, 40]",
+            "--model.overrides.tie_weights=False",
+            "--model.overrides.solve_dtype=bfloat16",
+        ],
+    ).model.overrides
+    assert free == {
+        "pre_ln": True,
+        "b_rtol": 0.01,
+        "cutoffs": [20, 40],
+        "tie_weights": False,
+        "solve_dtype": "bfloat16",
+    }
     with pytest.raises(
         KeyError,
         match=r"Unknown config key 'optim.lrr'; valid keys at optim: \['optim.name', 'optim.lr'",
@@ -431,3 +450,20 @@ def test_torchrun_two_processes_give_the_single_process_gradient(tmp_path):
     assert (
         len((tmp_path / "ddp" / "metrics.csv").read_text().splitlines()) == 2
     )  # rank 0 wrote one row
+
+
+def test_coerce_checks_values_against_annotations():
+    from deepeq._coerce import coerce
+
+    assert coerce(3, float, "k") == 3.0 and isinstance(coerce(3, float, "k"), float)
+    assert coerce([1, 2.5], tuple[int, float], "k") == (1, 2.5)
+    assert coerce([4, 8], tuple[int, ...], "k") == (4, 8)
+    assert coerce(None, int | None, "k") is None
+    with pytest.raises(TypeError, match=r"k\[1\]: expected a float; got 'a' \(str\)"):
+        coerce([1, "a"], tuple[int, float], "k")
+    with pytest.raises(TypeError, match=r"k: expected 2 entries; got 1"):
+        coerce([1], tuple[int, float], "k")
+    with pytest.raises(TypeError, match=r"k: expected int \| None; got 'x'"):
+        coerce("x", int | None, "k")
+    with pytest.raises(TypeError, match=r"k: expected an int; got True"):
+        coerce(True, int, "k")

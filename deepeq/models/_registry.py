@@ -52,8 +52,12 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
 
 def build_config(cls: type, defaults: dict, overrides: dict) -> Any:
-    """``cls(**defaults)`` with ``overrides`` replaced; unknown fields raise TypeError listing the valid ones."""
+    """``cls(**defaults)`` with ``overrides`` replaced. Unknown fields, and values of the wrong
+    type for their field (``"false"`` for a bool, a word outside a ``Literal``), raise TypeError."""
     import dataclasses
+    import typing
+
+    from .._coerce import coerce
 
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(overrides) - set(valid))
@@ -61,4 +65,6 @@ def build_config(cls: type, defaults: dict, overrides: dict) -> Any:
         raise TypeError(
             f"Unknown config field(s) {unknown} for {cls.__name__}; valid: {sorted(valid)}."
         )
-    return dataclasses.replace(cls(**defaults), **overrides)
+    hints = typing.get_type_hints(cls)
+    checked = {k: coerce(v, hints[k], f"{cls.__name__}.{k}") for k, v in overrides.items()}
+    return dataclasses.replace(cls(**defaults), **checked)

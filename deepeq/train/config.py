@@ -21,11 +21,12 @@ from __future__ import annotations
 import ast
 import dataclasses
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .._coerce import coerce
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,44 +113,6 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check (and minimally convert) a value for a field annotation, or raise TypeError."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except TypeError:
-                pass
-        raise TypeError(f"{key}: expected {tp}; got {value!r}.")
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TypeError(f"{key}: expected a float; got {value!r} ({type(value).__name__}).")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{key}: expected an int; got {value!r} ({type(value).__name__}).")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise TypeError(f"{key}: expected true/false; got {value!r}.")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise TypeError(f"{key}: expected a string; got {value!r}.")
-        return value
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise TypeError(f"{key}: expected a table; got {value!r}.")
-        return dict(value)
-    return value
-
-
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -170,7 +133,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
                 )
             kwargs[name] = _build(tp, value, prefix + name + ".")
         else:
-            kwargs[name] = _coerce(value, tp, prefix + name)
+            kwargs[name] = coerce(value, tp, prefix + name)
     return cls(**kwargs)
 
 
@@ -214,10 +177,15 @@ def parse_override(arg: str) -> tuple[str, Any]:
         return key, raw
     if tp is bool and raw.lower() in ("true", "false"):  # TOML spelling as well as Python's
         return key, raw.lower() == "true"
+    if tp is None:  # free-form model override: a TOML value (true, 5, 1e-2, [1, 2], "s") as in
+        try:  # a config file, else a Python literal, else the word itself ("bfloat16")
+            return key, tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            pass
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        if tp is None:  # free-form model override: keep the string
+        if tp is None:
             return key, raw
         raise TypeError(f"{key}: cannot parse {raw!r} as {_type_name(tp)}.") from None
     return key, value
