@@ -53,7 +53,8 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
 def build_config(cls: type, defaults: dict, overrides: dict) -> Any:
     """``cls(**defaults)`` with ``overrides`` replaced. Unknown fields, and values of the wrong
-    type for their field (``"false"`` for a bool, a word outside a ``Literal``), raise TypeError."""
+    type for their field (``"false"`` for a bool) raise TypeError; a word outside a ``Literal``
+    raises ValueError."""
     import dataclasses
     import typing
 
