@@ -65,16 +65,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is tuple or origin is tuple:
         if not isinstance(value, list | tuple):
             raise TypeError(f"{key}: expected a list; got {value!r} ({type(value).__name__}).")
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if args and len(args) != len(value):
-            raise TypeError(f"{key}: expected {len(args)} entries; got {len(value)}: {value!r}.")
+        args = typing.get_args(tp)  # the configs' tuples are tuple[X, ...]
         if args:
-            return tuple(
-                coerce(v, a, f"{key}[{i}]")
-                for i, (v, a) in enumerate(zip(value, args, strict=True))
-            )
+            return tuple(coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         return tuple(value)
     return value
 

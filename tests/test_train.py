@@ -456,13 +456,13 @@ def test_coerce_checks_values_against_annotations():
     from deepeq._coerce import coerce
 
     assert coerce(3, float, "k") == 3.0 and isinstance(coerce(3, float, "k"), float)
-    assert coerce([1, 2.5], tuple[int, float], "k") == (1, 2.5)
     assert coerce([4, 8], tuple[int, ...], "k") == (4, 8)
+    assert coerce([0.5, 1], tuple[float, ...], "k") == (0.5, 1.0)
     assert coerce(None, int | None, "k") is None
-    with pytest.raises(TypeError, match=r"k\[1\]: expected a float; got 'a' \(str\)"):
-        coerce([1, "a"], tuple[int, float], "k")
-    with pytest.raises(TypeError, match=r"k: expected 2 entries; got 1"):
-        coerce([1], tuple[int, float], "k")
+    with pytest.raises(TypeError, match=r"k\[1\]: expected an int; got 'a' \(str\)"):
+        coerce([1, "a"], tuple[int, ...], "k")
+    with pytest.raises(TypeError, match=r"k: expected a list; got 3 \(int\)"):
+        coerce(3, tuple[int, ...], "k")
     with pytest.raises(TypeError, match=r"k: expected int \| None; got 'x'"):
         coerce("x", int | None, "k")
     with pytest.raises(TypeError, match=r"k: expected an int; got True"):
