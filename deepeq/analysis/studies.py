@@ -26,7 +26,7 @@ def _problem(model, T: int, batch: int, g: torch.Generator, images=None):
             else torch.randn(batch, c.in_channels, c.image_size, c.image_size, generator=g)
         )
         inj = model.inject(x)
-        z0 = tuple(inj.new_zeros(s) for s in model.state_shapes(x.shape[0]))
+        z0 = tuple(inj[0].new_zeros(s) for s in model.state_shapes(x.shape[0]))
         return model.f, (inj,), z0
     if not all(hasattr(model, a) for a in ("embed", "inject", "f", "initial_context")):
         raise TypeError(

@@ -48,6 +48,10 @@ class MDEQConfig:
     dropout: float = 0.0  # variational dropout inside f (one mask per forward)
     weight_norm: bool = True
     init_std: float = 0.01  # std of f's convolution weights at initialisation
+    # Where the input is injected: "all" resolutions (the stem's output, downsampled by stride-2
+    # convolutions, enters every resolution's block) or only the "highest" (seed 003's MDEQ).
+    injection: Literal["all", "highest"] = "all"
+    fusion_scale: float = 0.1  # initial scale (GroupNorm weight) of every cross-resolution path
     core: Literal["deq", "tied"] = "deq"
     depth: int | None = None  # L of the tied twin (default: f_max_steps)
     solver: str = "broyden"
@@ -86,6 +90,13 @@ class MDEQConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}.")
+        if self.injection not in ("all", "highest"):
+            raise ValueError(f"injection must be 'all' or 'highest'; got {self.injection!r}.")
+        if not self.fusion_scale > 0.0:
+            raise ValueError(
+                f"fusion_scale must be > 0 (a zero scale leaves the lower resolutions dead at "
+                f"initialisation); got {self.fusion_scale!r}."
+            )
 
 
 def _conv3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -110,7 +121,7 @@ class ResidualBlock(nn.Module):
 class Fusion(nn.Module):
     """Every resolution receives every other: down by stride-2 convs, up by 1x1 conv + upsampling."""
 
-    def __init__(self, channels: tuple[int, ...], groups: int):
+    def __init__(self, channels: tuple[int, ...], groups: int, scale: float = 0.1):
         super().__init__()
         S = len(channels)
         self.paths = nn.ModuleDict()
@@ -132,8 +143,11 @@ class Fusion(nn.Module):
                     )
         self.post = nn.ModuleList(nn.GroupNorm(groups, c) for c in channels)
         self.S = S
-        for path in self.paths.values():  # cross-resolution terms start at zero (learned scale)
-            nn.init.zeros_([m for m in path if isinstance(m, nn.GroupNorm)][-1].weight)
+        # Cross-resolution terms start small but NOT at zero: with a zero scale the lower
+        # resolutions, which get no injection and start at z = 0, map 0 -> 0, sit at ReLU's kink
+        # and never receive a gradient (the whole branch stays dead).
+        for path in self.paths.values():
+            nn.init.constant_([m for m in path if isinstance(m, nn.GroupNorm)][-1].weight, scale)
 
     def forward(self, hs: list[Tensor]) -> tuple[Tensor, ...]:
         out = []
@@ -152,11 +166,12 @@ class MDEQLayer(nn.Module):
     def __init__(self, c: MDEQConfig):
         super().__init__()
         self.blocks = nn.ModuleList(ResidualBlock(ch, c.num_groups, c.dropout) for ch in c.channels)
-        self.fusion = Fusion(tuple(c.channels), c.num_groups)
+        self.fusion = Fusion(tuple(c.channels), c.num_groups, c.fusion_scale)
 
-    def forward(self, z: tuple[Tensor, ...], inj: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, z: tuple[Tensor, ...], inj: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """``inj`` holds one injection per resolution, highest first (fewer: none below)."""
         hs = [
-            blk(zi, inj if i == 0 else None)
+            blk(zi, inj[i] if i < len(inj) else None)
             for i, (blk, zi) in enumerate(zip(self.blocks, z, strict=True))
         ]
         return self.fusion(hs)
@@ -180,6 +195,14 @@ class MDEQ(nn.Module):
             cin = c.channels[0]
         stem += [_conv3(cin, c.channels[0]), nn.GroupNorm(c.num_groups, c.channels[0])]
         self.stem = nn.Sequential(*stem)
+        # injection of the lower resolutions: stride-2 convolutions from the one above
+        self.inject_down = nn.ModuleList(
+            nn.Sequential(
+                _conv3(c.channels[i], c.channels[i + 1], 2),
+                nn.GroupNorm(c.num_groups, c.channels[i + 1]),
+            )
+            for i in range(len(c.channels) - 1 if c.injection == "all" else 0)
+        )
         self.f = MDEQLayer(c)
         self.depth = c.depth if c.depth is not None else c.f_max_steps
         if c.core == "deq":
@@ -219,7 +242,7 @@ class MDEQ(nn.Module):
         s = c.image_size // 2**c.downsample_input
         return [(B, ch, s // 2**i, s // 2**i) for i, ch in enumerate(c.channels)]
 
-    def inject(self, images: Tensor) -> Tensor:
+    def inject(self, images: Tensor) -> tuple[Tensor, ...]:
         c = self.config
         if (
             images.dim() != 4
@@ -231,13 +254,16 @@ class MDEQ(nn.Module):
                 f"images must be (B, {c.in_channels}, {c.image_size}, {c.image_size}); got "
                 f"{tuple(images.shape)}. Set data.image_size / model.overrides.image_size to match."
             )
-        return self.stem(images)
+        inj = [self.stem(images)]
+        for down in self.inject_down:
+            inj.append(down(inj[-1]))
+        return tuple(inj)
 
     def forward(
         self, images: Tensor, state: None = None, *, targets: Tensor | None = None
     ) -> tuple[Tensor, None, list[Solution]]:
         inj = self.inject(images)
-        z0 = tuple(inj.new_zeros(s) for s in self.state_shapes(images.shape[0]))
+        z0 = tuple(inj[0].new_zeros(s) for s in self.state_shapes(images.shape[0]))
         sols: list[Solution] = []
         if self.config.core == "deq":
             z, sol = self.deq(inj, z0=z0)
