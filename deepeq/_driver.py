@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ._context import _SAMPLE_INDEX
 from ._flatten import Layout, check_output, flatten, unflatten
+from ._norm import safe_norm
 from ._solution import Stats, Status
 from ._types import FixedPointFn
 
@@ -43,7 +44,15 @@ class _Evaluator:
     """The flat map solvers call. Counts NFE, slices ``args`` to the active samples (or runs f on
     the full batch when samples are not independent) and checks what f returns."""
 
-    def __init__(self, f: FixedPointFn, layout: Layout, args: tuple, independent: bool, z: Tensor):
+    def __init__(
+        self,
+        f: FixedPointFn,
+        layout: Layout,
+        args: tuple,
+        independent: bool,
+        z: Tensor,
+        autocast: torch.dtype | None = None,
+    ):
         self.f, self.layout, self.independent = f, layout, independent
         self.args = args  # sliced to the active rows when independent
         self.full_args = args
@@ -51,6 +60,15 @@ class _Evaluator:
         self.full_z = z.clone() if not independent else None  # frozen rows keep their value
         self.nfe = 0
         self.sample_evals = 0
+        # The solver's own arithmetic runs outside autocast (its state stays in z0's dtype); f
+        # runs in the autocast region the solve was called in, if any.
+        self.autocast = autocast
+
+    def _f(self, z: Tensor, args) -> Any:
+        if self.autocast is None:
+            return self.f(z, *args)
+        with torch.autocast(self.layout.device.type, dtype=self.autocast):
+            return self.f(z, *args)
 
     def set_active(self, keep: Tensor) -> None:
         self.active = self.active[keep]
@@ -62,11 +80,11 @@ class _Evaluator:
         if self.independent:
             args = self.args if rows is None else _map_args(self.args, lambda a: a[rows])
             if z.shape[0] == self.layout.batch:
-                out = self.f(unflatten(z, self.layout), *args)
+                out = self._f(unflatten(z, self.layout), args)
             else:
                 token = _SAMPLE_INDEX.set(self.active if rows is None else self.active[rows])
                 try:
-                    out = self.f(unflatten(z, self.layout), *args)
+                    out = self._f(unflatten(z, self.layout), args)
                 except RuntimeError as e:
                     raise RuntimeError(
                         f"f failed when evaluated on {z.shape[0]} of the {self.layout.batch} "
@@ -77,15 +95,15 @@ class _Evaluator:
                     ) from e
                 finally:
                     _SAMPLE_INDEX.reset(token)
-            check_output(out, self.layout, z.shape[0])
+            check_output(out, self.layout, z.shape[0], self.autocast is not None)
             self.sample_evals += z.shape[0]
             return flatten(out, self.layout).to(self.layout.dtype)
         ids = self.active if rows is None else self.active[rows]
         full = self.full_z.index_copy(0, ids, z)  # out of place: autograd may record it
         if rows is None:
             self.full_z = full
-        out = self.f(unflatten(full, self.layout), *self.full_args)
-        check_output(out, self.layout, self.layout.batch)
+        out = self._f(unflatten(full, self.layout), self.full_args)
+        check_output(out, self.layout, self.layout.batch, self.autocast is not None)
         self.sample_evals += self.layout.batch
         return flatten(out, self.layout).to(self.layout.dtype)[ids]
 
@@ -112,9 +130,15 @@ def _assemble_inverse(inverse: dict, B: int, z: Tensor) -> None:
 
 
 def _norms(z: Tensor, fz: Tensor) -> Tensor:
-    """``(2, b)``: row 0 ``||f(z) - z||``, row 1 ``||f(z)||``, computed in at least float32."""
-    dtype = torch.promote_types(z.dtype, torch.float32)
-    return torch.linalg.vector_norm(torch.stack((fz - z, fz)), dim=2, dtype=dtype)
+    """``(2, b)``: row 0 ``||f(z) - z||``, row 1 ``||f(z)||``, in float64 (scale-safe)."""
+    return safe_norm(torch.stack((fz - z, fz)), 2)
+
+
+def _autocast_state(device_type: str) -> torch.dtype | None:
+    """The dtype of the autocast region the solve was called in (None outside autocast)."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 #: When stopped samples are compacted out of the active set: "auto" (at once on CPU; in batches
@@ -122,13 +146,39 @@ def _norms(z: Tensor, fz: Tensor) -> Tensor:
 LAZY_COMPACTION: bool | str = "auto"
 
 
-def solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse=None):
+def solve(
+    f, z, solver, layout, args, independent, nonfinite, trace, inverse=None, *,
+    coupled: bool | None = None, min_steps: int = 0,
+):  # fmt: skip
     """The driver loop on flat ``z`` (B, D). Returns (z*, status, stats).
 
     ``inverse``, a dict, receives each sample's inverse-Jacobian estimate at the step it stopped,
     for solvers that keep one (:meth:`AbstractSolver.inverse_factors`): ``inverse["U"]``,
     ``inverse["V"]`` ``(B, n, D)`` with ``(I - J_f)⁻¹ ≈ I - Σ_i u_i v_iᵀ`` (unused slots zero).
-    It stays empty for the other solvers."""
+    It stays empty for the other solvers.
+
+    ``coupled`` (default: ``not independent``): f mixes samples, so the batch is one problem: it
+    stops only when every sample meets the tolerance, and one iterate of the whole batch (the
+    one whose worst sample is best) is returned. ``min_steps``: no sample stops, and no iterate
+    is returned, before this step (``UnrolledBackward`` takes at least one tracked step).
+
+    The solver's arithmetic runs outside any autocast region (its state stays in z's dtype); f
+    runs inside the caller's."""
+    autocast = _autocast_state(layout.device.type)
+    if coupled is None:
+        coupled = not independent
+    if autocast is None:
+        return _solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse,
+                      coupled, min_steps, None)  # fmt: skip
+    with torch.autocast(layout.device.type, enabled=False):
+        return _solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse,
+                      coupled, min_steps, autocast)  # fmt: skip
+
+
+def _solve(
+    f, z, solver, layout, args, independent, nonfinite, trace, inverse, coupled, min_steps,
+    autocast,
+):  # fmt: skip
     t0 = time.perf_counter()
     B, dev = layout.batch, layout.device
     grad = torch.is_grad_enabled()
@@ -136,7 +186,7 @@ def solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse=Non
     if not bool(finite0.all()):
         bad = (~finite0).nonzero().flatten().tolist()
         raise ValueError(f"z0 contains non-finite values (inf/nan) for samples {bad[:10]}.")
-    ev = _Evaluator(f, layout, args, independent, z)
+    ev = _Evaluator(f, layout, args, independent, z, autocast)
     fz = ev(z)
     norms = _norms(z.detach(), fz.detach())  # (2, b): residual, ||f(z)||
     atol, rtol, max_steps = solver.atol, solver.rtol, solver.max_steps
@@ -147,20 +197,28 @@ def solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse=Non
     if rtol == 0:
         threshold = atol
 
-        def key_of(norms: Tensor) -> Tensor:
+        def sample_key(norms: Tensor) -> Tensor:
             return norms[0]
     elif atol == 0:
         threshold = rtol
 
-        tiny = torch.finfo(z.dtype).tiny
+        tiny = torch.finfo(norms.dtype).tiny
 
-        def key_of(norms: Tensor) -> Tensor:  # 0/0 (z = f(z) = 0) is converged, not NaN
+        def sample_key(norms: Tensor) -> Tensor:  # 0/0 (z = f(z) = 0) is converged, not NaN
             return norms[0] / norms[1].clamp_min(tiny)
     else:
         threshold = 1.0
 
-        def key_of(norms: Tensor) -> Tensor:
+        def sample_key(norms: Tensor) -> Tensor:
             return norms[0] / (norms[1] * rtol + atol)
+
+    if coupled:
+
+        def key_of(norms: Tensor) -> Tensor:  # the batch is one problem: its worst sample
+            key = sample_key(norms)
+            return key.amax().expand_as(key)
+    else:
+        key_of = sample_key
 
     # Full-batch outputs, written when a sample leaves the active set.
     out_z = torch.empty_like(z)
@@ -174,6 +232,8 @@ def solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse=Non
     # Best-so-far of the active rows (compacted together with the solver state).
     key = key_of(norms)
     best_z, best_norms, best_key = z, norms, key
+    if min_steps > 0:  # step 0 is never returned: the first step replaces it
+        best_key = torch.full_like(key, float("inf"))
     best_step = torch.zeros(B, dtype=torch.long, device=dev)
     state = solver.init(ev, z, fz)
     buffer_bytes = sum(t.numel() * t.element_size() for t in state if isinstance(t, Tensor))
@@ -190,7 +250,7 @@ def solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse=Non
         stop = torch.nan_to_num(key, 0.0, 0.0) <= threshold
         if frozen is not None:
             stop &= ~frozen
-        if k >= max_steps or bool(stop.any()):
+        if k >= max_steps or (k >= min_steps and bool(stop.any())):
             bad = ~torch.isfinite(norms).all(0)
             done = bad | (best_key <= threshold)
             if k >= max_steps:
@@ -252,7 +312,7 @@ def solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse=Non
     if inverse is not None:
         _assemble_inverse(inverse, B, z)
     out_res, out_fnorm = out_norms[0], out_norms[1]
-    converged = out_res <= atol + rtol * out_fnorm
+    converged = (out_res <= atol + rtol * out_fnorm) & torch.isfinite(out_norms).all(0)
     if bool(out_nonfinite.any()):
         status = Status.NONFINITE
     elif bool(converged.all()):
@@ -265,12 +325,12 @@ def solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse=Non
         cols = torch.arange(S + 1, device=dev).unsqueeze(0)
         fill = torch.minimum(cols, out_steps.unsqueeze(1))  # repeat the last value after a stop
         trace_abs = tr[0, :, : S + 1].gather(1, fill)
-        trace_rel = (tr[0] / tr[1]).nan_to_num(nan=0.0)[:, : S + 1].gather(1, fill)
+        trace_rel = torch.where(tr[0] == 0, 0.0, tr[0] / tr[1])[:, : S + 1].gather(1, fill)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     stats = Stats(
         abs_residual=out_res,
-        rel_residual=(out_res / out_fnorm).nan_to_num(nan=0.0),  # 0/0: f(z) = z = 0
+        rel_residual=torch.where(out_res == 0, 0.0, out_res / out_fnorm),  # 0/0: f(z) = z = 0
         num_steps=out_steps,
         best_step=out_best,
         converged=converged,

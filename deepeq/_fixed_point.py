@@ -132,14 +132,20 @@ class Problem:
             trace,
         )
         self.z0 = flatten(z0, layout).detach()
+        self.z0_tracked = flatten(z0, layout)  # for UnrolledBackward: gradients reach z0
         self.iterate_f = f  # what the forward solver calls (f itself, or f under autocast)
 
-    def solve(self, inverse: dict | None = None) -> tuple[Tensor, Status, Stats]:
+    def solve(
+        self, inverse: dict | None = None, *, min_steps: int = 0, track_z0: bool = False
+    ) -> tuple[Tensor, Status, Stats]:
         """Run the solver (recording autograd only if grad mode is on): flat z*, status, stats.
-        ``inverse`` (a dict) receives the solver's inverse-Jacobian estimate, if it keeps one."""
+        ``inverse`` (a dict) receives the solver's inverse-Jacobian estimate, if it keeps one;
+        ``min_steps``: no sample stops before this step; ``track_z0``: start from z0 as given
+        (not detached), so that a recorded graph reaches it."""
+        z0 = self.z0_tracked if track_z0 else self.z0
         return solve(
-            self.iterate_f, self.z0, self.solver, self.layout, self.args, self.independent,
-            self.nonfinite, self.trace, inverse,
+            self.iterate_f, z0, self.solver, self.layout, self.args, self.independent,
+            self.nonfinite, self.trace, inverse, min_steps=min_steps,
         )  # fmt: skip
 
     def call(self, z: Tensor) -> Tensor:

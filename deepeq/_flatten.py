@@ -89,8 +89,10 @@ def unflatten(z: Tensor, layout: Layout) -> State:
     return layout.kind(out)
 
 
-def check_output(fz: object, layout: Layout, batch: int) -> None:
-    """Raise a clear error if ``f(z)`` does not match the structure of ``z`` (``batch`` rows)."""
+def check_output(fz: object, layout: Layout, batch: int, autocast: bool = False) -> None:
+    """Raise a clear error if ``f(z)`` does not match the structure of ``z`` (``batch`` rows).
+    ``autocast``: f ran under autocast, so a lower-precision floating dtype is accepted (the
+    caller casts it back)."""
     if (
         layout.kind is Tensor
         and isinstance(fz, Tensor)
@@ -129,7 +131,7 @@ def check_output(fz: object, layout: Layout, batch: int) -> None:
                 f"f(z) must stay on the device of z0 ({layout.device}); got {_describe(fz)}."
             )
         if p.dtype != layout.dtype and not (
-            p.is_floating_point() and torch.is_autocast_enabled(p.device.type)
+            p.is_floating_point() and (autocast or torch.is_autocast_enabled(p.device.type))
         ):
             raise TypeError(
                 f"f(z) must return the dtype of z0 ({layout.dtype}); got {_describe(fz)}. "

@@ -30,12 +30,14 @@ class Stats:
     the device of ``z0``.
 
     Attributes:
-        abs_residual: ``||f(z*) - z*||`` of the returned iterate (norm over all non-batch dims).
-        rel_residual: ``abs_residual / ||f(z*)||``.
+        abs_residual: ``||f(z*) - z*||`` of the returned iterate (norm over all non-batch dims),
+            float64 whatever the state's dtype (computed so that it neither overflows nor
+            underflows: a residual of 1e-25 or 1e20 in a float32 state is reported as it is).
+        rel_residual: ``abs_residual / ||f(z*)||`` (0 when both are 0), float64.
         num_steps: solver steps this sample took before it converged or stopped (0 = z0 was
             already converged). Line-search trial evaluations are not steps.
         best_step: the step whose iterate is returned (the sample's lowest-residual iterate).
-        converged: bool mask, ``abs_residual <= atol + rtol * ||f(z*)||``.
+        converged: bool mask, ``abs_residual <= atol + rtol * ||f(z*)||`` with finite norms.
         nonfinite: bool mask of samples stopped because f produced inf/nan.
         nfe: number of calls of ``f`` (each call may cover only the still-active samples).
         sample_evals: per-sample evaluations summed over calls (``nfe * B`` when nothing is

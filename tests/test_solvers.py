@@ -347,12 +347,20 @@ def test_closure_over_per_sample_tensor_gets_clear_error(gen):
     f, x, s = _scaled_problem(gen)
     with pytest.raises(RuntimeError, match="args="):
         deepeq.fixed_point(lambda z: f(z, x, s), torch.zeros_like(x), Picard(max_steps=200))
-    # ... and works with independent=False.
+    # ... and works with independent=False (the batch then converges as a whole: every sample
+    # meets the tolerance at the returned batch iterate).
     sol = deepeq.fixed_point(
         lambda z: f(z, x, s), torch.zeros_like(x), Picard(max_steps=200), independent=False
     )
-    ref = deepeq.fixed_point(f, torch.zeros_like(x), Picard(max_steps=200), args=(x, s))
-    torch.testing.assert_close(sol.value, ref.value, atol=1e-12, rtol=0)
+    assert sol.status is Status.CONVERGED
+    v = sol.value
+    assert bool(((f(v, x, s) - v).norm(dim=1) <= 1e-3 * f(v, x, s).norm(dim=1)).all())
+    ref = deepeq.fixed_point(
+        f, torch.zeros_like(x), Picard(rtol=1e-12, max_steps=2000), args=(x, s)
+    )
+    torch.testing.assert_close(
+        sol.value, ref.value, atol=0.05 * float(ref.value.abs().max()), rtol=0
+    )
 
 
 def test_nested_and_non_tensor_args(gen):

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .._driver import solve as driver_solve
 from .._flatten import layout_of
+from .._norm import safe_norm
 from .._solution import BackwardStats, Status
 from ..solvers import AbstractSolver, Anderson
 from ..solvers._base import _check_int, bmv, bvm
@@ -126,7 +127,8 @@ class ImplicitBackward(AbstractBackward):
             return problem.finish(z, status, stats, fz=fz, z_leaf=z_leaf)
         holder = BackwardStats()
         factors = (inverse["U"], inverse["V"]) if inverse else None
-        value = _ImplicitFunction.apply(fz, z_leaf, z, self, holder, factors)
+        coupled = not problem.independent
+        value = _ImplicitFunction.apply(fz, z_leaf, z, self, holder, factors, coupled)
         return problem.finish(value, status, stats, backward=holder, fz=fz, z_leaf=z_leaf)
 
 
@@ -151,9 +153,9 @@ class _ImplicitFunction(torch.autograd.Function):
     """Identity on z* in the forward pass; IFT linear solve in the backward pass."""
 
     @staticmethod
-    def forward(ctx, fz, z_leaf, z, rule, holder, factors):
+    def forward(ctx, fz, z_leaf, z, rule, holder, factors, coupled):
         ctx.save_for_backward(fz, z_leaf)
-        ctx.rule, ctx.holder, ctx.factors = rule, holder, factors
+        ctx.rule, ctx.holder, ctx.factors, ctx.coupled = rule, holder, factors, coupled
         return z.clone()
 
     @staticmethod
@@ -186,11 +188,14 @@ class _ImplicitFunction(torch.autograd.Function):
             holder.fallback = torch.zeros(v.shape[0], dtype=torch.bool, device=v.device)
             holder.nfe = 0
             holder.wall_time = time.perf_counter() - t0
-            return g0, None, None, None, None, None
+            return g0, None, None, None, None, None, None
         # The vjp runs on the full batch (one recorded graph), so samples are not independent
-        # for the driver; converged samples are still frozen.
-        g, status, st = driver_solve(h, g0, rule.solver, layout_of(v), (), False, "return", False)
-        v_norm = torch.linalg.vector_norm(v, dim=1, dtype=st.abs_residual.dtype)
+        # for the driver; converged samples are still frozen unless f couples the samples (then
+        # Jᵀ does too, and the batch converges as a whole).
+        g, status, st = driver_solve(
+            h, g0, rule.solver, layout_of(v), (), False, "return", False, coupled=ctx.coupled
+        )
+        v_norm = safe_norm(v, 1)
         diverged = st.nonfinite | (st.abs_residual > v_norm)
         nfe = st.nfe
         if bool(diverged.any()):
@@ -220,7 +225,7 @@ class _ImplicitFunction(torch.autograd.Function):
         holder.wall_time = time.perf_counter() - t0
         if status is Status.NONFINITE and not bool(diverged.any()):  # pragma: no cover
             raise AssertionError("non-finite backward samples must be marked diverged")
-        return g, None, None, None, None, None
+        return g, None, None, None, None, None, None
 
 
 def _shine(v: Tensor, U: Tensor, V: Tensor) -> Tensor:

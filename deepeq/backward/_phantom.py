@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from .._solution import Status
 from ..solvers._base import _check_int
 from ._base import AbstractBackward
 
@@ -44,8 +46,21 @@ class PhantomBackward(AbstractBackward):
     def apply(self, problem):
         with torch.no_grad():
             z, status, stats = problem.solve()
+        bad = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
         with torch.enable_grad():
-            for _ in range(self.steps):
+            for i in range(self.steps):
                 fz = problem.call(z)
                 z = fz if self.damping == 0 else fz.lerp(z, self.damping)
+                bad |= ~torch.isfinite(z.detach()).all(1)
+                if problem.nonfinite == "raise" and bool(bad.any()):
+                    ids = bad.nonzero().flatten().tolist()
+                    raise FloatingPointError(
+                        f"f produced non-finite values (inf/nan) in phantom step {i + 1} of "
+                        f"{self.steps} (from the solver's z*) for sample(s) {ids[:10]}. Check f "
+                        f"for overflow, or pass nonfinite='return' to get Status.NONFINITE."
+                    )
+        if bool(bad.any()):
+            stats = dataclasses.replace(stats, nonfinite=stats.nonfinite | bad,
+                                        converged=stats.converged & ~bad)  # fmt: skip
+            status = Status.NONFINITE
         return problem.finish(z, status, stats)

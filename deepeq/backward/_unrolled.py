@@ -28,5 +28,5 @@ class UnrolledBackward(AbstractBackward):
 
     def apply(self, problem):
         with torch.enable_grad():
-            z, status, stats = problem.solve()
+            z, status, stats = problem.solve(min_steps=1, track_z0=True)
         return problem.finish(z, status, stats)

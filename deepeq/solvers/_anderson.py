@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .._norm import safe_norm
 from .._types import FlatFn
 from ._base import AbstractSolver, _check_float, _check_int, bmv, bvm, work_dtype
 
@@ -20,6 +21,7 @@ class _AndersonState(NamedTuple):
     valid: Tensor  # (B, m)  0/1 in H's dtype: which slots take part in the mixing (per sample)
     eye: Tensor  # (m, m)  identity (constant, used by restarts)
     count: int  # iterates written so far; the ring slot is count % m
+    scale: Tensor  # (B, 1)  1 / ||g_0|| per sample: G holds scaled residuals (see init)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +80,13 @@ class Anderson(AbstractSolver):
         m = self.history_length
         wd = work_dtype(z.dtype)  # fp32 for fp32/bf16/fp16 states, fp64 for fp64
         eye = torch.eye(m, dtype=wd, device=z.device)
+        # The weights are invariant to a per-sample scale of the residuals, so G stores them
+        # divided by the first residual's norm: the Gram entries are then O(1) at the start
+        # whatever the scale of the problem (1e-25 squares to 0 in float32, 1e20 to inf).
+        n0 = safe_norm(fz - z, 1)
+        ok = (n0 > 0) & torch.isfinite(n0)
+        limit = torch.finfo(z.dtype)
+        scale = torch.where(ok, n0.reciprocal(), 1.0).clamp(limit.tiny, limit.max).to(z.dtype)
         return _AndersonState(
             F=z.new_zeros(B, m, D),  # zeros, not empty: 0 * uninitialised memory may be NaN
             G=z.new_zeros(B, m, D),
@@ -85,19 +94,21 @@ class Anderson(AbstractSolver):
             valid=torch.zeros(B, m, dtype=wd, device=z.device),
             eye=eye,
             count=0,
+            scale=scale.unsqueeze(1),
         )
 
     def compact(self, state: _AndersonState, keep: Tensor) -> _AndersonState:
-        F, G, H, valid, eye, count = state
-        return _AndersonState(F[keep], G[keep], H[keep], valid[keep], eye, count)
+        F, G, H, valid, eye, count, scale = state
+        return _AndersonState(F[keep], G[keep], H[keep], valid[keep], eye, count, scale[keep])
 
     def step(self, f: FlatFn, z: Tensor, fz: Tensor, state: _AndersonState):
         # Written for few tensor ops per step: with cheap f the per-op overhead dominates.
-        F, G, H, valid, eye, count = state
-        if torch.is_grad_enabled():  # UnrolledBackward: keep the tensors autograd saved intact
+        F, G, H, valid, eye, count, scale = state
+        grad = torch.is_grad_enabled()
+        if grad:  # UnrolledBackward: keep the tensors autograd saved intact
             F, G, H, valid = F.clone(), G.clone(), H.clone(), valid.clone()
         s = count % self.history_length
-        g = fz - z
+        g = (fz - z) * scale
         F[:, s] = fz
         G[:, s] = g
         valid[:, s] = 1.0
@@ -115,6 +126,11 @@ class Anderson(AbstractSolver):
         # accelerator it is applied with masks so that the loop never waits for the device.
         bad = ~(alpha.abs().amax(1, keepdim=True) <= self.max_weight)  # (B, 1)
         if z.device.type != "cpu" or bool(bad.any()):
+            if grad:
+                # Under autograd the discarded inf/NaN weights would still poison the gradient
+                # (0 * inf = NaN in torch.where's backward): re-solve with those rows replaced.
+                y = torch.linalg.solve_ex(torch.where(bad.unsqueeze(2), eye, H), valid)[0]
+                alpha = y / y.sum(1, keepdim=True)
             alpha = torch.where(bad, eye[s], alpha)
             valid = valid.masked_fill(bad, 0.0)
             H = torch.where(bad.unsqueeze(2), eye, H)
@@ -123,5 +139,5 @@ class Anderson(AbstractSolver):
         z_next = bvm(a, F)  # Σ α_i f_i
         if self.damping:
             # Σ α_i z_i = Σ α_i (f_i - g_i), so the damped mix is Σ α f - damping Σ α g.
-            z_next = z_next - self.damping * bvm(a, G)
-        return z_next, f(z_next), _AndersonState(F, G, H, valid, eye, count + 1)
+            z_next = z_next - self.damping * bvm(a, G) / scale
+        return z_next, f(z_next), _AndersonState(F, G, H, valid, eye, count + 1, scale)

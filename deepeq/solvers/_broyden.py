@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .._norm import safe_norm
 from .._types import FlatFn
 from ._base import AbstractSolver, _check_int, bmv, bvm
 
@@ -98,14 +99,23 @@ class Broyden(AbstractSolver):
         else:
             Jy = _lowrank(y, Un, Vn, beta=-1.0, alpha=1.0)  # J⁻¹y = -y + Σ u_i (v_i·y)
             sJ = _lowrank(s, Vn, Un, beta=-1.0, alpha=1.0)  # sᵀJ⁻¹ = -s + Σ (s·u_i) v_i
-        denom = torch.linalg.vecdot(sJ, y)
-        # Skip (zero factor) when the denominator is ~0 relative to its factors, or NaN.
-        scale = torch.linalg.vector_norm(torch.stack((s, Jy)), dim=2).prod(0)
-        inv = torch.where(denom.abs() > torch.finfo(z.dtype).eps * scale, denom.reciprocal(), 0.0)
+        # The rank-one term (s - J⁻¹y)(sᵀJ⁻¹)/(sᵀJ⁻¹y) is stored with a unit-norm v = sᵀJ⁻¹/||sᵀJ⁻¹||
+        # and u = (s - J⁻¹y)/(v·y): the same product, with factors whose size does not depend
+        # on the problem's scale (for z ~ 1e-25, sᵀJ⁻¹y ~ 1e-50 underflows float32; 1e20 overflows).
+        norms = safe_norm(torch.stack((s, Jy, sJ)), 2)  # (3, B) float64
+        n_sJ = norms[2]
+        unit = sJ / torch.where(n_sJ > 0, n_sJ, 1.0).to(sJ.dtype).unsqueeze(1)
+        denom = torch.linalg.vecdot(unit, y)
+        # Skip (zero factor) when the denominator is ~0 relative to its factors, or NaN: the
+        # test |sᵀJ⁻¹y| > eps ||s|| ||J⁻¹y|| of the unscaled factors, in float64.
+        ok = denom.abs() * n_sJ > torch.finfo(z.dtype).eps * norms[0] * norms[1]
+        # where(ok, 1/denom, 0) with a safe denominator: under autograd the discarded 1/0 would
+        # make the gradient NaN (0 * inf in torch.where's backward).
+        inv = torch.where(ok, torch.where(ok, denom, 1.0).reciprocal(), 0.0)
         if torch.is_grad_enabled():  # UnrolledBackward: keep the tensors autograd saved intact
             U, V = U.clone(), V.clone()
-        U[:, n] = (s - Jy).mul_(inv.unsqueeze(1))
-        V[:, n] = sJ
+        U[:, n] = (s - Jy) * inv.unsqueeze(1)
+        V[:, n] = unit
         return z_new, fz_new, _BroydenState(U, V, n + 1)
 
     def inverse_factors(self, state: _BroydenState, rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -114,10 +124,10 @@ class Broyden(AbstractSolver):
         return U[rows, :n], V[rows, :n]
 
     def _backtrack(self, f, z, g, dz, z_new, fz_new):
-        gnorm = g.norm(dim=1)
-        scale = torch.ones_like(gnorm)
+        gnorm = safe_norm(g, 1)
+        scale = torch.ones_like(gnorm, dtype=z.dtype)
         for _ in range(self.backtracks):
-            gn = (fz_new - z_new).norm(dim=1)
+            gn = safe_norm(fz_new - z_new, 1)
             # Sufficient decrease of ||g|| (Armijo-style, c = 1e-4); NaN counts as failure.
             fail = ~(gn <= (1.0 - 1e-4 * scale) * gnorm)
             if not bool(fail.any()):
