@@ -44,6 +44,11 @@ def _train(argv: list[str]) -> int:
         "summary: "
         + " | ".join(f"{k} {metrics[k]:.4g}" for k in keys if metrics.get(k) is not None)
     )
+    if metrics.get("loss_exploded_at") is not None:
+        print(
+            f"warning: the training loss exploded at step {metrics['loss_exploded_at']} (see the "
+            f"log); this result is probably useless."
+        )
     return 0
 
 

@@ -316,8 +316,8 @@ def test_lm_resume_is_bit_identical_with_memory(tmp_path):
     cfg = load_config(None, [*common, f"--out_dir={tmp_path / 'cut'}"])
     train(cfg, progress=False, until_step=3)
     train(cfg, progress=False, resume=True)
-    a = torch.load(tmp_path / "full/checkpoints/latest.pt", weights_only=False)
-    b = torch.load(tmp_path / "cut/checkpoints/latest.pt", weights_only=False)
+    a = torch.load(tmp_path / "full/checkpoints/latest.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut/checkpoints/latest.pt", weights_only=True)
     assert a["state"] is not None and a["state"].shape[1] == 8  # a real memory was carried
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k

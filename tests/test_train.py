@@ -15,7 +15,8 @@ import torch
 from deepeq.__main__ import main
 from deepeq.data import copy_memory
 from deepeq.models import _registry
-from deepeq.train import TrainConfig, dump_config, load_config, train
+from deepeq.train import TrainConfig, checkpoint, dump_config, load_config, train
+from deepeq.train.loop import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("copy_memory_*.toml"))
@@ -151,7 +152,7 @@ def test_two_steps_of_every_language_model_config(config, tmp_path):
 
 
 def _params(path):
-    return torch.load(path / "checkpoints/latest.pt", weights_only=False)["model"]
+    return torch.load(path / "checkpoints/latest.pt", weights_only=True)["model"]
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -175,7 +176,7 @@ def test_resume_is_bit_identical(tmp_path):
     )
     train(a, progress=False)
     train(b, progress=False, until_step=3)
-    assert torch.load(tmp_path / "b/checkpoints/latest.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "b/checkpoints/latest.pt", weights_only=True)["step"] == 3
     train(b, progress=False, resume=True)
     pa, pb = _params(tmp_path / "a"), _params(tmp_path / "b")
     for k in pa:
@@ -296,7 +297,7 @@ def test_kill_then_resume_loses_at_most_one_interval(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(csv.read_text().splitlines()) - 1
-    ck = torch.load(tmp_path / "checkpoints/latest.pt", weights_only=False)["step"]
+    ck = torch.load(tmp_path / "checkpoints/latest.pt", weights_only=True)["step"]
     assert 0 < done - ck <= 5 or done == ck  # at most one checkpoint interval lost
     subprocess.run(
         [*args, "--resume"],
@@ -368,10 +369,119 @@ def test_nonfinite_guard(tmp_path, caplog, monkeypatch):
     )
     with pytest.raises(
         FloatingPointError,
-        match=r"3 consecutive steps had a non-finite loss or solve \(last at step 3\); stopping",
+        match=r"3 consecutive steps were skipped \(last at step 3: non-finite loss or solve\); "
+        r"stopping.*resume from .*latest.pt \(step 2\) with --resume",
     ):
         train(cfg, progress=False)
     assert "step skipped" in caplog.text
+
+
+def _nan_grad_model(**overrides):
+    """A finite loss whose gradient is NaN (sqrt at 0 in the backward pass)."""
+
+    class NaNGradModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.emb = torch.nn.Parameter(torch.zeros(10))
+
+        def forward(self, tokens, state=None):
+            logits = self.emb + torch.sqrt(self.w * 0.0) * 0.0  # d/dw sqrt(0) = inf, * 0 = NaN
+            return logits.expand(*tokens.shape, 10), None, []
+
+    return NaNGradModel()
+
+
+def test_nan_gradient_of_a_finite_loss_is_skipped_and_never_checkpointed(
+    tmp_path, caplog, monkeypatch
+):
+    import csv
+
+    monkeypatch.setitem(_registry._MODELS, "nan_grad_model", _nan_grad_model)
+    cfg = load_config(
+        ROOT / "configs/copy_memory_tiny.toml",
+        [*SMALL, "--steps=4", "--max_nonfinite=3", "--model.name=nan_grad_model",
+         f"--out_dir={tmp_path}"],
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"last at step 3: non-finite gradient"):
+        train(cfg, progress=False)
+    assert "non-finite gradient (finite loss); step skipped" in caplog.text
+    # the parameters never moved, and what was checkpointed is finite
+    ck = checkpoint.load(tmp_path / "checkpoints/latest.pt")
+    assert all(bool(torch.isfinite(t).all()) for t in ck["model"].values())
+    assert ck["step"] == 2 and float(ck["model"]["w"]) == 0.0
+    with open(tmp_path / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["step"] for r in rows] == ["1", "2", "3"]  # the stop step's row is logged
+    assert [r["skipped"] for r in rows] == ["1", "2", "3"]
+
+
+def test_divergent_lr_stops_naming_a_checkpoint_that_exists(tmp_path):
+    import csv
+
+    cfg = load_config(
+        ROOT / "configs/copy_memory_quick.toml",
+        ["--optim.lr=1e30", "--optim.clip=0", "--data.n_train=64", "--data.n_test=16",
+         "--batch_size=16", "--eval_every=1000", "--ckpt_every=1000", f"--out_dir={tmp_path}"],
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError) as err:
+        train(cfg, progress=False)
+    msg = str(err.value)
+    latest = tmp_path / "checkpoints/latest.pt"
+    assert latest.exists() == (str(latest) in msg and "resume from" in msg)
+    if not latest.exists():
+        assert "no checkpoint was written yet" in msg
+    with open(tmp_path / "metrics.csv") as fh:
+        last = list(csv.DictReader(fh))[-1]
+    stop_step = int(msg.split("last at step ")[1].split(":")[0]) if "last at step" in msg else None
+    assert stop_step is None or int(last["step"]) == stop_step
+
+
+def test_exploding_loss_warns(tmp_path, caplog):
+    args = [*SMALL, "--steps=40", "--eval_every=100", "--ckpt_every=100", "--optim.clip=0"]
+    cfg = load_config(ROOT / "configs/copy_memory_tiny.toml",
+                      [*args, "--optim.lr=1e3", f"--out_dir={tmp_path / 'a'}"])  # fmt: skip
+    final = train(cfg, progress=False)
+    assert "the training loss exploded" in caplog.text and "max_loss_ratio" in caplog.text
+    assert 11 <= final["loss_exploded_at"] <= 40  # the first full window of 10 steps after step 1
+    caplog.clear()
+    cfg = load_config(ROOT / "configs/copy_memory_tiny.toml",
+                      [*args, "--optim.lr=1e-3", f"--out_dir={tmp_path / 'b'}"])  # fmt: skip
+    assert "loss_exploded_at" not in train(cfg, progress=False)
+    assert "exploded" not in caplog.text
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    cfg = load_config(ROOT / "configs/copy_memory_tiny.toml", [*SMALL, f"--out_dir={tmp_path}"])
+    train(cfg, progress=False)
+    for name in ("latest", "best"):
+        ck = torch.load(tmp_path / f"checkpoints/{name}.pt", weights_only=True)
+        assert ck["format"] == checkpoint.FORMAT
+    assert isinstance(ck_cfg := checkpoint.load(tmp_path / "checkpoints/latest.pt")["config"], dict)
+    assert ck_cfg["model"]["name"] == cfg.model.name
+    # an old-style checkpoint (a pickled config object) gets one clear error, and converts
+    old = torch.load(tmp_path / "checkpoints/latest.pt", weights_only=True)
+    old.pop("format")
+    old["config"] = cfg
+    torch.save(old, tmp_path / "checkpoints/latest.pt")
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"does not load with torch.load\(weights_only=True\)"
+    ):
+        train(cfg, resume=True, progress=False)
+    checkpoint.convert_trusted(tmp_path / "checkpoints/latest.pt")
+    train(dataclasses.replace(cfg, steps=3), resume=True, progress=False)
+    # a foreign file
+    torch.save([1, 2], tmp_path / "checkpoints/best.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="is not a deepeq checkpoint"):
+        load_run(tmp_path)
+
+
+def test_main_reports_checkpoint_errors_in_one_line(tmp_path, capsys):
+    cfg = str(ROOT / "configs/copy_memory_tiny.toml")
+    assert main(["train", cfg, *SMALL, f"--out_dir={tmp_path}", "--no-progress"]) == 0
+    (tmp_path / "checkpoints/best.pt").write_bytes(b"not a checkpoint")
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "is not a readable checkpoint" in capsys.readouterr().err
 
 
 def test_cli_train_and_eval(tmp_path, capsys):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -175,8 +176,13 @@ def _cached(key: str, cache_dir: str | Path | None, build) -> Corpus:
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     path = root / f"corpus-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if path.exists():
-        d = torch.load(path, weights_only=False)
-        return Corpus(d["name"], d["level"], tuple(d["itos"]), d["train"], d["valid"], d["test"])
+        try:
+            d = torch.load(path, weights_only=True)
+            return Corpus(
+                d["name"], d["level"], tuple(d["itos"]), d["train"], d["valid"], d["test"]
+            )
+        except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError):
+            pass  # unreadable, unsafe or foreign cache file: rebuilt and overwritten below
     corpus = build()
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -107,6 +107,9 @@ class TrainConfig:
     flush_denormal: bool = True
     out_dir: str = "runs/default"
     max_nonfinite: int = 5  # consecutive skipped (non-finite) steps before the run stops
+    # warn when the mean training loss of the last 10 steps exceeds this multiple of the first
+    # step's loss (an exploding run; 0: no check)
+    max_loss_ratio: float = 10.0
 
 
 def _type_name(tp: Any) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ import torch
 
 from ..models import create_model
 from ..regularization import JacobianSchedule, jacobian_penalty, spectral_radius
+from . import checkpoint as _ck
 from ._denormal import set_flush_denormal
 from .config import TrainConfig, dump_config
 from .tasks import Task, make_task
@@ -73,10 +75,39 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+class LossGuard:
+    """Warns once when the training loss explodes: the mean task loss of the last ``window``
+    steps above ``ratio`` times the run's first loss (before any update; ``ratio = 0``: off).
+    Its state survives a resume (it is saved in the checkpoint)."""
+
+    def __init__(self, ratio: float, window: int = 10, start: float | None = None):
+        self.ratio, self.window, self.start = ratio, window, start
+        self.recent: list[float] = []
+        self.exploded_at: int | None = None
+
+    def update(self, step: int, loss: float) -> str | None:
+        """Record the step's loss; returns the warning the first time the loss has exploded."""
+        if not self.ratio or not math.isfinite(loss):
+            return None
+        if self.start is None:
+            self.start = loss
+            return None
+        self.recent = [*self.recent, loss][-self.window :]
+        now = sum(self.recent) / len(self.recent)
+        if (
+            self.exploded_at is None
+            and len(self.recent) == self.window
+            and now > self.ratio * abs(self.start)
+        ):
+            self.exploded_at = step
+            return (
+                f"step {step}: the training loss exploded: mean {now:.4g} over the last "
+                f"{self.window} steps against {self.start:.4g} at the first step "
+                f"(> max_loss_ratio = {self.ratio:g}x). The run goes on, but its result is "
+                f"probably useless: lower optim.lr, enable optim.clip, or add Jacobian "
+                f"regularisation (jac.weight); max_loss_ratio = 0 silences this check."
+            )
+        return None
 
 
 def evaluate(model, task: Task, splits: tuple[str, ...] | None = None) -> dict:
@@ -151,19 +182,27 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
     )
     pretrain_steps = getattr(getattr(model, "config", None), "pretrain_steps", 0)
     step, best, skipped_in_row, skipped_total, state = 0, math.inf, 0, 0, None
+    guard = LossGuard(cfg.max_loss_ratio)
     latest = ckdir / "latest.pt"
     if resume:
         if not latest.exists():
             raise FileNotFoundError(
                 f"--resume: no checkpoint at {latest}; start the run without --resume."
             )
-        ck = torch.load(latest, weights_only=False)
+        ck = _ck.load(
+            latest, required=("model", "optimizer", "step", "best", "rng", "skipped_total")
+        )
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, best = ck["step"], ck["best"]
         skipped_in_row, skipped_total = ck["skipped_in_row"], ck["skipped_total"]
         torch.set_rng_state(ck["rng"])
         state = _to(ck.get("state"), cfg.device)
+        guard = LossGuard(cfg.max_loss_ratio, start=ck.get("loss_start"))
+        guard.recent, guard.exploded_at = (
+            list(ck.get("loss_recent", [])),
+            ck.get("loss_exploded_at"),
+        )
         logger.info("resumed %s at step %d", out, step)
     elif (out / "metrics.csv").exists():
         raise FileExistsError(
@@ -221,29 +260,29 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
             flag = torch.tensor(float(bad), device=cfg.device)
             torch.distributed.all_reduce(flag)
             bad = bool(flag.item() > 0)
-        if bad:
-            skipped_in_row += 1
-            skipped_total += 1
-            logger.warning(
-                "step %d: non-finite loss or solve; step skipped (%d in a row)",
-                step + 1,
-                skipped_in_row,
-            )
-            if skipped_in_row >= cfg.max_nonfinite:
-                raise FloatingPointError(
-                    f"{skipped_in_row} consecutive steps had a non-finite loss or solve (last at step "
-                    f"{step + 1}); stopping. Lower optim.lr, enable optim.clip, add Jacobian "
-                    f"regularisation (jac.weight) or weight norm, and resume from {latest}."
-                )
-        else:
-            skipped_in_row = 0
+        reason = "non-finite loss or solve" if bad else ""
+        if not bad:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), cfg.optim.clip if cfg.optim.clip > 0 else float("inf")
             )
-            opt.step()
             row["grad_norm"] = gn.item()
+            # A finite loss can still have an inf/NaN gradient (e.g. a backward solve or an
+            # overflow in f's backward); the all-reduced gradient is the same on every rank.
+            if math.isfinite(row["grad_norm"]):
+                opt.step()
+            else:
+                opt.zero_grad(set_to_none=True)
+                bad, reason = True, "non-finite gradient (finite loss)"
+        if bad:
+            skipped_in_row += 1
+            skipped_total += 1
+            logger.warning(
+                "step %d: %s; step skipped (%d in a row)", step + 1, reason, skipped_in_row
+            )
+        else:
+            skipped_in_row = 0
         step += 1
         now = time.perf_counter()
         row.update(
@@ -272,6 +311,18 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
                         bwd_res_max=max(x.rel_residual.max().item() for x in b),
                         bwd_converged=sum(x.converged.float().mean().item() for x in b) / len(b),
                     )
+        if math.isfinite(row["task_loss"]):
+            warning = guard.update(step, row["task_loss"])
+            if warning and main:
+                logger.warning(warning)
+        if skipped_in_row >= cfg.max_nonfinite:
+            if main:
+                _append_row(out / "metrics.csv", row, cols)  # the stop step's row is kept
+            raise FloatingPointError(
+                f"{skipped_in_row} consecutive steps were skipped (last at step {step}: {reason});"
+                f" stopping. Lower optim.lr, enable optim.clip, add Jacobian regularisation "
+                f"(jac.weight) or weight norm; then {_ck.describe_latest(latest)}."
+            )
         if not main:
             continue
         if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -279,7 +330,8 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
             row.update({k: v for k, v in task.evaluate(model, splits).items() if k in cols})
             if row[task.select] < best:
                 best = row[task.select]
-                _atomic_save(
+                _check_parameters(model, step, latest)
+                _ck.save(
                     {"model": model.state_dict(), "step": step, task.select: best},
                     ckdir / "best.pt",
                 )
@@ -289,10 +341,13 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
                 if k != "step" and v is not None:
                     writer.add_scalar(k, v, step)
         if step % cfg.ckpt_every == 0 or step == stop:
-            _atomic_save(
+            _check_parameters(model, step, latest)
+            _ck.save(
                 {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "best": best,
-                 "skipped_in_row": skipped_in_row, "skipped_total": skipped_total, "rng": torch.get_rng_state(), "config": cfg,
-                 "state": _to(state, "cpu")},
+                 "skipped_in_row": skipped_in_row, "skipped_total": skipped_total,
+                 "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg),
+                 "state": _to(state, "cpu"), "loss_start": guard.start, "loss_recent": guard.recent,
+                 "loss_exploded_at": guard.exploded_at},
                 latest,
             )  # fmt: skip
         if bar is not None:
@@ -324,11 +379,24 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
         return json.loads((out / "final.json").read_text())
     final = {k: v for k, v in metrics.items() if v is not None}
     final[f"best_{task.select}"] = best
+    if guard.exploded_at is not None:
+        final["loss_exploded_at"] = guard.exploded_at
     final["parameters"] = sum(p.numel() for p in model.parameters())
     final.update(_peak_memory(cfg.device))
     if main:
         (out / "final.json").write_text(json.dumps(final, indent=1) + "\n")
     return final
+
+
+def _check_parameters(model: torch.nn.Module, step: int, latest: Path) -> None:
+    """Never checkpoint inf/nan weights: raise instead, naming the last good checkpoint."""
+    bad = _ck.parameters_finite(model)
+    if bad:
+        raise FloatingPointError(
+            f"step {step}: {len(bad)} parameter tensors hold inf/nan (first: {bad[:4]}); this "
+            f"state is not checkpointed. Lower optim.lr or enable optim.clip; then "
+            f"{_ck.describe_latest(latest)}."
+        )
 
 
 def _to(state: Any, device: str) -> Any:
@@ -416,8 +484,6 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None =
 
     ``device`` defaults to the run's own device, or the CPU when that is a GPU this machine lacks
     (a run trained on a GPU can be evaluated and analysed on a CPU)."""
-    import dataclasses
-
     from .config import load_config
 
     run = Path(run_dir)
@@ -436,5 +502,5 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None =
         raise FileNotFoundError(f"No checkpoint {ck_path}; train the run first (deepeq train ...).")
     task = make_task(cfg)
     model = create_model(cfg.model.name, **task.model_kwargs(), **cfg.model.overrides).to(device)
-    model.load_state_dict(torch.load(ck_path, map_location=device, weights_only=False)["model"])
+    model.load_state_dict(_ck.load(ck_path, map_location=device, required=("model",))["model"])
     return cfg, model, task
