@@ -58,6 +58,7 @@ class _Evaluator:
         self.full_args = args
         self.active = torch.arange(layout.batch, device=layout.device)  # original sample ids
         self.full_z = z.clone() if not independent else None  # frozen rows keep their value
+        self.hold: Tensor | None = None  # rows f must see at their full_z value (causal solving)
         self.nfe = 0
         self.sample_evals = 0
         # The solver's own arithmetic runs outside autocast (its state stays in z0's dtype); f
@@ -100,6 +101,8 @@ class _Evaluator:
             return flatten(out, self.layout).to(self.layout.dtype)
         ids = self.active if rows is None else self.active[rows]
         full = self.full_z.index_copy(0, ids, z)  # out of place: autograd may record it
+        if self.hold is not None:  # frozen but not compacted rows: their frozen values
+            full = torch.where(self.hold.unsqueeze(1), self.full_z, full)
         if rows is None:
             self.full_z = full
         out = self._f(unflatten(full, self.layout), self.full_args)
@@ -148,7 +151,7 @@ LAZY_COMPACTION: bool | str = "auto"
 
 def solve(
     f, z, solver, layout, args, independent, nonfinite, trace, inverse=None, *,
-    coupled: bool | None = None, min_steps: int = 0,
+    coupled: bool | None = None, min_steps: int = 0, positions: int = 0,
 ):  # fmt: skip
     """The driver loop on flat ``z`` (B, D). Returns (z*, status, stats).
 
@@ -162,22 +165,44 @@ def solve(
     one whose worst sample is best) is returned. ``min_steps``: no sample stops, and no iterate
     is returned, before this step (``UnrolledBackward`` takes at least one tracked step).
 
+    ``positions`` (causal solving, see :func:`deepeq.fixed_point`): the rows of ``z`` are
+    (sample, position) pairs, ``positions`` consecutive rows per sample, and f is causal along
+    them. A row stops only when it meets the tolerance and every earlier row of its sample has
+    stopped (the frozen rows form a growing prefix, whose values no later step changes), and each
+    row returns its last finite iterate. f is evaluated on the full batch (pass
+    ``independent=False``); the returned stats are per sample.
+
     The solver's arithmetic runs outside any autocast region (its state stays in z's dtype); f
     runs inside the caller's."""
     autocast = _autocast_state(layout.device.type)
     if coupled is None:
         coupled = not independent
+    if positions and (independent or coupled):
+        raise ValueError(
+            "causal solving evaluates f on the full batch: independent=False, coupled=False"
+        )
     if autocast is None:
         return _solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse,
-                      coupled, min_steps, None)  # fmt: skip
+                      coupled, min_steps, positions, None)  # fmt: skip
     with torch.autocast(layout.device.type, enabled=False):
         return _solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse,
-                      coupled, min_steps, autocast)  # fmt: skip
+                      coupled, min_steps, positions, autocast)  # fmt: skip
+
+
+def _prefix(meet: Tensor, sample: Tensor) -> Tensor:
+    """``meet`` restricted to each sample's leading run: row i is kept iff it and every earlier
+    row of its sample (rows sorted by sample, then position) meet. ``sample`` is sorted."""
+    fails = (~meet).to(torch.int64)
+    before = fails.cumsum(0) - fails  # failures strictly before each row
+    first = torch.ones_like(meet)
+    first[1:] = sample[1:] != sample[:-1]
+    group = first.cumsum(0) - 1  # 0, 1, ... per sample present
+    return meet & (before == before[first][group])
 
 
 def _solve(
     f, z, solver, layout, args, independent, nonfinite, trace, inverse, coupled, min_steps,
-    autocast,
+    positions, autocast,
 ):  # fmt: skip
     t0 = time.perf_counter()
     B, dev = layout.batch, layout.device
@@ -220,6 +245,11 @@ def _solve(
     else:
         key_of = sample_key
 
+    causal = positions > 0
+
+    def stop_rule(meet: Tensor) -> Tensor:
+        return _prefix(meet, ev.active // positions) if causal else meet
+
     # Full-batch outputs, written when a sample leaves the active set.
     out_z = torch.empty_like(z)
     out_norms = torch.empty_like(norms)
@@ -240,6 +270,9 @@ def _solve(
 
     on_cpu = dev.type == "cpu"
     lazy = independent and (not on_cpu if LAZY_COMPACTION == "auto" else LAZY_COMPACTION)
+    # Causal solving never compacts: the solver's per-row arithmetic then runs on tensors of
+    # one shape whatever the other rows do (a row count that changes with later positions
+    # would change kernels, float rounding, and so the earlier outputs).
     frozen: Tensor | None = None  # stopped rows not yet compacted away (lazy mode)
     k = 0
     while True:
@@ -248,11 +281,15 @@ def _solve(
         # NaN/inf keys map to 0, i.e. "done": the exact reason is sorted out below, only on the
         # (rare) steps where some sample stops. One host synchronisation per step.
         stop = torch.nan_to_num(key, 0.0, 0.0) <= threshold
+        if causal:  # frozen rows count as met; NaN rows (0 here) are inspected below anyway
+            met = stop if frozen is None else stop | frozen
+            stop = stop_rule(met) | torch.isnan(key)
         if frozen is not None:
             stop &= ~frozen
         if k >= max_steps or (k >= min_steps and bool(stop.any())):
             bad = ~torch.isfinite(norms).all(0)
-            done = bad | (best_key <= threshold)
+            met = (best_key <= threshold) | bad
+            done = bad | stop_rule(met if frozen is None else met | frozen)
             if k >= max_steps:
                 done = torch.ones_like(done)
             if frozen is not None:  # already recorded; they only await compaction
@@ -285,7 +322,7 @@ def _solve(
             # a kernel launch and compute does not fall with fewer rows until many are gone,
             # stopped rows are only marked (their results are already recorded above) until a
             # quarter of the rows have stopped.
-            if not lazy or keep.numel() <= 0.75 * gone.numel():
+            if not causal and (not lazy or keep.numel() <= 0.75 * gone.numel()):
                 z, fz = z[keep], fz[keep]
                 best_z, best_norms = best_z[keep], best_norms[:, keep]
                 best_key, best_step = best_key[keep], best_step[keep]
@@ -294,11 +331,16 @@ def _solve(
                 frozen = None
             else:
                 frozen = gone
+                if causal:
+                    ev.hold = gone
         k += 1
         z, fz, state = solver.step(ev, z, fz, state)
         norms = _norms(z.detach(), fz.detach()) if grad else _norms(z, fz)
         key = key_of(norms)
-        better = key < best_key  # NaN never improves, so the best iterate stays finite
+        # NaN never improves, so the best iterate stays finite. Causal solving returns each row's
+        # last finite iterate: another step's iterate of a row saw other values of the rows
+        # before it, so its recorded residual would not be that of the returned state.
+        better = torch.isfinite(key) if causal else key < best_key
         if on_cpu and bool(better.all()):
             # Common case, cheap to detect on CPU (no device to wait for): no masking needed.
             best_z, best_norms, best_key = z, norms, key
@@ -311,8 +353,21 @@ def _solve(
 
     if inverse is not None:
         _assemble_inverse(inverse, B, z)
+    rows_converged, row_steps = None, out_steps
+    if causal:  # per (sample, position) rows -> per sample
+        rows_converged = (out_norms[0] <= atol + rtol * out_norms[1]) & torch.isfinite(
+            out_norms
+        ).all(0)
+        n = B // positions
+        out_norms = safe_norm(out_norms.view(2, n, positions), 2)
+        out_steps = out_steps.view(n, positions).amax(1)
+        out_best = out_best.view(n, positions).amax(1)
+        out_nonfinite = out_nonfinite.view(n, positions).any(1)
+        rows_converged = rows_converged.view(n, positions)
     out_res, out_fnorm = out_norms[0], out_norms[1]
     converged = (out_res <= atol + rtol * out_fnorm) & torch.isfinite(out_norms).all(0)
+    if rows_converged is not None:  # every position met the rule (rows, not their sum)
+        converged = rows_converged.all(1)
     if bool(out_nonfinite.any()):
         status = Status.NONFINITE
     elif bool(converged.all()):
@@ -323,9 +378,12 @@ def _solve(
     if trace:
         S = int(out_steps.max())
         cols = torch.arange(S + 1, device=dev).unsqueeze(0)
-        fill = torch.minimum(cols, out_steps.unsqueeze(1))  # repeat the last value after a stop
-        trace_abs = tr[0, :, : S + 1].gather(1, fill)
-        trace_rel = torch.where(tr[0] == 0, 0.0, tr[0] / tr[1])[:, : S + 1].gather(1, fill)
+        fill = torch.minimum(cols, row_steps.unsqueeze(1))  # repeat the last value after a stop
+        filled = tr[:, :, : S + 1].gather(2, fill.expand(2, -1, -1))
+        if causal:
+            filled = safe_norm(filled.view(2, B // positions, positions, S + 1), 2)
+        trace_abs = filled[0]
+        trace_rel = torch.where(filled[0] == 0, 0.0, filled[0] / filled[1])
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     stats = Stats(
@@ -336,7 +394,7 @@ def _solve(
         converged=converged,
         nonfinite=out_nonfinite,
         nfe=ev.nfe,
-        sample_evals=ev.sample_evals,
+        sample_evals=ev.sample_evals // max(positions, 1),
         wall_time=time.perf_counter() - t0,
         buffer_bytes=buffer_bytes,
         trace=trace_abs,

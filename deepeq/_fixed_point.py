@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._driver import check_args, solve
-from ._flatten import check_output, flatten, layout_of, unflatten
+from ._flatten import Layout, _describe, check_output, flatten, layout_of, unflatten
 from ._solution import Solution, Stats, Status
 from ._types import FixedPointFn, State
 from .backward import AbstractBackward, ImplicitBackward
@@ -27,6 +27,7 @@ def fixed_point(
     nonfinite: Literal["raise", "return"] = "raise",
     trace: bool = False,
     solve_dtype: torch.dtype | str | None = None,
+    causal: bool = False,
 ) -> Solution:
     """Solve ``z* = f(z*, *args)`` per sample, starting from ``z0``.
 
@@ -69,6 +70,19 @@ def fixed_point(
             which bounds the reachable residual: use it when the solve stops well above that
             (loose tolerances or small caps), as in training. With ``UnrolledBackward`` the
             gradient flows through these low-precision iterations.
+        causal: z0 is a sequence state ``(B, T, ...)`` and f is causal along dim 1 (its output at
+            position t depends only on positions ``<= t``, as in a language model). The solve
+            is then causal too, at any tolerance and cap: each (sample, position) is checked
+            against the stopping rule on its own, a position is frozen once it and every
+            earlier position of its sample meet it (a growing prefix, so nothing a frozen
+            position depends on moves again), each position returns its last finite iterate
+            (not a lowest-residual one: that iterate saw other values of the positions before
+            it), and solvers mix per position (Anderson: one set of coefficients per position;
+            Broyden: one low-rank inverse estimate per position). f always runs on the whole
+            batch. Without it the per-sample rule, iterate selection and mixing use norms over
+            the whole sequence, so earlier outputs change with later tokens unless the solve
+            converges exactly. ``stats`` stay per sample (norms over the whole sequence;
+            ``converged`` means every position met the rule).
 
     Returns:
         A :class:`Solution` with ``value`` (the structure of z0), ``status`` and ``stats``.
@@ -112,12 +126,43 @@ def fixed_point(
         )
     layout = layout_of(z0)
     check_args(args, layout)
+    positions = 0
+    if causal:
+        if layout.kind is not Tensor or len(layout.shapes[0]) < 1:
+            raise TypeError(
+                f"causal=True needs z0 as one tensor (B, T, ...) with the positions along dim 1; "
+                f"got {_describe(z0)}."
+            )
+        if not independent:
+            raise ValueError(
+                "causal=True treats the samples as independent (f mixes positions, not samples); "
+                "independent=False is not supported with it."
+            )
+        check_causal_solver(solver)
+        positions = layout.shapes[0][0]
     problem = Problem(f, z0, solver, layout, tuple(args), independent, throw, nonfinite, trace)
+    problem.positions = positions
     if solve_dtype is not None:
         problem.iterate_f = _autocast(f, layout, _solve_dtype(solve_dtype))
     if not torch.is_grad_enabled():
         return problem.finish(*problem.solve())
     return backward.apply(problem)
+
+
+def check_causal_solver(solver: AbstractSolver) -> None:
+    """Raise for solvers whose mixing cannot be made causal (per position) reliably."""
+    from .solvers import Broyden
+
+    if isinstance(solver, Broyden):
+        raise ValueError(
+            "causal=True solves with per-position mixing, and Broyden's inverse-Jacobian estimate "
+            "does not split by position: kept per position it ignores how earlier positions move "
+            "and diverges on the DEQ language models (residual O(1) after 15-30 steps, measured). "
+            "Use deepeq.Anderson (one set of coefficients per position) or deepeq.Picard for a "
+            "causal solve (models: solver='anderson'), or causal=False (models: "
+            "causal_solve=false) for whole-sequence Broyden, whose outputs then depend on later "
+            "positions unless the solve converges exactly."
+        )
 
 
 class Problem:
@@ -134,6 +179,7 @@ class Problem:
         self.z0 = flatten(z0, layout).detach()
         self.z0_tracked = flatten(z0, layout)  # for UnrolledBackward: gradients reach z0
         self.iterate_f = f  # what the forward solver calls (f itself, or f under autocast)
+        self.positions = 0  # > 0: causal solving over this many positions (dim 1 of z0)
 
     def solve(
         self, inverse: dict | None = None, *, min_steps: int = 0, track_z0: bool = False
@@ -143,10 +189,32 @@ class Problem:
         ``min_steps``: no sample stops before this step; ``track_z0``: start from z0 as given
         (not detached), so that a recorded graph reaches it."""
         z0 = self.z0_tracked if track_z0 else self.z0
-        return solve(
-            self.iterate_f, z0, self.solver, self.layout, self.args, self.independent,
-            self.nonfinite, self.trace, inverse, min_steps=min_steps,
+        if not self.positions:
+            return solve(
+                self.iterate_f, z0, self.solver, self.layout, self.args, self.independent,
+                self.nonfinite, self.trace, inverse, min_steps=min_steps,
+            )  # fmt: skip
+        # Causal solving: the driver sees one row per (sample, position); f runs on the batch.
+        B, T, layout, f, args = (
+            self.layout.batch,
+            self.positions,
+            self.layout,
+            self.iterate_f,
+            self.args,
+        )
+        d = layout.dim // T
+        rows = Layout(Tensor, ((d,),), (d,), B * T, layout.dtype, layout.device)
+
+        def f_rows(zr: Tensor) -> Tensor:
+            out = f(unflatten(zr.reshape(B, T * d), layout), *args)
+            check_output(out, layout, B)
+            return out.reshape(B * T, d)
+
+        z, status, stats = solve(
+            f_rows, z0.reshape(B * T, d), self.solver, rows, (), False, self.nonfinite,
+            self.trace, inverse, coupled=False, min_steps=min_steps, positions=T,
         )  # fmt: skip
+        return z.reshape(B, T * d), status, stats
 
     def call(self, z: Tensor) -> Tensor:
         """``f`` on the full batch of flat ``z`` (B, D) -> flat ``f(z)`` in z0's dtype."""

@@ -206,8 +206,9 @@ def test_phantom_backward_is_k_tracked_steps_from_the_equilibrium(name):
 @pytest.mark.parametrize("name", DEQS)
 def test_solve_dtype_from_the_config(name):
     torch.manual_seed(0)
-    ref = create_model(name, f_rtol=1e-2)
-    m = create_model(name, f_rtol=1e-2, solve_dtype="bfloat16")
+    # a cap at which both solves reach the tolerance: capped solves differ by their residuals
+    ref = create_model(name, f_rtol=1e-2, f_max_steps=60)
+    m = create_model(name, f_rtol=1e-2, f_max_steps=60, solve_dtype="bfloat16")
     m.load_state_dict(ref.state_dict())
     assert m.deq.solve_dtype == "bfloat16" and m.deq.eval_solve_dtype is None
     x = tokens()

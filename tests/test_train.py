@@ -339,7 +339,8 @@ def test_shine_backward_without_iterations_trains(tmp_path):
     inverse estimate with no vector-Jacobian product; the log has bwd_nfe 0 and no residual."""
     import csv
 
-    args = [*SMALL, "--model.overrides.b_init=shine", "--model.overrides.b_max_steps=0"]
+    args = [*SMALL, "--model.overrides.b_init=shine", "--model.overrides.b_max_steps=0",
+            "--model.overrides.causal_solve=false"]  # fmt: skip
     with pytest.raises(ValueError, match=r"Anderson does not keep.*solver='broyden'"):
         train(load_config(ROOT / "configs/copy_memory_tiny.toml", [*args, f"--out_dir={tmp_path}"]))
     cfg = load_config(
@@ -554,8 +555,9 @@ def test_torchrun_two_processes_give_the_single_process_gradient(tmp_path):
     for k in a:
         ga, gb = init[k] - a[k], init[k] - b[k]
         # float32 round-off: the fused attention kernel blocks a batch of 4 and one of 8
-        # differently (differences ~2e-6 on entries ~0.5); a wrong reduction is off by O(|g|)
-        torch.testing.assert_close(gb, ga, atol=1e-5, rtol=1e-4, msg=k)
+        # differently (~1e-7), which the capped solves amplify (measured: up to 1.5e-5 on
+        # entries ~0.35); a wrong reduction is off by O(|g|)
+        torch.testing.assert_close(gb, ga, atol=5e-5, rtol=1e-4, msg=k)
     assert not (tmp_path / "ddp" / "checkpoints" / "rank1").exists()
     assert (
         len((tmp_path / "ddp" / "metrics.csv").read_text().splitlines()) == 2

@@ -57,6 +57,9 @@ class SequenceConfig:
     # dtype of f during the training solves' iterations (autocast; e.g. "bfloat16"); the tracked
     # call at z*, the backward and evaluation stay in full precision (deepeq.fixed_point)
     solve_dtype: str | None = None
+    # causal solving (deepeq.fixed_point(causal=True)): per-position stopping, freezing and
+    # solver mixing, so that no output ever depends on later tokens whatever the tolerance/cap
+    causal_solve: bool = True
     pretrain_depth: int = 2  # k of the shallow-pretraining warm-up (k-layer weight-tied unroll)
     pretrain_steps: int = 0  # training steps run in pretraining mode before equilibrium training
     subseq_len: int = 0  # solve segments in chunks of this many positions (0: whole segment)

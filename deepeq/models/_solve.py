@@ -46,4 +46,5 @@ def config_deq(f: nn.Module, c) -> DEQ:
         backward=backward,
         nonfinite="return",
         solve_dtype=getattr(c, "solve_dtype", None),
+        causal=getattr(c, "causal_solve", False),
     )

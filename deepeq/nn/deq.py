@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .._fixed_point import _solve_dtype, fixed_point
+from .._fixed_point import _solve_dtype, check_causal_solver, fixed_point
 from .._solution import Solution
 from .._types import State
 from ..backward import AbstractBackward, ImplicitBackward
@@ -57,6 +57,9 @@ class DEQ(nn.Module):
             residual; the tracked call and the backward stay in full precision.
         eval_solve_dtype: the same in eval mode (default None: full precision, so that the
             eval solver can reach tight tolerances).
+        causal: z is a sequence ``(B, T, ...)`` and f is causal along T: solve so that outputs
+            at position t never depend on later positions, at any tolerance and cap (see
+            :func:`deepeq.fixed_point`). Every registered sequence DEQ uses it.
 
     Example:
         >>> import torch, deepeq
@@ -88,6 +91,7 @@ class DEQ(nn.Module):
         trace: bool = False,
         solve_dtype: torch.dtype | str | None = None,
         eval_solve_dtype: torch.dtype | str | None = None,
+        causal: bool = False,
     ):
         super().__init__()
         if not isinstance(f, nn.Module):
@@ -114,7 +118,10 @@ class DEQ(nn.Module):
         if check is not None:
             check(self.solver)  # fail at construction, not at the first training step
         self.independent, self.nonfinite = independent, nonfinite
-        self.warm_start, self.trace = warm_start, trace
+        self.warm_start, self.trace, self.causal = warm_start, trace, bool(causal)
+        if self.causal:  # fail at construction, not at the first forward
+            check_causal_solver(self.solver)
+            check_causal_solver(self.eval_solver)
         for v in (solve_dtype, eval_solve_dtype):
             if v is not None:
                 _solve_dtype(v)  # fail here, not at the first forward
@@ -172,6 +179,7 @@ class DEQ(nn.Module):
                 nonfinite=self.nonfinite,
                 trace=self.trace,
                 solve_dtype=self.solve_dtype if self.training else self.eval_solve_dtype,
+                causal=self.causal,
             )
         if self.warm_start:
             v = sol.value
@@ -183,6 +191,7 @@ class DEQ(nn.Module):
         return (
             f"solver={self.solver}, eval_solver={self.eval_solver}, "
             f"backward={self.backward_rule}, warm_start={self.warm_start}"
+            + (", causal=True" if self.causal else "")
             + (f", solve_dtype={self.solve_dtype}" if self.solve_dtype is not None else "")
         )
 
