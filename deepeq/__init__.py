@@ -12,6 +12,7 @@ from .backward import ImplicitBackward as ImplicitBackward
 from .backward import PhantomBackward as PhantomBackward
 from .backward import UnrolledBackward as UnrolledBackward
 from .nn import DEQ as DEQ
+from .regularization import FixedPointCorrection as FixedPointCorrection
 from .regularization import JacobianSchedule as JacobianSchedule
 from .regularization import jacobian_penalty as jacobian_penalty
 from .regularization import spectral_norm as spectral_norm

@@ -151,7 +151,7 @@ LAZY_COMPACTION: bool | str = "auto"
 
 def solve(
     f, z, solver, layout, args, independent, nonfinite, trace, inverse=None, *,
-    coupled: bool | None = None, min_steps: int = 0, positions: int = 0,
+    coupled: bool | None = None, min_steps: int = 0, positions: int = 0, iterates: dict | None = None,
 ):  # fmt: skip
     """The driver loop on flat ``z`` (B, D). Returns (z*, status, stats).
 
@@ -164,6 +164,10 @@ def solve(
     stops only when every sample meets the tolerance, and one iterate of the whole batch (the
     one whose worst sample is best) is returned. ``min_steps``: no sample stops, and no iterate
     is returned, before this step (``UnrolledBackward`` takes at least one tracked step).
+
+    ``iterates``, a dict whose keys are steps, receives the full-batch iterate ``(B, D)`` (detached;
+    samples stopped earlier: their returned value) at each of those steps; steps after the
+    last one get the returned values.
 
     ``positions`` (causal solving, see :func:`deepeq.fixed_point`): the rows of ``z`` are
     (sample, position) pairs, ``positions`` consecutive rows per sample, and f is causal along
@@ -183,10 +187,10 @@ def solve(
         )
     if autocast is None:
         return _solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse,
-                      coupled, min_steps, positions, None)  # fmt: skip
+                      coupled, min_steps, positions, iterates, None)  # fmt: skip
     with torch.autocast(layout.device.type, enabled=False):
         return _solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse,
-                      coupled, min_steps, positions, autocast)  # fmt: skip
+                      coupled, min_steps, positions, iterates, autocast)  # fmt: skip
 
 
 def _prefix(meet: Tensor, sample: Tensor) -> Tensor:
@@ -202,7 +206,7 @@ def _prefix(meet: Tensor, sample: Tensor) -> Tensor:
 
 def _solve(
     f, z, solver, layout, args, independent, nonfinite, trace, inverse, coupled, min_steps,
-    positions, autocast,
+    positions, iterates, autocast,
 ):  # fmt: skip
     t0 = time.perf_counter()
     B, dev = layout.batch, layout.device
@@ -278,6 +282,10 @@ def _solve(
     while True:
         if trace:
             tr[:, ev.active, k] = norms
+        if iterates is not None and k in iterates:
+            moving = ev.active if frozen is None else ev.active[~frozen]
+            now = z if frozen is None else z[~frozen]
+            iterates[k] = out_z.detach().index_copy(0, moving, now.detach())
         # NaN/inf keys map to 0, i.e. "done": the exact reason is sorted out below, only on the
         # (rare) steps where some sample stops. One host synchronisation per step.
         stop = torch.nan_to_num(key, 0.0, 0.0) <= threshold
@@ -353,6 +361,10 @@ def _solve(
 
     if inverse is not None:
         _assemble_inverse(inverse, B, z)
+    if iterates is not None:
+        for s in iterates:
+            if iterates[s] is None:  # the solve stopped before this step
+                iterates[s] = out_z.detach()
     rows_converged, row_steps = None, out_steps
     if causal:  # per (sample, position) rows -> per sample
         rows_converged = (out_norms[0] <= atol + rtol * out_norms[1]) & torch.isfinite(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import torch
@@ -28,6 +29,7 @@ def fixed_point(
     trace: bool = False,
     solve_dtype: torch.dtype | str | None = None,
     causal: bool = False,
+    keep_iterates: tuple[int, ...] = (),
 ) -> Solution:
     """Solve ``z* = f(z*, *args)`` per sample, starting from ``z0``.
 
@@ -83,6 +85,11 @@ def fixed_point(
             the whole sequence, so earlier outputs change with later tokens unless the solve
             converges exactly. ``stats`` stay per sample (norms over the whole sequence;
             ``converged`` means every position met the rule).
+        keep_iterates: solver steps whose iterates ``z_s`` to supervise (fixed-point
+            correction, :class:`deepeq.FixedPointCorrection`): when autograd records,
+            ``Solution.trajectory`` holds ``f(z_s)`` for each, one tracked call of f from the
+            detached ``z_s`` (a one-step phantom gradient), in the structure of z0; a sample that
+            stopped before step s contributes its returned value. Empty when not recording.
 
     Returns:
         A :class:`Solution` with ``value`` (the structure of z0), ``status`` and ``stats``.
@@ -140,13 +147,30 @@ def fixed_point(
             )
         check_causal_solver(solver)
         positions = layout.shapes[0][0]
+    keep = _check_keep(keep_iterates)
     problem = Problem(f, z0, solver, layout, tuple(args), independent, throw, nonfinite, trace)
     problem.positions = positions
     if solve_dtype is not None:
         problem.iterate_f = _autocast(f, layout, _solve_dtype(solve_dtype))
     if not torch.is_grad_enabled():
         return problem.finish(*problem.solve())
-    return backward.apply(problem)
+    problem.keep = {s: None for s in keep} if keep else None
+    sol = backward.apply(problem)
+    if keep:
+        with torch.enable_grad():
+            traj = tuple(unflatten(problem.call(problem.keep[s]), layout) for s in keep)
+        sol = dataclasses.replace(sol, trajectory=traj, trajectory_steps=keep)
+    return sol
+
+
+def _check_keep(steps) -> tuple[int, ...]:
+    if not isinstance(steps, tuple | list) or any(
+        isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps
+    ):
+        raise ValueError(
+            f"keep_iterates must be a tuple of solver steps (ints >= 0); got {steps!r}."
+        )
+    return tuple(sorted(set(steps)))
 
 
 def check_causal_solver(solver: AbstractSolver) -> None:
@@ -180,6 +204,7 @@ class Problem:
         self.z0_tracked = flatten(z0, layout)  # for UnrolledBackward: gradients reach z0
         self.iterate_f = f  # what the forward solver calls (f itself, or f under autocast)
         self.positions = 0  # > 0: causal solving over this many positions (dim 1 of z0)
+        self.keep: dict | None = None  # steps -> kept flat iterates (filled by the solve)
 
     def solve(
         self, inverse: dict | None = None, *, min_steps: int = 0, track_z0: bool = False
@@ -192,7 +217,7 @@ class Problem:
         if not self.positions:
             return solve(
                 self.iterate_f, z0, self.solver, self.layout, self.args, self.independent,
-                self.nonfinite, self.trace, inverse, min_steps=min_steps,
+                self.nonfinite, self.trace, inverse, min_steps=min_steps, iterates=self.keep,
             )  # fmt: skip
         # Causal solving: the driver sees one row per (sample, position); f runs on the batch.
         B, T, layout, f, args = (
@@ -212,8 +237,10 @@ class Problem:
 
         z, status, stats = solve(
             f_rows, z0.reshape(B * T, d), self.solver, rows, (), False, self.nonfinite,
-            self.trace, inverse, coupled=False, min_steps=min_steps, positions=T,
+            self.trace, inverse, coupled=False, min_steps=min_steps, positions=T, iterates=self.keep,
         )  # fmt: skip
+        if self.keep:
+            self.keep = {s: v.reshape(B, T * d) for s, v in self.keep.items()}
         return z.reshape(B, T * d), status, stats
 
     def call(self, z: Tensor) -> Tensor:

@@ -114,6 +114,9 @@ class Solution:
             equilibrium without another call of f (Jacobian regularisation).
         z_leaf: ``(B, D)`` flat leaf tensor (``requires_grad=True``) that ``fz`` was computed
             from, else None.
+        trajectory: fixed-point correction (``keep_iterates``): ``f(z_s)`` for each kept step
+            s, each with a one-step gradient, in the structure of ``value``; else ``()``.
+        trajectory_steps: the steps s of ``trajectory``.
     """
 
     value: State
@@ -122,6 +125,8 @@ class Solution:
     backward: BackwardStats | None = field(default=None, repr=False)
     fz: Tensor | None = field(default=None, repr=False)
     z_leaf: Tensor | None = field(default=None, repr=False)
+    trajectory: tuple = field(default=(), repr=False)
+    trajectory_steps: tuple[int, ...] = ()
 
     def raise_for_status(self) -> Solution:
         """Raise ``RuntimeError`` with the status explanation unless every sample converged.

@@ -57,6 +57,11 @@ class SequenceConfig:
     # dtype of f during the training solves' iterations (autocast; e.g. "bfloat16"); the tracked
     # call at z*, the backward and evaluation stay in full precision (deepeq.fixed_point)
     solve_dtype: str | None = None
+    # fixed-point correction (deepeq.FixedPointCorrection): the training loss also on this many
+    # solver iterates (one-step gradients), weighted gamma^(k - i); 0: off
+    correction_steps: int = 0
+    correction_gamma: float = 0.8
+    correction_mode: Literal["uniform", "random"] = "uniform"
     # causal solving (deepeq.fixed_point(causal=True)): per-position stopping, freezing and
     # solver mixing, so that no output ever depends on later tokens whatever the tolerance/cap
     causal_solve: bool = True
@@ -325,6 +330,11 @@ class SequenceModel(nn.Module):
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
         ).view(targets.shape)
+
+    def head_loss(self, z: Tensor, targets: Tensor) -> Tensor:
+        """The training loss of a core state ``z`` (the equilibrium or a supervised iterate of
+        fixed-point correction): per-token NLL ``(B, T)``."""
+        return self.nll(z, targets)
 
     def next_context(self, ctx: Tensor, entry: Tensor) -> Tensor:
         keep = max(self.config.mem_len, self.context_len())

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..backward import ImplicitBackward, PhantomBackward
 from ..nn.deq import DEQ
+from ..regularization.correction import FixedPointCorrection
 from ..solvers import make_solver
 
 BACKWARDS = ("implicit", "phantom")
@@ -47,4 +48,9 @@ def config_deq(f: nn.Module, c) -> DEQ:
         nonfinite="return",
         solve_dtype=getattr(c, "solve_dtype", None),
         causal=getattr(c, "causal_solve", False),
+        correction=FixedPointCorrection(
+            steps=c.correction_steps, gamma=c.correction_gamma, mode=c.correction_mode
+        )
+        if c.correction_steps
+        else None,
     )

@@ -67,6 +67,11 @@ class MDEQConfig:
     # dtype of f during the training solves' iterations (autocast; e.g. "bfloat16"); the tracked
     # call at z*, the backward and evaluation stay in full precision (deepeq.fixed_point)
     solve_dtype: str | None = None
+    # fixed-point correction (deepeq.FixedPointCorrection): the training loss also on this many
+    # solver iterates (one-step gradients), weighted gamma^(k - i); 0: off
+    correction_steps: int = 0
+    correction_gamma: float = 0.8
+    correction_mode: Literal["uniform", "random"] = "uniform"
 
     def validate(self) -> None:
         if self.core not in ("deq", "tied"):
@@ -276,6 +281,11 @@ class MDEQ(nn.Module):
         if targets is not None:
             return F.cross_entropy(logits, targets, reduction="none"), None, sols
         return logits, None, sols
+
+    def head_loss(self, z: tuple[Tensor, ...], targets: Tensor) -> Tensor:
+        """The training loss of a state ``z`` (the equilibrium or a supervised iterate of
+        fixed-point correction): per-image cross-entropy ``(B,)``."""
+        return F.cross_entropy(self.classify(z), targets, reduction="none")
 
     def classify(self, z: tuple[Tensor, ...]) -> Tensor:
         y = self.head_in[0](z[0])

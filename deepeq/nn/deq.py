@@ -12,6 +12,7 @@ from .._fixed_point import _solve_dtype, check_causal_solver, fixed_point
 from .._solution import Solution
 from .._types import State
 from ..backward import AbstractBackward, ImplicitBackward
+from ..regularization.correction import FixedPointCorrection
 from ..solvers import AbstractSolver, Anderson
 from .dropout import reset_deq_state
 
@@ -60,6 +61,9 @@ class DEQ(nn.Module):
         causal: z is a sequence ``(B, T, ...)`` and f is causal along T: solve so that outputs
             at position t never depend on later positions, at any tolerance and cap (see
             :func:`deepeq.fixed_point`). Every registered sequence DEQ uses it.
+        correction: fixed-point correction (:class:`deepeq.FixedPointCorrection`): in training
+            mode, with autograd recording, ``solution.trajectory`` holds the supervised
+            iterates' one-step states (steps picked from the training solver's cap).
 
     Example:
         >>> import torch, deepeq
@@ -92,6 +96,7 @@ class DEQ(nn.Module):
         solve_dtype: torch.dtype | str | None = None,
         eval_solve_dtype: torch.dtype | str | None = None,
         causal: bool = False,
+        correction: FixedPointCorrection | None = None,
     ):
         super().__init__()
         if not isinstance(f, nn.Module):
@@ -119,6 +124,12 @@ class DEQ(nn.Module):
             check(self.solver)  # fail at construction, not at the first training step
         self.independent, self.nonfinite = independent, nonfinite
         self.warm_start, self.trace, self.causal = warm_start, trace, bool(causal)
+        if correction is not None and not isinstance(correction, FixedPointCorrection):
+            raise TypeError(
+                f"DEQ correction must be a deepeq.FixedPointCorrection or None; got "
+                f"{type(correction).__name__}."
+            )
+        self.correction = correction if correction is not None and correction.steps else None
         if self.causal:  # fail at construction, not at the first forward
             check_causal_solver(self.solver)
             check_causal_solver(self.eval_solver)
@@ -160,6 +171,9 @@ class DEQ(nn.Module):
             ``(z_star, solution)``; ``z_star`` is ``solution.value``.
         """
         solver = self.solver if self.training else self.eval_solver
+        keep = ()
+        if self.correction is not None and self.training and torch.is_grad_enabled():
+            keep = self.correction.pick(solver.max_steps)
         reset_deq_state(self.f)  # fresh dropout masks etc., once per forward
         z_init = self._initial_state(x, z0)
         # Parametrised weights (weight/spectral norm) are computed once, here, with autograd in
@@ -180,6 +194,7 @@ class DEQ(nn.Module):
                 trace=self.trace,
                 solve_dtype=self.solve_dtype if self.training else self.eval_solve_dtype,
                 causal=self.causal,
+                keep_iterates=keep,
             )
         if self.warm_start:
             v = sol.value

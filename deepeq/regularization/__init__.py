@@ -1,5 +1,6 @@
-"""Stabilisation toolkit: Jacobian penalty and its schedule, spectral radius, weight/spectral norm."""
+"""Stabilisation toolkit: fixed-point correction, Jacobian penalty and its schedule, spectral radius, weight/spectral norm."""
 
+from .correction import FixedPointCorrection as FixedPointCorrection
 from .jacobian import jacobian_penalty as jacobian_penalty
 from .jacobian import spectral_radius as spectral_radius
 from .norm import spectral_norm as spectral_norm

@@ -25,7 +25,7 @@ from .tasks import Task, make_task
 logger = logging.getLogger("deepeq")
 
 BASE_FIELDS = [
-    "step", "loss", "task_loss", "jac_penalty", "lr", "grad_norm", "fwd_nfe", "bwd_nfe",
+    "step", "loss", "task_loss", "jac_penalty", "fpc_loss", "lr", "grad_norm", "fwd_nfe", "bwd_nfe",
     "fwd_res_max", "fwd_res_mean", "fwd_converged", "bwd_res_max", "bwd_converged", "bwd_fallbacks",
     "skipped",
 ]  # fmt: skip
@@ -229,6 +229,9 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
         xb, yb = xb.to(cfg.device), yb.to(cfg.device)
         task_loss, state, sols = task.loss(net, xb, yb, None if fresh else state)
         loss = task_loss
+        fpc = correction_loss(model, sols, yb)
+        if fpc is not None:
+            loss = loss + fpc
         w = jac(step)
         pen = None
         if max(j.weight, j.final_weight or 0.0) > 0 and sols and sols[0].fz is None:
@@ -287,6 +290,7 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
         now = time.perf_counter()
         row.update(
             loss=loss.item(), task_loss=task_loss.item(), jac_penalty=None if pen is None else pen.item(),
+            fpc_loss=None if fpc is None else fpc.item(),
             lr=opt.param_groups[0]["lr"], skipped=skipped_total,
         )  # fmt: skip
         n_items = xb.numel() if task.throughput == "tokens_per_s" else xb.shape[0]
@@ -386,6 +390,23 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
     if main:
         (out / "final.json").write_text(json.dumps(final, indent=1) + "\n")
     return final
+
+
+def correction_loss(model, sols: list, targets: torch.Tensor) -> torch.Tensor | None:
+    """Fixed-point correction: the model's training loss on each supervised iterate of the
+    solves (``Solution.trajectory``), weighted by the DEQ's :class:`FixedPointCorrection`;
+    with subsequence solving the chunks' j-th states are joined along time. None when off."""
+    if not sols or not sols[0].trajectory:
+        return None
+    n = min(len(s.trajectory) for s in sols)
+    states = [
+        sols[0].trajectory[j]
+        if len(sols) == 1
+        else torch.cat([s.trajectory[j] for s in sols], dim=1)
+        for j in range(n)
+    ]
+    losses = [model.head_loss(z, targets).mean() for z in states]
+    return model.deq.correction.loss(losses)
 
 
 def _check_parameters(model: torch.nn.Module, step: int, latest: Path) -> None:
