@@ -35,7 +35,9 @@ def _train(argv: list[str]) -> int:
     print(
         f"run {cfg.out_dir}: "
         + ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in metrics.items()
+            if not isinstance(v, list)
         )
     )
     keys = [k for k in metrics if k.startswith(("valid_", "test_"))]
@@ -44,6 +46,11 @@ def _train(argv: list[str]) -> int:
         "summary: "
         + " | ".join(f"{k} {metrics[k]:.4g}" for k in keys if metrics.get(k) is not None)
     )
+    from .train.convergence import convergence_line
+
+    line = convergence_line(metrics)
+    if line:
+        print(line)
     if metrics.get("loss_exploded_at") is not None:
         print(
             f"warning: the training loss exploded at step {metrics['loss_exploded_at']} (see the "

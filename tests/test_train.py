@@ -500,7 +500,8 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert not (tmp_path / "x").exists()  # failed before any work
     assert main(["plot", str(tmp_path)]) == 0
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
-    assert pngs == ["loss.png", "metric.png", "nfe.png", "residual.png"]  # no Jacobian terms logged
+    # no Jacobian terms logged; the per-epoch convergence shares are drawn
+    assert pngs == ["convergence.png", "loss.png", "metric.png", "nfe.png", "residual.png"]
 
 
 @pytest.mark.slow
@@ -579,3 +580,36 @@ def test_coerce_checks_values_against_annotations():
         coerce("x", int | None, "k")
     with pytest.raises(TypeError, match=r"k: expected an int; got True"):
         coerce(True, int, "k")
+
+
+def test_convergence_summary_by_epoch():
+    from deepeq.train.convergence import convergence_line, convergence_summary
+
+    rows = [
+        {"step": str(i + 1), "fwd_converged": str(v), "fwd_res_max": str(r),
+         "bwd_converged": "" if i == 0 else "1.0", "bwd_res_max": "" if i == 0 else "1e-5"}
+        for i, (v, r) in enumerate([(1.0, 1e-4), (1.0, 2e-4), (0.5, 3e-2), (0.25, 5e-2), (1.0, 1e-4)])
+    ]  # fmt: skip
+    s = convergence_summary(rows, steps_per_epoch=2)
+    assert s["fwd_converged_steps"] == 3 / 5
+    assert s["fwd_converged_steps_by_epoch"] == [1.0, 0.0, 1.0]  # epochs (1, 2), (3, 4), (5)
+    assert s["bwd_converged_steps"] == 1.0 and s["bwd_converged_steps_by_epoch"] == [1.0, 1.0, 1.0]
+    assert s["fwd_res_max_last_epoch"] == 1e-4
+    assert "60% of training steps (100% in the last epoch" in convergence_line(s)
+    s2 = convergence_summary(rows[:4], steps_per_epoch=2)
+    assert "warning: in the last epoch only 0%" in convergence_line(s2)
+    assert convergence_summary([{"step": "1", "fwd_converged": ""}], 2) == {}
+
+
+def test_final_summary_reports_convergence(tmp_path, capsys):
+    cfg = str(ROOT / "configs/copy_memory_tiny.toml")
+    # cap 1: no forward solve meets the tolerance, and the summary says so
+    args = [*SMALL, "--model.overrides.f_max_steps=1", f"--out_dir={tmp_path}", "--no-progress"]
+    assert main(["train", cfg, *args]) == 0
+    out = capsys.readouterr().out
+    assert "convergence: forward solves met their tolerance on 0% of training steps" in out
+    assert "warning: in the last epoch only 0% of the forward solves" in out
+    import json
+
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final["fwd_converged_steps"] == 0.0 and final["steps_per_epoch"] == 4

@@ -20,6 +20,7 @@ from ..regularization import JacobianSchedule, jacobian_penalty, spectral_radius
 from . import checkpoint as _ck
 from ._denormal import set_flush_denormal
 from .config import TrainConfig, dump_config
+from .convergence import convergence_summary
 from .tasks import Task, make_task
 
 logger = logging.getLogger("deepeq")
@@ -388,6 +389,8 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
     final["parameters"] = sum(p.numel() for p in model.parameters())
     final.update(_peak_memory(cfg.device))
     if main:
+        with (out / "metrics.csv").open() as fh:
+            final.update(convergence_summary(list(csv.DictReader(fh)), task.steps_per_epoch))
         (out / "final.json").write_text(json.dumps(final, indent=1) + "\n")
     return final
 

@@ -16,7 +16,8 @@ PANELS = [
 
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write ``plots/<panel>.png`` for loss, evaluation metric (perplexity / accuracy), NFE,
-    residual and Jacobian terms over steps.
+    residual and Jacobian terms over steps, and the per-epoch share of training steps whose
+    solves met their tolerance (``convergence.png``).
 
     Returns:
         The paths written (panels without data are skipped).
@@ -63,4 +64,37 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         fig.savefig(p, dpi=90)
         plt.close(fig)
         written.append(p)
+    p = _plot_convergence(run, rows, out_dir, plt)
+    if p is not None:
+        written.append(p)
     return written
+
+
+def _plot_convergence(run: Path, rows: list[dict], out_dir: Path, plt) -> Path | None:
+    """``plots/convergence.png``: the share of training steps whose forward / backward solves
+    met their tolerance, per epoch (``final.json``'s epoch length; 100 steps without it)."""
+    import json
+
+    from .convergence import convergence_summary
+
+    final = run / "final.json"
+    per = json.loads(final.read_text()).get("steps_per_epoch", 100) if final.exists() else 100
+    summary = convergence_summary(rows, per)
+    if not summary:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for d in ("fwd", "bwd"):
+        shares = summary.get(f"{d}_converged_steps_by_epoch")
+        if shares:
+            ax.plot(range(1, len(shares) + 1), [100 * v for v in shares], marker="o", ms=3,
+                    label=f"{d}: steps whose solves met the tolerance")  # fmt: skip
+    ax.set_ylim(-5, 105)
+    ax.set_xlabel(f"epoch ({per} steps)")
+    ax.set_ylabel("%")
+    ax.set_title(f"{run.name}: convergence")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out_dir / "convergence.png"
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
+    return p

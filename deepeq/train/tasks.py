@@ -42,6 +42,11 @@ class Task:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Training steps per pass over the training data (the epoch of batch_indices)."""
+        return max(1, self.xtr.shape[0] // self.cfg.batch_size)
+
     def model_kwargs(self) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -136,6 +141,10 @@ class LanguageModelTask(Task):
                 f"data.seq_len={d.seq_len} is longer than a training row "
                 f"({self.rows.shape[1] - 1} tokens at batch_size={cfg.batch_size}); lower one of them."
             )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.segments
 
     def model_kwargs(self) -> dict:
         return {"vocab_size": self.corpus.vocab_size}
