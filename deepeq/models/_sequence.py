@@ -251,11 +251,17 @@ class SequenceModel(nn.Module):
         )
 
     def forward(
-        self, tokens: Tensor, state: Any = None, *, targets: Tensor | None = None
+        self,
+        tokens: Tensor,
+        state: Any = None,
+        *,
+        targets: Tensor | None = None,
+        cache_keys: Tensor | None = None,
     ) -> tuple[Tensor, Any, list[Solution]]:
         """``(logits, state, solutions)``; with ``targets`` ``(B, T)`` the first element is the
         per-token negative log-likelihood ``(B, T)`` instead (targets -100 ignored, NLL 0): the
-        cheap path for adaptive softmax, which never forms the full ``(B, T, V)`` scores."""
+        cheap path for adaptive softmax, which never forms the full ``(B, T, V)`` scores.
+        ``cache_keys`` ``(B,)``: segment ids for the DEQ's fixed-point cache, if it has one."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"tokens must be an int64 tensor (B, T); got {tuple(tokens.shape)} {tokens.dtype}."
@@ -264,11 +270,13 @@ class SequenceModel(nn.Module):
             raise ValueError(
                 f"targets must have the shape of tokens {tuple(tokens.shape)}; got {tuple(targets.shape)}."
             )
-        z, state, sols = self._core(tokens, state)
+        z, state, sols = self._core(tokens, state, cache_keys)
         out = self.logits(z) if targets is None else self.nll(z, targets)
         return out, state, sols
 
-    def _core(self, tokens: Tensor, state: Any) -> tuple[Tensor, Any, list[Solution]]:
+    def _core(
+        self, tokens: Tensor, state: Any, cache_keys: Tensor | None = None
+    ) -> tuple[Tensor, Any, list[Solution]]:
         x = self.emb_drop(self.embed(tokens))  # (B, T, E)
         B, T = x.shape[:2]
         sols: list[Solution] = []
@@ -303,9 +311,9 @@ class SequenceModel(nn.Module):
         ctx = state if state is not None else self.initial_context(B, self.size, x.device, x.dtype)
         inj = self.inject(x, ctx)
         if self.config.subseq_len and self.config.subseq_len < T:
-            z, sols = self.solve_in_chunks(inj, ctx, zeros)
+            z, sols = self.solve_in_chunks(inj, ctx, zeros, cache_keys)
         else:
-            z, sol = self.deq(self.layer_input(self.f, inj, ctx), z0=zeros)
+            z, sol = self.deq(self.layer_input(self.f, inj, ctx), z0=zeros, cache_keys=cache_keys)
             sols.append(sol)
         return z, self.next_context(ctx, self.context_entry(z, inj)), sols
 
@@ -341,7 +349,7 @@ class SequenceModel(nn.Module):
         return torch.cat([ctx, entry], dim=1)[:, -keep:].detach() if keep else ctx[:, :0]
 
     def solve_in_chunks(
-        self, inj: Tensor, ctx: Tensor, z0: Tensor
+        self, inj: Tensor, ctx: Tensor, z0: Tensor, cache_keys: Tensor | None = None
     ) -> tuple[Tensor, list[Solution]]:
         """Subsequence solving: chunk c is solved with the context and the equilibria of chunks
         before it as fixed context. By causality this equals the whole-segment equilibrium (to
@@ -349,10 +357,12 @@ class SequenceModel(nn.Module):
         detached), so the backward pass is the full implicit gradient too."""
         S = self.config.subseq_len
         zs, outs, sols = [], [], []
-        for s in range(0, inj.shape[1], S):
+        chunks = -(-inj.shape[1] // S)
+        for c, s in enumerate(range(0, inj.shape[1], S)):
             context = torch.cat([ctx, *zs], dim=1)
             x = self.layer_input(self.f, inj[:, s : s + S], context)
-            z, sol = self.deq(x, z0=z0[:, s : s + S])
+            keys = None if cache_keys is None else cache_keys * chunks + c  # one id per chunk
+            z, sol = self.deq(x, z0=z0[:, s : s + S], cache_keys=keys)
             zs.append(self.context_entry(z, inj[:, s : s + S]))
             outs.append(z)
             sols.append(sol)

@@ -265,13 +265,18 @@ class MDEQ(nn.Module):
         return tuple(inj)
 
     def forward(
-        self, images: Tensor, state: None = None, *, targets: Tensor | None = None
+        self,
+        images: Tensor,
+        state: None = None,
+        *,
+        targets: Tensor | None = None,
+        cache_keys: Tensor | None = None,
     ) -> tuple[Tensor, None, list[Solution]]:
         inj = self.inject(images)
         z0 = tuple(inj[0].new_zeros(s) for s in self.state_shapes(images.shape[0]))
         sols: list[Solution] = []
         if self.config.core == "deq":
-            z, sol = self.deq(inj, z0=z0)
+            z, sol = self.deq(inj, z0=z0, cache_keys=cache_keys)
             sols.append(sol)
         else:
             z = z0

@@ -9,11 +9,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._fixed_point import _solve_dtype, check_causal_solver, fixed_point
+from .._flatten import flatten, layout_of, unflatten
 from .._solution import Solution
 from .._types import State
 from ..backward import AbstractBackward, ImplicitBackward
 from ..regularization.correction import FixedPointCorrection
 from ..solvers import AbstractSolver, Anderson
+from .cache import FixedPointCache
 from .dropout import reset_deq_state
 
 
@@ -64,6 +66,9 @@ class DEQ(nn.Module):
         correction: fixed-point correction (:class:`deepeq.FixedPointCorrection`): in training
             mode, with autograd recording, ``solution.trajectory`` holds the supervised
             iterates' one-step states (steps picked from the training solver's cap).
+        cache: a per-example fixed-point cache (:class:`deepeq.nn.FixedPointCache`): in
+            training mode, a call with ``cache_keys`` starts each cached example from its
+            stored equilibrium and stores the new ones.
 
     Example:
         >>> import torch, deepeq
@@ -97,6 +102,7 @@ class DEQ(nn.Module):
         eval_solve_dtype: torch.dtype | str | None = None,
         causal: bool = False,
         correction: FixedPointCorrection | None = None,
+        cache: FixedPointCache | None = None,
     ):
         super().__init__()
         if not isinstance(f, nn.Module):
@@ -130,6 +136,11 @@ class DEQ(nn.Module):
                 f"{type(correction).__name__}."
             )
         self.correction = correction if correction is not None and correction.steps else None
+        if cache is not None and not isinstance(cache, FixedPointCache):
+            raise TypeError(
+                f"DEQ cache must be a deepeq.nn.FixedPointCache or None; got {type(cache).__name__}."
+            )
+        self.cache = cache
         if self.causal:  # fail at construction, not at the first forward
             check_causal_solver(self.solver)
             check_causal_solver(self.eval_solver)
@@ -160,12 +171,16 @@ class DEQ(nn.Module):
             )
         return torch.zeros_like(x)
 
-    def forward(self, x: Any, z0: State | None = None) -> tuple[State, Solution]:
+    def forward(
+        self, x: Any, z0: State | None = None, *, cache_keys: Tensor | None = None
+    ) -> tuple[State, Solution]:
         """Solve for the equilibrium.
 
         Args:
             x: input injection, a tensor ``(B, ...)`` or a tuple of such tensors.
             z0: optional initial state.
+            cache_keys: ``(B,)`` example ids for the fixed-point cache (training mode only;
+                ignored without a cache).
 
         Returns:
             ``(z_star, solution)``; ``z_star`` is ``solution.value``.
@@ -176,6 +191,11 @@ class DEQ(nn.Module):
             keep = self.correction.pick(solver.max_steps)
         reset_deq_state(self.f)  # fresh dropout masks etc., once per forward
         z_init = self._initial_state(x, z0)
+        use_cache = self.cache is not None and cache_keys is not None and self.training
+        if use_cache:
+            layout = layout_of(z_init)
+            flat, _ = self.cache.lookup(cache_keys, flatten(z_init, layout).detach())
+            z_init = unflatten(flat, layout)
         # Parametrised weights (weight/spectral norm) are computed once, here, with autograd in
         # the caller's mode, and reused by every call of f in this forward.
         with parametrize.cached():
@@ -196,6 +216,8 @@ class DEQ(nn.Module):
                 causal=self.causal,
                 keep_iterates=keep,
             )
+        if use_cache:
+            self.cache.update(cache_keys, flatten(sol.value, layout_of(sol.value)))
         if self.warm_start:
             v = sol.value
             self._last = v.detach() if isinstance(v, Tensor) else type(v)(p.detach() for p in v)

@@ -110,6 +110,13 @@ class TrainConfig:
     # warn when the mean training loss of the last 10 steps exceeds this multiple of the first
     # step's loss (an exploding run; 0: no check)
     max_loss_ratio: float = 10.0
+    # Per-example fixed-point cache (deepeq.nn.FixedPointCache): each training example's last
+    # equilibrium starts its next solve (images by dataset index, LM segments by (row, segment)).
+    # Not saved in checkpoints: a resumed run rebuilds it (its first pass starts cold).
+    fp_cache: bool = False
+    fp_cache_mib: int = 2048  # bound; least recently used examples are evicted beyond it
+    fp_cache_dtype: str = "float32"  # float32 | float16
+    fp_cache_path: str = ""  # a file for a memory-mapped store ("": in memory)
 
 
 def _type_name(tp: Any) -> str:

@@ -28,7 +28,7 @@ logger = logging.getLogger("deepeq")
 BASE_FIELDS = [
     "step", "loss", "task_loss", "jac_penalty", "fpc_loss", "lr", "grad_norm", "fwd_nfe", "bwd_nfe",
     "fwd_res_max", "fwd_res_mean", "fwd_converged", "bwd_res_max", "bwd_converged", "bwd_fallbacks",
-    "skipped",
+    "cache_hits", "skipped",
 ]  # fmt: skip
 MONITOR_FIELDS = ["jac_fro", "spectral_radius"]
 
@@ -166,6 +166,7 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
     )
     net = model
     cols = fields(task)
+    cache = _make_cache(cfg, model, rank)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -228,7 +229,10 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
             group["lr"] = cfg.optim.lr * lr_factor(cfg, step)
         xb, yb, fresh = task.train_batch(step, rank, world)  # this process's share
         xb, yb = xb.to(cfg.device), yb.to(cfg.device)
-        task_loss, state, sols = task.loss(net, xb, yb, None if fresh else state)
+        keys, hits0 = None, 0
+        if cache is not None:
+            keys, hits0 = task.batch_keys(step, rank, world), cache.hits
+        task_loss, state, sols = task.loss(net, xb, yb, None if fresh else state, keys)
         loss = task_loss
         fpc = correction_loss(model, sols, yb)
         if fpc is not None:
@@ -249,6 +253,8 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
             ) / len(sols)
             loss = loss + w * pen
         row = {"step": step + 1}
+        if cache is not None:
+            row["cache_hits"] = (cache.hits - hits0) / max(1, keys.numel() * max(1, len(sols)))
         monitor = (
             j.monitor_every
             and (step + 1) % j.monitor_every == 0
@@ -393,6 +399,25 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
             final.update(convergence_summary(list(csv.DictReader(fh)), task.steps_per_epoch))
         (out / "final.json").write_text(json.dumps(final, indent=1) + "\n")
     return final
+
+
+def _make_cache(cfg: TrainConfig, model, rank: int):
+    """The run's fixed-point cache (``cfg.fp_cache``), attached to the model's DEQ; None if off."""
+    if not cfg.fp_cache:
+        return None
+    from ..nn.cache import FixedPointCache
+
+    if not hasattr(model, "deq"):
+        raise ValueError(
+            f"fp_cache = true needs an equilibrium model; {cfg.model.name} has no DEQ core. Use a "
+            f"deq_* or mdeq_* model, or fp_cache = false."
+        )
+    path = None
+    if cfg.fp_cache_path:
+        path = cfg.fp_cache_path + (f".rank{rank}" if rank else "")
+    cache = FixedPointCache(cfg.fp_cache_mib * 2**20, dtype=cfg.fp_cache_dtype, path=path)
+    model.deq.cache = cache
+    return cache
 
 
 def correction_loss(model, sols: list, targets: torch.Tensor) -> torch.Tensor | None:

@@ -53,8 +53,14 @@ class Task:
     def train_batch(self, step: int, rank: int, world: int) -> tuple[Tensor, Tensor, bool]:
         raise NotImplementedError  # pragma: no cover
 
-    def loss(self, net, x: Tensor, y: Tensor, state: Any) -> tuple[Tensor, Any, list]:
-        logits, state, sols = net(x)
+    def batch_keys(self, step: int, rank: int, world: int) -> Tensor:
+        """Example ids of this process's training batch (for the fixed-point cache): dataset
+        indices, aligned with :meth:`train_batch`."""
+        return batch_indices(self.cfg, self.xtr.shape[0], step)[rank::world]
+
+    def loss(self, net, x: Tensor, y: Tensor, state: Any, keys: Tensor | None = None):
+        kw = {} if keys is None else {"cache_keys": keys}
+        logits, state, sols = net(x, **kw)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)), state, sols
 
     def evaluate(self, model, splits: tuple[str, ...] = ("test",)) -> dict:
@@ -155,8 +161,14 @@ class LanguageModelTask(Task):
         rows = self.rows[rank::world]
         return rows[:, k * T : (k + 1) * T], rows[:, k * T + 1 : (k + 1) * T + 1], k == 0
 
-    def loss(self, net, x, y, state):
-        nll, state, sols = net(x, state, targets=y)
+    def batch_keys(self, step, rank, world):
+        """(row, segment) ids: ``row * segments + segment`` for this process's rows."""
+        rows = torch.arange(self.rows.shape[0])[rank::world]
+        return rows * self.segments + step % self.segments
+
+    def loss(self, net, x, y, state, keys=None):
+        kw = {} if keys is None else {"cache_keys": keys}
+        nll, state, sols = net(x, state, targets=y, **kw)
         return nll.mean(), state, sols
 
     @torch.no_grad()
