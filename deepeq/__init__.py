@@ -1,6 +1,7 @@
 """deepeq: Deep Equilibrium Models in PyTorch."""
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
 
 from ._fixed_point import fixed_point as fixed_point
 from ._solution import BackwardStats as BackwardStats
@@ -26,6 +27,6 @@ from .solvers import Picard as Picard
 from .solvers import make_solver as make_solver
 
 try:
-    __version__ = version("deepeq")
-except PackageNotFoundError:  # running from a source tree that was not pip-installed
+    __version__ = _version("deepeq")
+except _PackageNotFoundError:  # running from a source tree that was not pip-installed
     __version__ = "0.0.0+unknown"

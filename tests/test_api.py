@@ -15,18 +15,23 @@ def f_lin(z):
 
 
 def test_version_and_public_names():
+    import types
+
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", deepeq.__version__)
-    for name in [
-        "fixed_point",
-        "Solution",
-        "Stats",
-        "Status",
-        "Picard",
-        "Anderson",
-        "Broyden",
-        "make_solver",
-    ]:
-        assert hasattr(deepeq, name)
+    public = {
+        n
+        for n in dir(deepeq)
+        if not n.startswith("_") and not isinstance(getattr(deepeq, n), types.ModuleType)
+    }
+    # the whole public API: adding or removing a name must update this list (and the docs)
+    assert public == {
+        "AbstractBackward", "AbstractSolver", "Anderson", "BackwardStats", "Broyden", "DEQ",
+        "FixedPointCorrection", "ImplicitBackward", "JacobianSchedule", "PhantomBackward",
+        "Picard", "SOLVERS", "Solution", "Stats", "Status", "UnrolledBackward", "fixed_point",
+        "jacobian_penalty", "make_solver", "spectral_norm", "spectral_radius", "weight_norm",
+    }  # fmt: skip
+    for name in public:  # each is documented
+        assert getattr(deepeq, name).__doc__, name
 
 
 def test_solution_fields_shapes_and_types():
