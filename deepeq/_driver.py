@@ -59,6 +59,7 @@ class _Evaluator:
         self.active = torch.arange(layout.batch, device=layout.device)  # original sample ids
         self.full_z = z.clone() if not independent else None  # frozen rows keep their value
         self.hold: Tensor | None = None  # rows f must see at their full_z value (causal solving)
+        self.positions = 0  # causal solving: rows per sample
         self.nfe = 0
         self.sample_evals = 0
         # The solver's own arithmetic runs outside autocast (its state stays in z0's dtype); f
@@ -216,6 +217,7 @@ def _solve(
         bad = (~finite0).nonzero().flatten().tolist()
         raise ValueError(f"z0 contains non-finite values (inf/nan) for samples {bad[:10]}.")
     ev = _Evaluator(f, layout, args, independent, z, autocast)
+    ev.positions = positions  # solvers that mix rows per prefix read it (Anderson)
     fz = ev(z)
     norms = _norms(z.detach(), fz.detach())  # (2, b): residual, ||f(z)||
     atol, rtol, max_steps = solver.atol, solver.rtol, solver.max_steps

@@ -118,7 +118,11 @@ class Anderson(AbstractSolver):
         H[:, :, s] = h
         H[:, s, s] *= 1.0 + self.ridge
         # Invalid slots are identity rows with a zero right-hand side: their weight is exactly 0.
-        y = torch.linalg.solve_ex(H, valid)[0]
+        positions = getattr(f, "positions", 0)
+        if positions:
+            y = _prefix_solve(H, valid, scale, positions)
+        else:
+            y = torch.linalg.solve_ex(H, valid)[0]
         alpha = y / y.sum(1, keepdim=True)
         # Safeguard: a singular system gives inf/NaN weights, an ill-conditioned one huge
         # weights. Those samples take a Picard step and clear their history (the next step
@@ -141,3 +145,18 @@ class Anderson(AbstractSolver):
             # Σ α_i z_i = Σ α_i (f_i - g_i), so the damped mix is Σ α f - damping Σ α g.
             z_next = z_next - self.damping * bvm(a, G) / scale
         return z_next, f(z_next), _AndersonState(F, G, H, valid, eye, count + 1, scale)
+
+
+def _prefix_solve(H: Tensor, valid: Tensor, scale: Tensor, positions: int) -> Tensor:
+    """Causal solving: rows are (sample, position) pairs, ``positions`` per sample. Row t's
+    weights minimise the residual over positions ``<= t`` of its sample (its prefix):
+    ``H_t = Σ_{s<=t} <g_i,s, g_j,s>`` — causal, and for the last position the whole sequence's
+    Anderson system. Each row's Gram is stored scaled by its own ``scale²``, so the prefix sums
+    are formed unscaled in float64 (no under/overflow) and rescaled by the row's own scale."""
+    R, m, _ = H.shape
+    vv = valid.unsqueeze(2) * valid.unsqueeze(1)
+    s2 = scale.double().pow(2).view(R, 1, 1)
+    C = (H * vv).double() / s2  # identity entries of invalid slots removed; ridge kept
+    Hc = C.view(R // positions, positions, m, m).cumsum(1).view(R, m, m) * s2
+    M = Hc * vv.double() + torch.diag_embed(1.0 - valid.double())
+    return torch.linalg.solve_ex(M, valid.double())[0].to(H.dtype)
