@@ -163,3 +163,29 @@ def test_causal_after_training_and_with_subsequence_solving(name):
     chunked = create_model(name, vocab_size=10, subseq_len=5)
     chunked.load_state_dict(model.state_dict())
     _check_causal(chunked)
+
+
+def test_causal_anderson_weights_solve_each_prefix():
+    """Row t's mixing weights minimise ||Σ α_i g_i||² + ridge terms over positions <= t: the last
+    position's system is the whole sequence's, whatever each row's stored scale."""
+    from deepeq.solvers._anderson import _prefix_solve
+
+    g = torch.Generator().manual_seed(0)
+    B, T, m, d = 2, 4, 3, 5
+    G = torch.randn(B, T, m, d, generator=g, dtype=torch.float64)  # residual history per row
+    scale = torch.rand(B * T, 1, generator=g, dtype=torch.float64) * 10 + 0.1
+    Gs = (G.reshape(B * T, m, d) * scale.unsqueeze(2)).float()  # rows store scaled residuals
+    H = torch.einsum("rid,rjd->rij", Gs, Gs)
+    ridge = 1e-4
+    H = H + torch.diag_embed(torch.diagonal(H, dim1=1, dim2=2) * ridge)
+    valid = torch.ones(B * T, m)
+    y = _prefix_solve(H, valid, scale.float(), T).view(B, T, m).double()
+    for b in range(B):
+        for t in range(T):
+            P = G[b, : t + 1]  # (t+1, m, d): the prefix's residuals, unscaled
+            Hp = torch.einsum("sid,sjd->ij", P, P)
+            Hp = Hp + torch.diag(torch.diagonal(Hp) * ridge)
+            ref = torch.linalg.solve(Hp, torch.ones(m, dtype=torch.float64))
+            torch.testing.assert_close(
+                y[b, t] / y[b, t].sum(), ref / ref.sum(), rtol=1e-4, atol=1e-5
+            )
