@@ -168,7 +168,7 @@ def test_causal_after_training_and_with_subsequence_solving(name):
 def test_causal_anderson_weights_solve_each_prefix():
     """Row t's mixing weights minimise ||Σ α_i g_i||² + ridge terms over positions <= t: the last
     position's system is the whole sequence's, whatever each row's stored scale."""
-    from deepeq.solvers._anderson import _prefix_solve
+    from deepeq.solvers._anderson import _weights
 
     g = torch.Generator().manual_seed(0)
     B, T, m, d = 2, 4, 3, 5
@@ -179,7 +179,7 @@ def test_causal_anderson_weights_solve_each_prefix():
     ridge = 1e-4
     H = H + torch.diag_embed(torch.diagonal(H, dim1=1, dim2=2) * ridge)
     valid = torch.ones(B * T, m)
-    y = _prefix_solve(H, valid, scale.float(), T).view(B, T, m).double()
+    y = _weights(H, valid, scale.float(), T).view(B, T, m).double()
     for b in range(B):
         for t in range(T):
             P = G[b, : t + 1]  # (t+1, m, d): the prefix's residuals, unscaled
@@ -189,3 +189,22 @@ def test_causal_anderson_weights_solve_each_prefix():
             torch.testing.assert_close(
                 y[b, t] / y[b, t].sum(), ref / ref.sum(), rtol=1e-4, atol=1e-5
             )
+
+
+def test_causal_unrolled_oracle_computes_the_same_solve():
+    """With autograd recording (UnrolledBackward) the causal solve must make the same iterates as
+    without: the safeguard's re-solve (rows with singular histories, forced here by ridge 0 and
+    equal components) keeps every other row's prefix weights."""
+    f = _causal_map(d=4)
+    a, _, _ = _pair(d=4)
+    a = a[..., :1].expand_as(a).contiguous()  # equal components: singular histories
+    W = torch.ones((), requires_grad=True)
+    g = lambda z, x: f(z, W * x)  # noqa: E731
+    solver = Anderson(ridge=0.0, rtol=1e-6, max_steps=12)
+    with torch.no_grad():
+        ref = fixed_point(g, torch.zeros_like(a), solver, args=(a,), causal=True).value
+    sol = fixed_point(g, torch.zeros_like(a), solver, args=(a,), causal=True,
+                      backward=deepeq.UnrolledBackward())  # fmt: skip
+    torch.testing.assert_close(sol.value.detach(), ref, rtol=1e-6, atol=1e-7)
+    sol.value.sum().backward()
+    assert torch.isfinite(W.grad)

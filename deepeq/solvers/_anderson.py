@@ -118,12 +118,8 @@ class Anderson(AbstractSolver):
         H[:, :, s] = h
         H[:, s, s] *= 1.0 + self.ridge
         # Invalid slots are identity rows with a zero right-hand side: their weight is exactly 0.
-        positions = getattr(f, "positions", 0)
-        if positions:
-            y = _prefix_solve(H, valid, scale, positions)
-        else:
-            y = torch.linalg.solve_ex(H, valid)[0]
-        alpha = y / y.sum(1, keepdim=True)
+        positions = getattr(f, "positions", 0)  # causal solving: rows per sample
+        alpha = _weights(H, valid, scale, positions)
         # Safeguard: a singular system gives inf/NaN weights, an ill-conditioned one huge
         # weights. Those samples take a Picard step and clear their history (the next step
         # starts a fresh one). On CPU the rare restart is skipped after a cheap check; on an
@@ -132,9 +128,9 @@ class Anderson(AbstractSolver):
         if z.device.type != "cpu" or bool(bad.any()):
             if grad:
                 # Under autograd the discarded inf/NaN weights would still poison the gradient
-                # (0 * inf = NaN in torch.where's backward): re-solve with those rows replaced.
-                y = torch.linalg.solve_ex(torch.where(bad.unsqueeze(2), eye, H), valid)[0]
-                alpha = y / y.sum(1, keepdim=True)
+                # (0 * inf = NaN in torch.where's backward): re-solve with those rows' systems
+                # replaced by the identity (the other rows' weights are unchanged).
+                alpha = _weights(H, valid, scale, positions, replace=bad)
             alpha = torch.where(bad, eye[s], alpha)
             valid = valid.masked_fill(bad, 0.0)
             H = torch.where(bad.unsqueeze(2), eye, H)
@@ -147,16 +143,31 @@ class Anderson(AbstractSolver):
         return z_next, f(z_next), _AndersonState(F, G, H, valid, eye, count + 1, scale)
 
 
-def _prefix_solve(H: Tensor, valid: Tensor, scale: Tensor, positions: int) -> Tensor:
-    """Causal solving: rows are (sample, position) pairs, ``positions`` per sample. Row t's
-    weights minimise the residual over positions ``<= t`` of its sample (its prefix):
-    ``H_t = Σ_{s<=t} <g_i,s, g_j,s>`` — causal, and for the last position the whole sequence's
-    Anderson system. Each row's Gram is stored scaled by its own ``scale²``, so the prefix sums
-    are formed unscaled in float64 (no under/overflow) and rescaled by the row's own scale."""
-    R, m, _ = H.shape
-    vv = valid.unsqueeze(2) * valid.unsqueeze(1)
-    s2 = scale.double().pow(2).view(R, 1, 1)
-    C = (H * vv).double() / s2  # identity entries of invalid slots removed; ridge kept
-    Hc = C.view(R // positions, positions, m, m).cumsum(1).view(R, m, m) * s2
-    M = Hc * vv.double() + torch.diag_embed(1.0 - valid.double())
-    return torch.linalg.solve_ex(M, valid.double())[0].to(H.dtype)
+def _weights(
+    H: Tensor, valid: Tensor, scale: Tensor, positions: int, replace: Tensor | None = None
+) -> Tensor:
+    """The mixing weights ``α = y / Σy`` with ``M y = valid`` per row; ``replace`` (B, 1): rows
+    whose system is replaced by the identity (finite weights for discarded rows).
+
+    ``positions = 0``: ``M = H``, each row's own Gram matrix. Causal solving (``positions`` rows
+    per sample, one per position): row t's weights minimise the residual over positions ``<= t``
+    of its sample (its prefix), ``M_t = Σ_{s<=t} <g_i,s, g_j,s>`` — causal, and for the last
+    position the whole sequence's Anderson system. Each row's Gram is stored scaled by its own
+    ``scale²``, so the prefix sums are formed unscaled in float64 (no under/overflow) and
+    rescaled by the row's own scale."""
+    if positions:
+        R, m, _ = H.shape
+        vv = valid.unsqueeze(2) * valid.unsqueeze(1)
+        s2 = scale.double().pow(2).view(R, 1, 1)
+        C = (H * vv).double() / s2  # identity entries of invalid slots removed; ridge kept
+        Hc = C.view(R // positions, positions, m, m).cumsum(1).view(R, m, m) * s2
+        M = Hc * vv.double() + torch.diag_embed(1.0 - valid.double())
+        rhs = valid.double()
+    else:
+        M, rhs = H, valid
+    if replace is not None:
+        M = torch.where(
+            replace.unsqueeze(2), torch.eye(M.shape[1], dtype=M.dtype, device=M.device), M
+        )
+    y = torch.linalg.solve_ex(M, rhs)[0].to(H.dtype)
+    return y / y.sum(1, keepdim=True)
