@@ -52,6 +52,7 @@ class _Evaluator:
         independent: bool,
         z: Tensor,
         autocast: torch.dtype | None = None,
+        positions: int = 0,
     ):
         self.f, self.layout, self.independent = f, layout, independent
         self.args = args  # sliced to the active rows when independent
@@ -59,7 +60,7 @@ class _Evaluator:
         self.active = torch.arange(layout.batch, device=layout.device)  # original sample ids
         self.full_z = z.clone() if not independent else None  # frozen rows keep their value
         self.hold: Tensor | None = None  # rows f must see at their full_z value (causal solving)
-        self.positions = 0  # causal solving: rows per sample
+        self.positions = positions  # causal solving: rows per sample (Anderson mixes by prefix)
         self.nfe = 0
         self.sample_evals = 0
         # The solver's own arithmetic runs outside autocast (its state stays in z0's dtype); f
@@ -142,7 +143,11 @@ def _autocast_state(device_type: str) -> torch.dtype | None:
     """The dtype of the autocast region the solve was called in (None outside autocast)."""
     if not torch.is_autocast_enabled(device_type):
         return None
-    return torch.get_autocast_dtype(device_type)
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type)
+    return (
+        torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+    )
 
 
 #: When stopped samples are compacted out of the active set: "auto" (at once on CPU; in batches
@@ -216,8 +221,7 @@ def _solve(
     if not bool(finite0.all()):
         bad = (~finite0).nonzero().flatten().tolist()
         raise ValueError(f"z0 contains non-finite values (inf/nan) for samples {bad[:10]}.")
-    ev = _Evaluator(f, layout, args, independent, z, autocast)
-    ev.positions = positions  # solvers that mix rows per prefix read it (Anderson)
+    ev = _Evaluator(f, layout, args, independent, z, autocast, positions)
     fz = ev(z)
     norms = _norms(z.detach(), fz.detach())  # (2, b): residual, ||f(z)||
     atol, rtol, max_steps = solver.atol, solver.rtol, solver.max_steps

@@ -79,9 +79,9 @@ def fixed_point(
             earlier position of its sample meet it (a growing prefix, so nothing a frozen
             position depends on moves again), each position returns its last finite iterate
             (not a lowest-residual one: that iterate saw other values of the positions before
-            it), and solvers mix per position (Anderson: one set of coefficients per position;
-            Broyden: one low-rank inverse estimate per position). f always runs on the whole
-            batch. Without it the per-sample rule, iterate selection and mixing use norms over
+            it), and Anderson mixes per position (its weights for position t minimise the
+            residual over positions ``<= t``); Broyden is refused (its inverse estimate does
+            not split by position). f always runs on the whole batch. Without it the per-sample rule, iterate selection and mixing use norms over
             the whole sequence, so earlier outputs change with later tokens unless the solve
             converges exactly. ``stats`` stay per sample (norms over the whole sequence;
             ``converged`` means every position met the rule).

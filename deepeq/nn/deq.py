@@ -217,7 +217,7 @@ class DEQ(nn.Module):
                 keep_iterates=keep,
             )
         if use_cache:
-            self.cache.update(cache_keys, flatten(sol.value, layout_of(sol.value)))
+            self.cache.update(cache_keys, flatten(sol.value, layout))
         if self.warm_start:
             v = sol.value
             self._last = v.detach() if isinstance(v, Tensor) else type(v)(p.detach() for p in v)
