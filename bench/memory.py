@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/memory.py [--device cpu|cuda] [--layers attention,conv]
 
-Rows: ImplicitBackward, PhantomBackward(k=5), UnrolledBackward (same solver), and explicit
+Rows: ImplicitBackward, PhantomBackward(k=5), UnrolledBackward (same solver), ReversibleBackward
+(with its own solver, deepeq.Reversible(beta=0.5), same cap and tolerance), and explicit
 weight-tied stacks of L = (implicit forward NFE) and L = 30 layers. For each: bytes autograd saves
 for backward (saved_tensors_hooks, unique storages: deterministic), peak memory of the step
 (peak RSS increase on CPU, peak CUDA allocation on GPU), wall time of the step, forward and
@@ -41,11 +42,16 @@ def run_row(layer_kind: str, mode: str, depth: int, device: str, steps: int, bat
     layer, x = make_layer(layer_kind, batch=batch)
     layer.train().to(device)
     x = x.to(device)
-    solver = deepeq.Anderson(max_steps=steps)
+    solver = (
+        deepeq.Reversible(max_steps=steps)
+        if mode == "reversible"
+        else deepeq.Anderson(max_steps=steps)
+    )
     backward = {
         "implicit": deepeq.ImplicitBackward(),
         "phantom5": deepeq.PhantomBackward(steps=5),
         "unrolled": deepeq.UnrolledBackward(),
+        "reversible": deepeq.ReversibleBackward(),
     }.get(mode)
 
     def forward():
@@ -85,7 +91,9 @@ def run_row(layer_kind: str, mode: str, depth: int, device: str, steps: int, bat
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     fwd_nfe = (
-        depth if sol is None else sol.stats.nfe + (1 if mode in ("implicit", "phantom5") else 0)
+        depth
+        if sol is None
+        else sol.stats.nfe + (1 if mode in ("implicit", "phantom5", "reversible") else 0)
     )
     if mode == "phantom5":
         fwd_nfe += 4  # five differentiable steps, one of which is counted above
@@ -116,8 +124,17 @@ def curve(layer_kind: str, device: str, batch: int) -> list[str]:
     lines = []
     for steps in (10, 20, 50, 100):
         row = [f"| {layer_kind} | {steps} |"]
-        for backward in (deepeq.ImplicitBackward(), deepeq.UnrolledBackward()):
-            solver = deepeq.Picard(atol=0.0, rtol=0.0, max_steps=steps)  # every step runs
+        for backward in (
+            deepeq.ImplicitBackward(),
+            deepeq.UnrolledBackward(),
+            deepeq.ReversibleBackward(),
+        ):
+            # every step runs
+            solver = (
+                deepeq.Reversible(rtol=0.0, max_steps=steps, beta=0.5)
+                if isinstance(backward, deepeq.ReversibleBackward)
+                else deepeq.Picard(atol=0.0, rtol=0.0, max_steps=steps)
+            )
             saved, _ = saved_bytes(
                 lambda s=solver, b=backward: deepeq.fixed_point(
                     layer, torch.zeros_like(x), s, args=(x,), backward=b, nonfinite="return"
@@ -162,6 +179,7 @@ def main(argv=None):
             ("implicit", imp),
             ("phantom (k=5)", subprocess_row(mode="phantom5", depth=0, **common)),
             ("unrolled", subprocess_row(mode="unrolled", depth=0, **common)),
+            ("reversible (β 0.5)", subprocess_row(mode="reversible", depth=0, **common)),
             ("explicit stack", one),
             (
                 f"explicit stack (L = implicit fwd NFE = {imp['fwd_nfe']})",
@@ -177,10 +195,13 @@ def main(argv=None):
             )
         sys.stdout.flush()
     print()
-    print("Saved-for-backward MiB against forward depth (Picard, every step forced):")
+    print(
+        "Saved-for-backward MiB against forward depth (every step forced; Picard, reversible: "
+        "Reversible(beta=0.5)):"
+    )
     print()
-    print("| layer | max_steps | implicit | unrolled |")
-    print("|---|---|---|---|")
+    print("| layer | max_steps | implicit | unrolled | reversible |")
+    print("|---|---|---|---|---|")
     for kind in args.layers.split(","):
         print("\n".join(curve(kind, args.device, args.batch)))
 

@@ -11,6 +11,7 @@ from ._solution import Status as Status
 from .backward import AbstractBackward as AbstractBackward
 from .backward import ImplicitBackward as ImplicitBackward
 from .backward import PhantomBackward as PhantomBackward
+from .backward import ReversibleBackward as ReversibleBackward
 from .backward import UnrolledBackward as UnrolledBackward
 from .nn import DEQ as DEQ
 from .regularization import FixedPointCorrection as FixedPointCorrection
@@ -24,6 +25,7 @@ from .solvers import AbstractSolver as AbstractSolver
 from .solvers import Anderson as Anderson
 from .solvers import Broyden as Broyden
 from .solvers import Picard as Picard
+from .solvers import Reversible as Reversible
 from .solvers import make_solver as make_solver
 
 try:

@@ -119,6 +119,27 @@ def _record_inverse(inverse: dict, solver, state, idx: Tensor, ids: Tensor) -> N
         inverse.setdefault("_parts", []).append((ids, *(t.detach() for t in factors)))
 
 
+def _record_final(final: dict, solver, state, idx: Tensor, ids: Tensor) -> None:
+    parts = solver.final_state(state, idx)
+    if parts is not None:
+        final.setdefault("_parts", []).append((ids, tuple(t.detach() for t in parts)))
+
+
+def _assemble_final(final: dict, B: int, z: Tensor, steps: Tensor, nonfinite: Tensor) -> None:
+    """The recorded per-row solver state at each row's last step as full ``(B, D)`` tensors,
+    with the rows' step counts and non-finite flags (before any per-sample aggregation)."""
+    parts = final.pop("_parts", None)
+    final["steps"], final["nonfinite"] = steps.clone(), nonfinite.clone()
+    if parts is None:
+        final["state"] = None
+        return
+    out = tuple(t.new_zeros(B, t.shape[1]) for t in parts[0][1])
+    for ids, ts in parts:
+        for o, t in zip(out, ts, strict=True):
+            o[ids] = t
+    final["state"] = out
+
+
 def _assemble_inverse(inverse: dict, B: int, z: Tensor) -> None:
     """The recorded per-sample factors as full-batch ``(B, n, D)`` tensors, n the most slots any
     sample used (fewer slots are zero: they add nothing to the low-rank sum)."""
@@ -158,6 +179,7 @@ LAZY_COMPACTION: bool | str = "auto"
 def solve(
     f, z, solver, layout, args, independent, nonfinite, trace, inverse=None, *,
     coupled: bool | None = None, min_steps: int = 0, positions: int = 0, iterates: dict | None = None,
+    final: dict | None = None,
 ):  # fmt: skip
     """The driver loop on flat ``z`` (B, D). Returns (z*, status, stats).
 
@@ -174,6 +196,11 @@ def solve(
     ``iterates``, a dict whose keys are steps, receives the full-batch iterate ``(B, D)`` (detached;
     samples stopped earlier: their returned value) at each of those steps; steps after the
     last one get the returned values.
+
+    ``final``, a dict, receives ``final["state"]``: the solver's :meth:`~AbstractSolver.final_state`
+    of every row at the step it stopped (a tuple of ``(B, D)`` tensors, or None for solvers that
+    keep none), ``final["steps"]`` and ``final["nonfinite"]`` per row (per (sample, position) row
+    in causal solving, before the per-sample aggregation of the stats).
 
     ``positions`` (causal solving, see :func:`deepeq.fixed_point`): the rows of ``z`` are
     (sample, position) pairs, ``positions`` consecutive rows per sample, and f is causal along
@@ -193,10 +220,10 @@ def solve(
         )
     if autocast is None:
         return _solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse,
-                      coupled, min_steps, positions, iterates, None)  # fmt: skip
+                      coupled, min_steps, positions, iterates, final, None)  # fmt: skip
     with torch.autocast(layout.device.type, enabled=False):
         return _solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse,
-                      coupled, min_steps, positions, iterates, autocast)  # fmt: skip
+                      coupled, min_steps, positions, iterates, final, autocast)  # fmt: skip
 
 
 def _prefix(meet: Tensor, sample: Tensor) -> Tensor:
@@ -212,7 +239,7 @@ def _prefix(meet: Tensor, sample: Tensor) -> Tensor:
 
 def _solve(
     f, z, solver, layout, args, independent, nonfinite, trace, inverse, coupled, min_steps,
-    positions, iterates, autocast,
+    positions, iterates, final, autocast,
 ):  # fmt: skip
     t0 = time.perf_counter()
     B, dev = layout.batch, layout.device
@@ -256,6 +283,7 @@ def _solve(
         key_of = sample_key
 
     causal = positions > 0
+    last = causal or solver.returns_last  # return each row's last finite iterate
 
     def stop_rule(meet: Tensor) -> Tensor:
         return _prefix(meet, ev.active // positions) if causal else meet
@@ -326,6 +354,8 @@ def _solve(
             out_nonfinite[ids] = bad[idx]
             if inverse is not None:
                 _record_inverse(inverse, solver, state, idx, ids)
+            if final is not None:
+                _record_final(final, solver, state, idx, ids)
             if ev.full_z is not None:
                 ev.full_z = ev.full_z.index_copy(0, ids, best_z[idx])
             gone = done if frozen is None else done | frozen
@@ -354,7 +384,8 @@ def _solve(
         # NaN never improves, so the best iterate stays finite. Causal solving returns each row's
         # last finite iterate: another step's iterate of a row saw other values of the rows
         # before it, so its recorded residual would not be that of the returned state.
-        better = torch.isfinite(key) if causal else key < best_key
+        # The same for solvers whose state must match the returned iterate (Reversible).
+        better = torch.isfinite(key) if last else key < best_key
         if on_cpu and bool(better.all()):
             # Common case, cheap to detect on CPU (no device to wait for): no masking needed.
             best_z, best_norms, best_key = z, norms, key
@@ -367,6 +398,8 @@ def _solve(
 
     if inverse is not None:
         _assemble_inverse(inverse, B, z)
+    if final is not None:
+        _assemble_final(final, B, z, out_steps, out_nonfinite)
     if iterates is not None:
         for s in iterates:
             if iterates[s] is None:  # the solve stopped before this step

@@ -207,10 +207,18 @@ class Problem:
         self.keep: dict | None = None  # steps -> kept flat iterates (filled by the solve)
 
     def solve(
-        self, inverse: dict | None = None, *, min_steps: int = 0, track_z0: bool = False
+        self,
+        inverse: dict | None = None,
+        *,
+        min_steps: int = 0,
+        track_z0: bool = False,
+        final: dict | None = None,
     ) -> tuple[Tensor, Status, Stats]:
         """Run the solver (recording autograd only if grad mode is on): flat z*, status, stats.
         ``inverse`` (a dict) receives the solver's inverse-Jacobian estimate, if it keeps one;
+        ``final`` (a dict) the solver state, step count and non-finite flag of every row at its
+        last step (rows: samples, or (sample, position) pairs in causal solving; see
+        ``_driver.solve``);
         ``min_steps``: no sample stops before this step; ``track_z0``: start from z0 as given
         (not detached), so that a recorded graph reaches it."""
         z0 = self.z0_tracked if track_z0 else self.z0
@@ -218,6 +226,7 @@ class Problem:
             return solve(
                 self.iterate_f, z0, self.solver, self.layout, self.args, self.independent,
                 self.nonfinite, self.trace, inverse, min_steps=min_steps, iterates=self.keep,
+                final=final,
             )  # fmt: skip
         # Causal solving: the driver sees one row per (sample, position); f runs on the batch.
         B, T, layout, f, args = (
@@ -238,6 +247,7 @@ class Problem:
         z, status, stats = solve(
             f_rows, z0.reshape(B * T, d), self.solver, rows, (), False, self.nonfinite,
             self.trace, inverse, coupled=False, min_steps=min_steps, positions=T, iterates=self.keep,
+            final=final,
         )  # fmt: skip
         if self.keep:
             self.keep = {s: v.reshape(B, T * d) for s, v in self.keep.items()}

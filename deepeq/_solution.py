@@ -66,7 +66,8 @@ class Stats:
 
 @dataclass
 class BackwardStats:
-    """Filled in by :class:`deepeq.ImplicitBackward` each time ``.backward()`` runs through the
+    """Filled in by :class:`deepeq.ImplicitBackward` (and :class:`deepeq.ReversibleBackward`:
+    steps undone, calls of f, reconstruction error) each time ``.backward()`` runs through the
     equilibrium (a mutable holder: the forward pass creates it empty). Per-sample tensors are
     ``(B,)``; everything is None until the first backward pass.
 
@@ -81,6 +82,11 @@ class BackwardStats:
             above the starting residual ``||dL/dz*||``) and got the fallback gradient.
         nfe: vector-Jacobian products used by the backward solve (plus fallback ones).
         wall_time: seconds spent in the backward solve.
+        reconstruction_error: :class:`deepeq.ReversibleBackward` only (else None): per sample,
+            the error of the reconstructed ``z_0`` after undoing the iterations, relative to
+            ``||z_N||`` (float round-off of the reversal; 0 in exact arithmetic); NaN where the
+            reversal stopped early because the adjoint fell below round-off (``num_steps`` then
+            counts the steps undone).
 
     With ``ImplicitBackward(solver=None)`` (no backward iterations) nothing is measured: status,
     residuals and converged stay None, nfe is 0.
@@ -95,6 +101,7 @@ class BackwardStats:
     fallback: Tensor | None = None
     nfe: int | None = None
     wall_time: float | None = None
+    reconstruction_error: Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ def test_version_and_public_names():
     assert public == {
         "AbstractBackward", "AbstractSolver", "Anderson", "BackwardStats", "Broyden", "DEQ",
         "FixedPointCorrection", "ImplicitBackward", "JacobianSchedule", "PhantomBackward",
-        "Picard", "SOLVERS", "Solution", "Stats", "Status", "UnrolledBackward", "fixed_point",
+        "Picard", "Reversible", "ReversibleBackward", "SOLVERS", "Solution", "Stats", "Status",
+        "UnrolledBackward", "fixed_point",
         "jacobian_penalty", "make_solver", "spectral_norm", "spectral_radius", "weight_norm",
     }  # fmt: skip
     for name in public:  # each is documented
@@ -211,7 +212,7 @@ def test_make_solver():
     assert s == Broyden(max_steps=7, line_search=True)
     with pytest.raises(
         ValueError,
-        match=r"Unknown solver 'andersen'; expected one of \['anderson', 'broyden', 'picard'\]",
+        match=r"Unknown solver 'andersen'; expected one of \['anderson', 'broyden', 'picard', 'reversible'\]",
     ):
         deepeq.make_solver("andersen")
     with pytest.raises(
@@ -219,4 +220,4 @@ def test_make_solver():
         match=r"Unknown hyper-parameter\(s\) \['m'\] for solver 'anderson'; valid ones are \[.*history_length",
     ):
         deepeq.make_solver("anderson", m=5)
-    assert set(deepeq.SOLVERS) == {"picard", "anderson", "broyden"}
+    assert set(deepeq.SOLVERS) == {"picard", "anderson", "broyden", "reversible"}

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .._fixed_point import Problem
     from .._solution import Solution
+    from ..solvers import AbstractSolver
 
 
 class AbstractBackward(abc.ABC):
@@ -19,3 +20,7 @@ class AbstractBackward(abc.ABC):
     def apply(self, problem: Problem) -> Solution:
         """Run the forward solve (``problem.solve()``) and return a Solution whose value is wired
         into autograd by this rule. ``problem.call(z)`` evaluates f on the full flat batch."""
+
+    def check_forward_solver(self, solver: AbstractSolver) -> None:  # noqa: B027 (optional hook)
+        """Raise if this rule cannot follow a forward solve by ``solver`` (called by
+        :class:`deepeq.DEQ` at construction and by :meth:`apply`); the default accepts any."""

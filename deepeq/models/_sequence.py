@@ -52,8 +52,9 @@ class SequenceConfig:
     b_max_steps: int = 30
     b_rtol: float = 1e-4
     b_init: Literal["v", "shine"] = "v"  # start of the backward solve (see models._solve)
-    backward: Literal["implicit", "phantom"] = "implicit"  # gradient (see models._solve)
+    backward: Literal["implicit", "phantom", "reversible"] = "implicit"  # see models._solve
     phantom_steps: int = 1  # k of backward="phantom"
+    beta: float = 0.5  # β of solver="reversible" (each of its steps costs two calls of f)
     # dtype of f during the training solves' iterations (autocast; e.g. "bfloat16"); the tracked
     # call at z*, the backward and evaluation stay in full precision (deepeq.fixed_point)
     solve_dtype: str | None = None

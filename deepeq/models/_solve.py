@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..backward import ImplicitBackward, PhantomBackward
+from ..backward import ImplicitBackward, PhantomBackward, ReversibleBackward
 from ..nn.deq import DEQ
 from ..regularization.correction import FixedPointCorrection
 from ..solvers import make_solver
 
-BACKWARDS = ("implicit", "phantom")
+BACKWARDS = ("implicit", "phantom", "reversible")
 
 
 def config_deq(f: nn.Module, c) -> DEQ:
@@ -18,7 +18,8 @@ def config_deq(f: nn.Module, c) -> DEQ:
     within ``b_max_steps``, started at ``b_init``: ``"v"`` = dL/dz*, or ``"shine"`` = the forward
     Broyden solver's inverse-Jacobian estimate; ``b_max_steps=0``: no backward iterations, the
     start is the gradient — ``"v"`` the Jacobian-free one, ``"shine"`` SHINE) or ``"phantom"``
-    (``phantom_steps`` differentiable applications of f from z*, Geng et al. 2021; ``phantom_steps=1`` is the Jacobian-free gradient); ``solve_dtype``
+    (``phantom_steps`` differentiable applications of f from z*, Geng et al. 2021; ``phantom_steps=1`` is the Jacobian-free gradient) or ``"reversible"`` (the exact
+    gradient of the iterate ``solver="reversible"`` returns, its β = ``beta``); ``solve_dtype``
     (``"bfloat16"``) runs the training solves' iterations of f under autocast. Non-finite
     solves are returned (the training loop's guard skips them)."""
     if c.backward == "implicit":
@@ -38,12 +39,21 @@ def config_deq(f: nn.Module, c) -> DEQ:
         backward = ImplicitBackward(solver=b_solver, init=c.b_init)
     elif c.backward == "phantom":
         backward = PhantomBackward(steps=c.phantom_steps)
+    elif c.backward == "reversible":
+        if c.solver != "reversible":
+            raise ValueError(
+                f"backward = 'reversible' undoes the iterations of solver = 'reversible'; got "
+                f"solver = {c.solver!r}. Set solver = 'reversible' (its beta: beta), or another "
+                f"backward ({', '.join(repr(b) for b in BACKWARDS[:2])})."
+            )
+        backward = ReversibleBackward()
     else:
         raise ValueError(f"backward must be one of {list(BACKWARDS)}; got {c.backward!r}.")
+    extra = {"beta": c.beta} if c.solver == "reversible" else {}
     return DEQ(
         f,
-        solver=make_solver(c.solver, rtol=c.f_rtol, max_steps=c.f_max_steps),
-        eval_solver=make_solver(c.solver, rtol=c.f_rtol, max_steps=c.eval_max_steps),
+        solver=make_solver(c.solver, rtol=c.f_rtol, max_steps=c.f_max_steps, **extra),
+        eval_solver=make_solver(c.solver, rtol=c.f_rtol, max_steps=c.eval_max_steps, **extra),
         backward=backward,
         nonfinite="return",
         solve_dtype=getattr(c, "solve_dtype", None),

@@ -125,9 +125,7 @@ class DEQ(nn.Module):
         self.solver = solver if solver is not None else Anderson()
         self.eval_solver = eval_solver if eval_solver is not None else self.solver
         self.backward_rule = backward if backward is not None else ImplicitBackward()
-        check = getattr(self.backward_rule, "check_forward_solver", None)
-        if check is not None:
-            check(self.solver)  # fail at construction, not at the first training step
+        self.backward_rule.check_forward_solver(self.solver)  # fail now, not at the first step
         self.independent, self.nonfinite = independent, nonfinite
         self.warm_start, self.trace, self.causal = warm_start, trace, bool(causal)
         if correction is not None and not isinstance(correction, FixedPointCorrection):

@@ -9,11 +9,13 @@ from ._anderson import Anderson as Anderson
 from ._base import AbstractSolver as AbstractSolver
 from ._broyden import Broyden as Broyden
 from ._picard import Picard as Picard
+from ._reversible import Reversible as Reversible
 
 SOLVERS: dict[str, type[AbstractSolver]] = {
     "picard": Picard,
     "anderson": Anderson,
     "broyden": Broyden,
+    "reversible": Reversible,
 }
 
 
@@ -21,7 +23,7 @@ def make_solver(name: str, **hyperparams: Any) -> AbstractSolver:
     """Build a solver from its registry name (for configs and the CLI; Python code passes objects).
 
     Args:
-        name: one of ``"picard"``, ``"anderson"``, ``"broyden"``.
+        name: one of ``"picard"``, ``"anderson"``, ``"broyden"``, ``"reversible"``.
         **hyperparams: fields of that solver's dataclass.
 
     Raises:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -27,6 +27,10 @@ class AbstractSolver(abc.ABC):
     rtol: float
     max_steps: int
 
+    #: True: the driver returns each sample's last (finite) iterate instead of its lowest-residual
+    #: one (solvers whose state must match the returned iterate, e.g. :class:`Reversible`).
+    returns_last: ClassVar[bool] = False
+
     @abc.abstractmethod
     def init(self, f: FlatFn, z: Tensor, fz: Tensor) -> Any:
         """Build the solver state (e.g. a history buffer) for ``z``, ``fz = f(z)`` of shape (B, D)."""
@@ -40,6 +44,11 @@ class AbstractSolver(abc.ABC):
         as low-rank factors ``(U, V)`` ``(len(rows), n, D)`` with ``(I - J_f)⁻¹ ≈ I - UᵀV``
         (i.e. ``I - Σ_i u_i v_iᵀ``), or None for solvers that keep no such estimate (the default).
         Used by ``ImplicitBackward(init="shine")``."""
+        return None
+
+    def final_state(self, state: Any, rows: Tensor) -> tuple[Tensor, ...] | None:
+        """Per-row ``(len(rows), D)`` tensors of the solver state that a backward rule needs at
+        each sample's last step (:class:`Reversible`: its second chain), or None (the default)."""
         return None
 
     def compact(self, state: Any, keep: Tensor) -> Any:
