@@ -4,7 +4,8 @@ exact the gradient stays, against autograd through the same forward iterations.
     .venv/bin/python bench/reversible.py [--layers attention,conv] [--batch 4]
 
 For each layer (the demo layers of ``deepeq._demo``), state dtype and chain dtype (float32 state
-with the default float64 chains and with float32 chains; float64), beta and number of
+with the default float64 chains, with and without checkpoints every 10 steps, and with float32
+chains; float64), beta and number of
 steps N (every step forced: tolerance 0), one forward + backward with
 ``deepeq.ReversibleBackward`` and one with ``deepeq.UnrolledBackward`` on the same iterations.
 Columns: the forward relative residual at step N, the reconstruction error of z_0 reported by
@@ -25,14 +26,15 @@ import deepeq
 from deepeq._demo import make_layer
 
 
-def one(kind, dtype, beta, steps, batch, chains):
+def one(kind, dtype, beta, steps, batch, chains, every):
     layer, x = make_layer(kind, batch=batch)
     layer = layer.to(dtype)
     x = x.to(dtype).requires_grad_()
     params = [p for p in layer.parameters() if p.requires_grad]
     w = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     out = {}
-    for name, bw in (("rev", deepeq.ReversibleBackward(warn_error=float("inf"))),
+    rule = deepeq.ReversibleBackward(checkpoint_every=every, warn_error=float("inf"))
+    for name, bw in (("rev", rule),
                      ("unr", deepeq.UnrolledBackward())):  # fmt: skip
         cd = torch.float64 if chains == "float64" else None
         solver = deepeq.Reversible(rtol=0.0, max_steps=steps, beta=beta, chain_dtype=cd)
@@ -69,20 +71,21 @@ def main(argv=None):
         f"batch {args.batch}"
     )
     print(
-        "| layer | dtype | chains | beta | steps N | fwd rel residual | z_0 reconstruction error | "
-        "steps undone (min) | gradient rel error vs unrolled |"
+        "| layer | dtype | chains | checkpoint every | beta | steps N | fwd rel residual | "
+        "z_0 reconstruction error | steps undone (min) | gradient rel error vs unrolled |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for kind in args.layers.split(","):
         # float32 state with float64 chains (the default) and with float32 chains (the papers'
         # scheme, chain_dtype=None); float64 state
-        for dtype, chains in ((torch.float32, "float64"), (torch.float32, "float32"),
-                              (torch.float64, "float64")):  # fmt: skip
+        for dtype, chains, every in ((torch.float32, "float64", 10), (torch.float32, "float64", None),
+                                     (torch.float32, "float32", None), (torch.float64, "float64", None)):  # fmt: skip
             for beta in (float(b) for b in args.betas.split(",")):
                 for steps in (int(s) for s in args.steps.split(",")):
-                    r = one(kind, dtype, beta, steps, args.batch, chains)
+                    r = one(kind, dtype, beta, steps, args.batch, chains, every)
                     print(
-                        f"| {kind} | {str(dtype).removeprefix('torch.')} | {chains} | {beta} | "
+                        f"| {kind} | {str(dtype).removeprefix('torch.')} | {chains} | "
+                        f"{every or '-'} | {beta} | "
                         f"{steps} | {r['res']:.1e} | {r['rec']} | {r['undone']} | "
                         f"{r['grad']:.1e} |",
                         flush=True,

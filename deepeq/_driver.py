@@ -200,7 +200,9 @@ def solve(
     ``final``, a dict, receives ``final["state"]``: the solver's :meth:`~AbstractSolver.final_state`
     of every row at the step it stopped (a tuple of ``(B, D)`` tensors, or None for solvers that
     keep none), ``final["steps"]`` and ``final["nonfinite"]`` per row (per (sample, position) row
-    in causal solving, before the per-sample aggregation of the stats).
+    in causal solving, before the per-sample aggregation of the stats). With ``final["every"] = C``
+    on entry it also receives ``final["snapshots"]``: ``(k, rows, state)`` for every step k that is
+    a multiple of C, the solver's final_state of the rows still moving then.
 
     ``positions`` (causal solving, see :func:`deepeq.fixed_point`): the rows of ``z`` are
     (sample, position) pairs, ``positions`` consecutive rows per sample, and f is causal along
@@ -312,6 +314,7 @@ def _solve(
     # one shape whatever the other rows do (a row count that changes with later positions
     # would change kernels, float rounding, and so the earlier outputs).
     frozen: Tensor | None = None  # stopped rows not yet compacted away (lazy mode)
+    every = final.get("every", 0) if final is not None else 0
     k = 0
     while True:
         if trace:
@@ -320,6 +323,16 @@ def _solve(
             moving = ev.active if frozen is None else ev.active[~frozen]
             now = z if frozen is None else z[~frozen]
             iterates[k] = out_z.detach().index_copy(0, moving, now.detach())
+        if every and k > 0 and k % every == 0:  # snapshots of the solver state (Reversible)
+            rows = (
+                torch.arange(z.shape[0], device=dev)
+                if frozen is None
+                else (~frozen).nonzero()[:, 0]
+            )
+            parts = solver.final_state(state, rows)
+            if parts is not None:
+                snap = tuple(t.detach().clone() for t in parts)
+                final.setdefault("snapshots", []).append((k, ev.active[rows].clone(), snap))
         # NaN/inf keys map to 0, i.e. "done": the exact reason is sorted out below, only on the
         # (rare) steps where some sample stops. One host synchronisation per step.
         stop = torch.nan_to_num(key, 0.0, 0.0) <= threshold

@@ -214,17 +214,24 @@ def test_gradcheck(gen):
 
 
 def test_saved_bytes_are_flat_in_the_number_of_steps(gen):
+    """Pure reversal (checkpoint_every=None): the same bytes for 10 and 100 steps; the default
+    stores exactly one pair of chains (float64) and its row ids per 10 steps."""
     _, f = _layer(gen, d=32, norm=0.95)
-    x = torch.randn(8, 32, generator=gen, dtype=F64, requires_grad=True)
+    B, D = 8, 32
+    x = torch.randn(B, D, generator=gen, dtype=F64, requires_grad=True)
 
     def run(n, backward):
         solver = Reversible(rtol=0.0, max_steps=n)
         return saved_bytes(lambda: fixed_point(f, torch.zeros_like(x), solver, args=(x,), backward=backward))  # fmt: skip
 
-    b10, _ = run(10, ReversibleBackward())
-    b100, sol100 = run(100, ReversibleBackward())
-    assert sol100.stats.num_steps.tolist() == [100] * 8
+    pure = ReversibleBackward(checkpoint_every=None)
+    b10, _ = run(10, pure)
+    b100, sol100 = run(100, pure)
+    assert sol100.stats.num_steps.tolist() == [100] * B
     assert b10 == b100 > 0
+    c10, _ = run(10, ReversibleBackward())
+    c100, _ = run(100, ReversibleBackward())
+    assert c100 - c10 == 9 * (B * 8 + 2 * B * D * 8)  # rows (int64) + y, z (float64)
     u10, _ = run(10, UnrolledBackward())
     assert run(100, UnrolledBackward())[0] > 5 * u10 > 5 * b10  # what storing the iterates costs
 

@@ -55,7 +55,15 @@ class ReversibleBackward(AbstractBackward):
     One tracked call ``f(z_N)`` is kept in ``Solution.fz`` / ``z_leaf`` (Jacobian
     regularisation), as :class:`deepeq.ImplicitBackward` does.
 
+    Drift beyond round-off sets in after ~20-30 undone steps (float32 models, β = 0.5) or ~10
+    (β = 0.8), faster where f's Jacobian is large (bench/reversible.py: up to 40% gradient error
+    at 100 steps without checkpoints). ``checkpoint_every = C`` (default 10) therefore stores
+    both chains every C steps in the forward (no activations: 2 state-sized vectors per
+    checkpoint) and the reversal restarts from each stored pair, so the drift never spans more
+    than C steps; ``checkpoint_every=None`` keeps the O(1) memory of the pure reversal.
+
     Args:
+        checkpoint_every: C, steps between stored chain pairs, or None (none stored).
         warn_error: log when the reconstruction error of ``z_0`` exceeds this (default 1e-3;
             ``float("inf")``: never).
 
@@ -70,9 +78,15 @@ class ReversibleBackward(AbstractBackward):
         2.0
     """
 
+    checkpoint_every: int | None = 10
     warn_error: float = 1e-3
 
     def __post_init__(self) -> None:
+        c = self.checkpoint_every
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ValueError(
+                f"ReversibleBackward.checkpoint_every must be an int >= 1 or None; got {c!r}."
+            )
         w = self.warn_error
         if isinstance(w, bool) or not isinstance(w, int | float) or not w > 0:  # inf: never
             raise ValueError(f"ReversibleBackward.warn_error must be a float > 0; got {w!r}.")
@@ -91,7 +105,7 @@ class ReversibleBackward(AbstractBackward):
 
     def apply(self, problem):
         self.check_forward_solver(problem.solver)
-        final: dict = {}
+        final: dict = {"every": self.checkpoint_every or 0}
         with torch.no_grad():
             z, status, stats = problem.solve(final=final, min_steps=1)
         z_leaf = z.detach().requires_grad_()
@@ -111,7 +125,11 @@ class ReversibleBackward(AbstractBackward):
             with torch.no_grad():
                 run.replay = not torch.equal(problem.call(z), fz.detach())
         y, zc = final["state"]  # both chains at each sample's last step (chain dtype)
-        value = _ReversibleFunction.apply(run, z, y, zc, z0, *grad_args, *params)
+        snaps = final.get("snapshots", [])
+        run.snap_steps = [k for k, _, _ in snaps]
+        flat = [t for _, rows, (ys, zs) in snaps for t in (rows, ys, zs)]
+        run.n_inputs = len(grad_args) + len(params)
+        value = _ReversibleFunction.apply(run, z, y, zc, z0, len(flat), *flat, *grad_args, *params)
         return problem.finish(value, status, stats, backward=holder, fz=fz, z_leaf=z_leaf)
 
 
@@ -159,7 +177,7 @@ class _Reversal:
         self.autocast = _autocast_state(problem.layout.device.type)
         self.replay = True  # set by ReversibleBackward.apply
 
-    def reverse(self, v: Tensor, z_out: Tensor, y: Tensor, z: Tensor, z0: Tensor):
+    def reverse(self, v: Tensor, z_out: Tensor, y: Tensor, z: Tensor, z0: Tensor, snaps: dict):
         """Undo the iterations from the chains ``(z_N, y_N)`` (chain dtype; ``z_out``: the
         returned iterate) carrying the adjoints; returns the gradients of z0, the args requiring
         grad and the closed-over leaves (and the stats)."""
@@ -248,6 +266,11 @@ class _Reversal:
         for k in range(int(steps.max()) if steps.numel() else 0, 0, -1):
             small = unit(safe_norm(gz, 1) + safe_norm(gy, 1)) <= eps * v_unit
             stop = small & (steps >= k)
+            if k in snaps:  # restart from the stored chains (rows still being undone)
+                rows, ys, zs = snaps[k]
+                live = steps[rows] >= k
+                rows, ys, zs = rows[live], ys[live], zs[live]
+                z, y = z.index_copy(0, rows, zs), y.index_copy(0, rows, ys)
             if bool(stop.any()):
                 undone = torch.where(stop, steps - k, undone)
                 early |= stop
@@ -314,8 +337,9 @@ class _ReversibleFunction(torch.autograd.Function):
     """Identity on z_N in the forward pass; the reversal in the backward pass."""
 
     @staticmethod
-    def forward(ctx, run, z, y, zc, z0, *inputs):
-        ctx.save_for_backward(z, y, zc, z0)
+    def forward(ctx, run, z, y, zc, z0, n_snap, *inputs):
+        ctx.save_for_backward(z, y, zc, z0, *inputs[:n_snap])
+        ctx.n_snap = n_snap
         ctx.run = run
         ctx.z0_grad = z0.requires_grad
         return z.clone()
@@ -329,9 +353,12 @@ class _ReversibleFunction(torch.autograd.Function):
                 "gradients."
             )
         run: _Reversal = ctx.run
-        z, y, zc, z0 = ctx.saved_tensors
+        z, y, zc, z0, *flat = ctx.saved_tensors
+        snaps = {
+            k: tuple(flat[3 * i : 3 * i + 3]) for i, k in enumerate(run.snap_steps)
+        }  # step -> (rows, y, z)
         t0 = time.perf_counter()
-        g_z0, acc, nfe, err, steps = run.reverse(v.contiguous(), z, y, zc, z0)
+        g_z0, acc, nfe, err, steps = run.reverse(v.contiguous(), z, y, zc, z0, snaps)
         h = run.holder
         h.calls += 1
         h.num_steps = steps
@@ -347,4 +374,5 @@ class _ReversibleFunction(torch.autograd.Function):
                 "that order. Use fewer steps, a smaller beta or float64.",
                 worst, int(steps.max()), run.problem.solver.beta,
             )  # fmt: skip
-        return (None, None, None, None, g_z0 if ctx.z0_grad else None, *acc)
+        return (None, None, None, None, g_z0 if ctx.z0_grad else None, None,
+                *([None] * ctx.n_snap), *acc)  # fmt: skip
