@@ -128,6 +128,7 @@ def curve(layer_kind: str, device: str, batch: int) -> list[str]:
             deepeq.ImplicitBackward(),
             deepeq.UnrolledBackward(),
             deepeq.ReversibleBackward(),
+            deepeq.ReversibleBackward(checkpoint_every=None),
         ):
             # every step runs
             solver = (
@@ -200,8 +201,11 @@ def main(argv=None):
         "Reversible(beta=0.5)):"
     )
     print()
-    print("| layer | max_steps | implicit | unrolled | reversible |")
-    print("|---|---|---|---|---|")
+    print(
+        "| layer | max_steps | implicit | unrolled | reversible (checkpoint every 10) | "
+        "reversible (no checkpoints) |"
+    )
+    print("|---|---|---|---|---|---|")
     for kind in args.layers.split(","):
         print("\n".join(curve(kind, args.device, args.batch)))
 

@@ -52,8 +52,9 @@ class ReversibleBackward(AbstractBackward):
     dropout keeps one mask per forward pass) and should take per-sample tensors through
     ``args``: tensors f closes over that require grad and are not leaves (an injection computed
     outside f) are handled correctly but their graph is traversed at every undone step.
-    One tracked call ``f(z_N)`` is kept in ``Solution.fz`` / ``z_leaf`` (Jacobian
-    regularisation), as :class:`deepeq.ImplicitBackward` does.
+    Unlike :class:`deepeq.ImplicitBackward` no tracked call ``f(z*)`` is kept (``Solution.fz``
+    is None), so Jacobian regularisation, which differentiates that call, needs the implicit
+    backward.
 
     Drift beyond round-off sets in after ~20-30 undone steps (float32 models, β = 0.5) or ~10
     (β = 0.8), faster where f's Jacobian is large (bench/reversible.py: up to 40% gradient error
@@ -108,29 +109,51 @@ class ReversibleBackward(AbstractBackward):
         final: dict = {"every": self.checkpoint_every or 0}
         with torch.no_grad():
             z, status, stats = problem.solve(final=final, min_steps=1)
-        z_leaf = z.detach().requires_grad_()
+        # One tracked call of f finds what f closes over (the parameters to return gradients
+        # for), on one sample when samples are independent; its graph is not kept.
+        idx = torch.zeros(1, dtype=torch.long, device=z.device) if problem.independent else None
+        z1 = z[:1] if idx is not None else z
+        z_leaf = z1.detach().requires_grad_()
         with torch.enable_grad():
-            fz = problem.call(z_leaf)
+            fz = _call(problem, z_leaf, idx, problem.args)
         arg_leaves = _tensor_leaves(problem.args)
         params = _closure_leaves(fz, z_leaf, problem.args)
         z0 = problem.z0_tracked
         grad_args = [a for a in arg_leaves if a.requires_grad]
         if not params and not grad_args and not z0.requires_grad:
-            return problem.finish(z, status, stats, fz=fz, z_leaf=z_leaf)
+            return problem.finish(z, status, stats)
         holder = BackwardStats()
         run = _Reversal(self, problem, final, holder, arg_leaves, len(grad_args), params)
         if problem.iterate_f is problem.f and run.autocast is None:
             # Does f compute the same with autograd on? (then the reversal's tracked calls also
             # give the reconstruction's values: 2 calls of f per undone step instead of 4)
             with torch.no_grad():
-                run.replay = not torch.equal(problem.call(z), fz.detach())
+                run.replay = not torch.equal(_call(problem, z1, idx, problem.args), fz.detach())
+        del fz, z_leaf
         y, zc = final["state"]  # both chains at each sample's last step (chain dtype)
         snaps = final.get("snapshots", [])
         run.snap_steps = [k for k, _, _ in snaps]
         flat = [t for _, rows, (ys, zs) in snaps for t in (rows, ys, zs)]
         run.n_inputs = len(grad_args) + len(params)
         value = _ReversibleFunction.apply(run, z, y, zc, z0, len(flat), *flat, *grad_args, *params)
-        return problem.finish(value, status, stats, backward=holder, fz=fz, z_leaf=z_leaf)
+        return problem.finish(value, status, stats, backward=holder)
+
+
+def _call(problem, x: Tensor, idx: Tensor | None, args, f=None) -> Tensor:
+    """f on flat rows ``x`` of the batch (``idx``: which samples, args sliced alike; None: the
+    full batch), flat output in the state's dtype."""
+    f = f if f is not None else problem.f
+    layout = problem.layout
+    if idx is None:
+        out = f(unflatten(x, layout), *args)
+    else:
+        token = _SAMPLE_INDEX.set(idx)
+        try:
+            out = f(unflatten(x, layout), *_map_args(args, lambda a: a[idx]))
+        finally:
+            _SAMPLE_INDEX.reset(token)
+    check_output(out, layout, x.shape[0], True)
+    return flatten(out, layout).to(layout.dtype)
 
 
 def _tensor_leaves(args) -> list[Tensor]:
@@ -218,16 +241,7 @@ class _Reversal:
                 out = f(unflatten(xs.reshape(B, -1), layout), *args)
                 check_output(out, layout, B, True)
                 return flatten(out, layout).to(layout.dtype).to(cd).reshape(B * T, -1)
-            if idx is None:
-                out = f(unflatten(xs, layout), *args)
-            else:
-                token = _SAMPLE_INDEX.set(idx)
-                try:
-                    out = f(unflatten(xs, layout), *_map_args(args, lambda a: a[idx]))
-                finally:
-                    _SAMPLE_INDEX.reset(token)
-            check_output(out, layout, x.shape[0], True)
-            return flatten(out, layout).to(layout.dtype).to(cd)
+            return _call(problem, xs, idx, args, f).to(cd)
 
         def vjp(x: Tensor, idx: Tensor | None, cot: Tensor) -> tuple[Tensor, Tensor]:
             """f at x -> (f(x) as the forward computed it, cotᵀ ∂f/∂x); the parameter and arg

@@ -244,7 +244,7 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
             raise ValueError(
                 f"jac.weight = {j.weight:g} needs f(z*) tracked at the equilibrium, which only the "
                 f"implicit backward records; this model's backward does not (e.g. "
-                f"model.overrides.backward = 'phantom'). Set model.overrides.backward = "
+                f"model.overrides.backward = 'phantom' or 'reversible'). Set model.overrides.backward = "
                 f"'implicit' or jac.weight = 0."
             )
         if w > 0 and sols:
