@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .train.checkpoint import CheckpointError
+from .train.config import ConfigError
+
 
 def _train(argv: list[str]) -> int:
     from .train import load_config, train
@@ -146,7 +149,7 @@ def _analyze(argv: list[str]) -> int:
             elif hasattr(model, "embed") and hasattr(model, "deq"):
                 images = None
             else:
-                raise TypeError(
+                raise ConfigError(
                     f"{args.run}: the convergence study needs a DEQ sequence or image model; got "
                     f"{cfg.model.name}."
                 )
@@ -200,7 +203,10 @@ def _analyze(argv: list[str]) -> int:
     return 0
 
 
-USER_ERRORS = (FileExistsError, FileNotFoundError, KeyError, TypeError, ValueError)
+# Errors that describe the user's input (bad config, missing file, existing run, unreadable
+# checkpoint): one line and exit code 2. Anything else is a bug or a failure inside training and
+# keeps its traceback.
+USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,8 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return commands[argv[0]](argv[1:])
         except USER_ERRORS as e:  # bad config, missing file, existing run: one line, exit code 2
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            print(f"deepeq {argv[0]}: error: {msg}", file=sys.stderr)
+            print(f"deepeq {argv[0]}: error: {e}", file=sys.stderr)
             return 2
     parser = argparse.ArgumentParser(prog="deepeq", description="Deep Equilibrium Models.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -15,7 +15,7 @@ import torch
 from deepeq.__main__ import main
 from deepeq.data import copy_memory
 from deepeq.models import _registry
-from deepeq.train import TrainConfig, checkpoint, dump_config, load_config, train
+from deepeq.train import ConfigError, TrainConfig, checkpoint, dump_config, load_config, train
 from deepeq.train.loop import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,19 +66,19 @@ def test_config_overrides_and_errors(tmp_path):
         "solve_dtype": "bfloat16",
     }
     with pytest.raises(
-        KeyError,
+        ConfigError,
         match=r"Unknown config key 'optim.lrr'; valid keys at optim: \['optim.name', 'optim.lr'",
     ):
         load_config(None, ["--optim.lrr=1"])
-    with pytest.raises(TypeError, match=r"data.seq_len: cannot parse 'abc' as int"):
+    with pytest.raises(ConfigError, match=r"data.seq_len: cannot parse 'abc' as int"):
         load_config(None, ["--data.seq_len=abc"])
-    with pytest.raises(TypeError, match=r"steps: expected an int; got 2.5"):
+    with pytest.raises(ConfigError, match=r"steps: expected an int; got 2.5"):
         load_config(None, ["--steps=2.5"])
-    with pytest.raises(ValueError, match=r"--section\.key=value"):
+    with pytest.raises(ConfigError, match=r"--section\.key=value"):
         load_config(None, ["steps=3"])
     bad = tmp_path / "bad.toml"
     bad.write_text("[optim]\nlearning_rate = 1.0\n")
-    with pytest.raises(KeyError, match=r"\['optim.learning_rate'\] at optim; valid keys"):
+    with pytest.raises(ConfigError, match=r"\['optim.learning_rate'\] at optim; valid keys"):
         load_config(bad)
     with pytest.raises(FileNotFoundError, match="configs/"):
         load_config(tmp_path / "missing.toml")
@@ -323,13 +323,16 @@ def _nan_model(**overrides):
 
 
 def test_jacobian_regularisation_needs_the_implicit_backward(tmp_path):
-    cfg = load_config(
-        ROOT / "configs/copy_memory_tiny.toml",
-        [
-            *SMALL, "--jac.weight=1", "--jac.probability=0.01", "--model.overrides.backward=phantom",
-            f"--out_dir={tmp_path}",
-        ],
-    )  # fmt: skip
+    args = [*SMALL, "--jac.weight=1", "--jac.probability=0.01", f"--out_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"jac.weight = 1 differentiates f\(z\*\)"):
+        load_config(
+            ROOT / "configs/copy_memory_tiny.toml", [*args, "--model.overrides.backward=phantom"]
+        )
+    # a config built in Python (not loaded) is checked by the training loop at its first step
+    cfg = load_config(ROOT / "configs/copy_memory_tiny.toml", args)
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, overrides={"backward": "phantom"})
+    )
     with pytest.raises(ValueError, match=r"jac.weight = 1 needs f\(z\*\) tracked"):
         train(cfg, progress=False)
 

@@ -12,6 +12,7 @@ import torch
 
 from .._fixed_point import fixed_point
 from ..solvers import Broyden, make_solver
+from ..train.config import ConfigError
 
 
 def _problem(model, T: int, batch: int, g: torch.Generator, images=None):
@@ -29,7 +30,7 @@ def _problem(model, T: int, batch: int, g: torch.Generator, images=None):
         z0 = tuple(inj[0].new_zeros(s) for s in model.state_shapes(x.shape[0]))
         return model.f, (inj,), z0
     if not all(hasattr(model, a) for a in ("embed", "inject", "f", "initial_context")):
-        raise TypeError(
+        raise ConfigError(
             f"{type(model).__name__} is not a DEQ sequence or image model (needs embed, inject, "
             f"f, or an MDEQ); use a deq_* or mdeq_* model from deepeq.models.list_models()."
         )
@@ -186,7 +187,7 @@ def metric_vs_nfe(run_dirs: list[str], caps: list[int], checkpoint: str = "best"
     for run in run_dirs:
         cfg, model, task = load_run(run, checkpoint)
         if not hasattr(model, "deq"):
-            raise TypeError(f"{run}: metric vs NFE needs a DEQ model; got {cfg.model.name}.")
+            raise ConfigError(f"{run}: metric vs NFE needs a DEQ model; got {cfg.model.name}.")
         for r in sweep(model, task, list(caps), ("test",)):
             rows.append(
                 {
@@ -206,7 +207,7 @@ def parse_caps(text: str) -> list[tuple[int, int]]:
     for item in text.split(","):
         parts = item.strip().split("/")
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"caps must be FORWARD/BACKWARD pairs of ints (forward >= 1, backward >= 0) "
                 f"separated by commas, e.g. 8/4,12/12; got {item!r} in {text!r}."
             )
@@ -243,13 +244,13 @@ def gradient_accuracy(
     from ..train.tasks import LanguageModelTask
 
     if not hasattr(model, "deq"):
-        raise TypeError(
+        raise ConfigError(
             f"gradient accuracy needs a DEQ model (with .deq); got {type(model).__name__}."
         )
     c, deq = model.config, model.deq
     f_solver = solver or c.solver
     if b_init == "shine" and f_solver != "broyden":
-        raise ValueError(
+        raise ConfigError(
             f"b_init='shine' needs the forward solver 'broyden' (its inverse-Jacobian estimate); "
             f"the model's is {f_solver!r}: pass solver='broyden' (CLI: --solver broyden)."
         )

@@ -6,5 +6,6 @@ from . import mdeq as mdeq
 from . import trellisnet as trellisnet
 from ._registry import create_model as create_model
 from ._registry import list_models as list_models
+from ._registry import model_config as model_config
 from ._registry import register_model as register_model
 from ._sequence import SequenceModel as SequenceModel

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from torch import nn
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_CONFIG_ONLY: ContextVar[bool] = ContextVar("deepeq_config_only", default=False)
+
+
+class _ConfigBuilt(Exception):
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -51,6 +59,30 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     return fn(**overrides)
 
 
+def model_config(name: str, **overrides: Any) -> Any:
+    """The config dataclass ``create_model(name, **overrides)`` would build, without building the
+    model (cheap: used to validate ``model.overrides`` when a training config is loaded). For a
+    model registered without :func:`build_config` the model is built and None returned.
+
+    Raises:
+        ValueError: unknown name; TypeError / ValueError: as :func:`create_model` for a bad
+            override (unknown field, wrong type, a choice outside its options, a failed check).
+
+    Example:
+        >>> from deepeq.models import model_config
+        >>> model_config("deq_transformer_tiny", f_max_steps=5).f_max_steps
+        5
+    """
+    token = _CONFIG_ONLY.set(True)
+    try:
+        create_model(name, **overrides)
+    except _ConfigBuilt as built:
+        return built.config
+    finally:
+        _CONFIG_ONLY.reset(token)
+    return None  # a model registered without build_config: its overrides are checked when built
+
+
 def build_config(cls: type, defaults: dict, overrides: dict) -> Any:
     """``cls(**defaults)`` with ``overrides`` replaced. Unknown fields, and values of the wrong
     type for their field (``"false"`` for a bool) raise TypeError; a word outside a ``Literal``
@@ -68,4 +100,9 @@ def build_config(cls: type, defaults: dict, overrides: dict) -> Any:
         )
     hints = typing.get_type_hints(cls)
     checked = {k: coerce(v, hints[k], f"{cls.__name__}.{k}") for k, v in overrides.items()}
-    return dataclasses.replace(cls(**defaults), **checked)
+    config = dataclasses.replace(cls(**defaults), **checked)
+    if _CONFIG_ONLY.get():
+        if hasattr(config, "validate"):
+            config.validate()  # the checks the model constructor makes
+        raise _ConfigBuilt(config)
+    return config

@@ -23,7 +23,7 @@ from .._solution import Solution
 from ..nn.adaptive import AdaptiveEmbedding, AdaptiveSoftmax
 from ..nn.layers import count_parameters
 from ..regularization.norm import weight_norm
-from ._solve import config_deq
+from ._solve import SolverName, check_solve_fields, config_deq
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,11 +44,11 @@ class SequenceConfig:
         False  # output head shares the embedding matrix (needs d_embed == head input)
     )
     # Equilibrium solving (seeds: 30 forward steps in training, more at evaluation).
-    solver: str = "anderson"
+    solver: SolverName = "anderson"
     f_max_steps: int = 30
     f_rtol: float = 1e-3
     eval_max_steps: int = 40
-    b_solver: str = "anderson"
+    b_solver: SolverName = "anderson"
     b_max_steps: int = 30
     b_rtol: float = 1e-4
     b_init: Literal["v", "shine"] = "v"  # start of the backward solve (see models._solve)
@@ -77,6 +77,7 @@ class SequenceConfig:
     div_value: float = 4.0
 
     def validate(self) -> None:
+        check_solve_fields(self, causal=self.causal_solve and self.core == "deq")
         if self.core not in ("deq", "tied", "untied"):
             raise ValueError(f"core must be 'deq', 'tied' or 'untied'; got {self.core!r}.")
         for name in (

@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import nn
 
+from .._fixed_point import check_causal_solver
 from ..backward import ImplicitBackward, PhantomBackward, ReversibleBackward
 from ..nn.deq import DEQ
 from ..regularization.correction import FixedPointCorrection
 from ..solvers import make_solver
 
 BACKWARDS = ("implicit", "phantom", "reversible")
+#: the solver names a model config accepts (deepeq.SOLVERS)
+SolverName = Literal["picard", "anderson", "broyden", "reversible"]
+
+
+def check_solve_fields(c, causal: bool = False) -> None:
+    """The checks of a model config's solver fields that involve more than one field (called by
+    the configs' ``validate``, so they fail when a training config is loaded)."""
+    if c.backward == "reversible" and c.solver != "reversible":
+        raise ValueError(
+            f"backward = 'reversible' undoes the iterations of solver = 'reversible'; got "
+            f"solver = {c.solver!r}. Set solver = 'reversible' (its beta: beta), or another "
+            f"backward ({', '.join(repr(b) for b in BACKWARDS[:2])})."
+        )
+    if not 0.0 < c.beta < 1.0:
+        raise ValueError(f"beta must be in (0, 1); got {c.beta!r}.")
+    if causal:
+        check_causal_solver(make_solver(c.solver))
 
 
 def config_deq(f: nn.Module, c) -> DEQ:
@@ -40,12 +60,7 @@ def config_deq(f: nn.Module, c) -> DEQ:
     elif c.backward == "phantom":
         backward = PhantomBackward(steps=c.phantom_steps)
     elif c.backward == "reversible":
-        if c.solver != "reversible":
-            raise ValueError(
-                f"backward = 'reversible' undoes the iterations of solver = 'reversible'; got "
-                f"solver = {c.solver!r}. Set solver = 'reversible' (its beta: beta), or another "
-                f"backward ({', '.join(repr(b) for b in BACKWARDS[:2])})."
-            )
+        check_solve_fields(c)
         backward = ReversibleBackward()
     else:
         raise ValueError(f"backward must be one of {list(BACKWARDS)}; got {c.backward!r}.")

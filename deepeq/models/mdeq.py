@@ -31,7 +31,7 @@ from .._solution import Solution
 from ..nn.dropout import VariationalDropout
 from ..regularization.norm import weight_norm
 from ._registry import build_config, register_model
-from ._solve import config_deq
+from ._solve import SolverName, check_solve_fields, config_deq
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,11 +54,11 @@ class MDEQConfig:
     fusion_scale: float = 0.1  # initial scale (GroupNorm weight) of every cross-resolution path
     core: Literal["deq", "tied"] = "deq"
     depth: int | None = None  # L of the tied twin (default: f_max_steps)
-    solver: str = "broyden"
+    solver: SolverName = "broyden"
     f_max_steps: int = 12
     f_rtol: float = 1e-3
     eval_max_steps: int = 12  # seed 003 evaluates at the training threshold (Table 4)
-    b_solver: str = "broyden"
+    b_solver: SolverName = "broyden"
     b_max_steps: int = 12
     b_rtol: float = 1e-4
     b_init: Literal["v", "shine"] = "v"  # start of the backward solve (see models._solve)
@@ -75,6 +75,7 @@ class MDEQConfig:
     correction_mode: Literal["uniform", "random"] = "uniform"
 
     def validate(self) -> None:
+        check_solve_fields(self)
         if self.core not in ("deq", "tied"):
             raise ValueError(f"core must be 'deq' or 'tied'; got {self.core!r}.")
         if not self.channels or len(self.head_channels) != len(self.channels):

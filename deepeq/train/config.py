@@ -13,7 +13,8 @@ Overrides use dotted keys, parsed by the type of the field they set (strings sta
 
     deepeq train configs/copy_memory_t100.toml --optim.lr=5e-4 --model.overrides.d_model=48
 
-Unknown keys and wrong types fail before any work, listing the valid keys.
+Unknown keys, wrong types, choices outside their options and model overrides the model does not
+have fail in :func:`load_config` with a :class:`ConfigError`, before any data is read.
 """
 
 from __future__ import annotations
@@ -24,9 +25,15 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .._coerce import coerce
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work: unknown key, wrong type, a choice outside its options,
+    a model override its model does not have. Raised by :func:`load_config` before any data is
+    read; the CLI prints it as one line (every other exception keeps its traceback)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,15 +44,15 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    task: str = "copy_memory"  # copy_memory | lm | image
+    task: Literal["copy_memory", "lm", "image"] = "copy_memory"
     seq_len: int = 100  # copy memory: T (inputs have T + 20 positions); lm: segment length
     n_train: int = 20000  # copy memory: the seed's 20K training / 2K test samples
     n_test: int = 2000
     seed: int = 1234  # data generation seed (independent of the training seed)
     # Language modelling (task = "lm"): which corpus, and where its files are.
-    corpus: str = "ptb"  # ptb | ptb_char | wikitext103 | wikitext2 | text
+    corpus: Literal["ptb", "ptb_char", "wikitext103", "wikitext2", "text"] = "ptb"
     path: str = ""  # directory (or, for "text", one file) of local corpus files
-    level: str = "word"  # word | char (for wikitext*/text; ptb_char is always char)
+    level: Literal["word", "char"] = "word"  # wikitext*/text (ptb_char is always char)
     max_vocab: int = 0  # text corpora: keep the most frequent words (0: all)
     valid_fraction: float = 0.05  # a single-file text corpus is split by lines
     test_fraction: float = 0.05
@@ -53,7 +60,7 @@ class DataConfig:
     eval_limit: int = 0  # evaluate on the first N tokens of valid/test only (smoke tests; 0: all)
     cache_dir: str = "~"  # tokenised-corpus cache ("~": $DEEPEQ_CACHE or ~/.cache/deepeq; "": off)
     # Images (task = "image")
-    dataset: str = "mnist"  # mnist | cifar10 | imagefolder | idx
+    dataset: Literal["mnist", "cifar10", "imagefolder", "idx"] = "mnist"
     image_size: int = 0  # resize/pad target (0: the dataset's default: 32 for MNIST and CIFAR)
     augment: bool = False  # random crop with padding (+ horizontal flip unless digits)
     n_valid: int = 0  # images held out of the training split for validation (0: none)
@@ -63,11 +70,11 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    name: str = "adam"  # adam | adamw | radam | sgd
+    name: Literal["adam", "adamw", "radam", "sgd"] = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"  # cosine | constant (after warm-up)
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warm-up
     warmup_steps: int = 0  # linear warm-up from 0 (seeds: 1 epoch for WikiText-103)
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     clip: float = 0.0  # max gradient norm; 0 disables (seeds clip at 0.25-0.35)
@@ -115,7 +122,7 @@ class TrainConfig:
     # Not saved in checkpoints: a resumed run rebuilds it (its first pass starts cold).
     fp_cache: bool = False
     fp_cache_mib: int = 2048  # bound; least recently used examples are evicted beyond it
-    fp_cache_dtype: str = "float32"  # float32 | float16
+    fp_cache_dtype: Literal["float32", "float16"] = "float32"
     fp_cache_path: str = ""  # a file for a memory-mapped store ("": in memory)
 
 
@@ -183,8 +190,10 @@ def parse_override(arg: str) -> tuple[str, Any]:
         raise ValueError(f"Overrides look like --section.key=value; got {arg!r}.")
     key, raw = arg[2:].split("=", 1)
     tp = _field_type(key)
-    if tp is str:
-        return key, raw
+    if tp is str or (
+        typing.get_origin(tp) is Literal and all(isinstance(c, str) for c in typing.get_args(tp))
+    ):
+        return key, raw  # a word; a Literal's choices are checked when the config is built
     if tp is bool and raw.lower() in ("true", "false"):  # TOML spelling as well as Python's
         return key, raw.lower() == "true"
     if tp is None:  # free-form model override: a TOML value (true, 5, 1e-2, [1, 2], "s") as in
@@ -211,11 +220,44 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
                 f"Config file {str(p)!r} not found; configs live in configs/*.toml."
             )
         with p.open("rb") as fh:
-            tree = tomllib.load(fh)
-    for arg in overrides:
-        key, value = parse_override(arg)
-        _set_dotted(tree, key, value)
-    return _build(TrainConfig, tree)
+            try:
+                tree = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{p}: not valid TOML: {e}.") from e
+    try:
+        for arg in overrides:
+            key, value = parse_override(arg)
+            _set_dotted(tree, key, value)
+        cfg = _build(TrainConfig, tree)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
+    mc = check_model(cfg.model)
+    backward = getattr(mc, "backward", None)
+    if max(cfg.jac.weight, cfg.jac.final_weight or 0.0) > 0 and backward not in (None, "implicit"):
+        raise ConfigError(
+            f"jac.weight = {cfg.jac.weight:g} differentiates f(z*) tracked at the equilibrium, "
+            f"which only the implicit backward records; model.overrides.backward is "
+            f"{backward!r}. Set model.overrides.backward = 'implicit' or jac.weight = 0."
+        )
+    return cfg
+
+
+def check_model(m: ModelConfig) -> Any:
+    """Raise :class:`ConfigError` unless ``m.name`` is registered and ``m.overrides`` are fields
+    of its config with values of their types (and pass the config's own checks); builds the
+    model's config only, no model, and returns it."""
+    from ..models import list_models, model_config
+
+    if m.name not in list_models():
+        raise ConfigError(
+            f"model.name: unknown model {m.name!r}; registered models: {list_models()}."
+        )
+    try:
+        return model_config(m.name, **m.overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.overrides of {m.name!r}: {e}") from e
 
 
 def to_dict(cfg: Any) -> dict:
