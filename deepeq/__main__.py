@@ -84,6 +84,59 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
+def _generate(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from .generation import decode_ids, encode_prompt, generate
+    from .train.config import load_config
+    from .train.loop import flush_denormal, load_run
+
+    p = argparse.ArgumentParser(
+        prog="deepeq generate",
+        description="Sample text from a trained language-model run, token by token.",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", required=True, help="text to continue (a line break ends a line)")
+    p.add_argument("--tokens", type=int, default=50, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    p.add_argument("--window", type=int, default=None, help="positions of cached memory")
+    args = p.parse_args(argv)
+    config = Path(args.run_dir) / "config.toml"
+    if config.exists() and load_config(config).data.task != "lm":
+        raise ConfigError(
+            f"{args.run_dir} is a {load_config(config).data.task!r} run; deepeq generate needs a "
+            f"language-model run (data.task = 'lm'), e.g. deepeq train configs/ptb_quick.toml."
+        )
+    cfg, model, task = load_run(args.run_dir, args.checkpoint)
+    itos, level = task.corpus.itos, task.corpus.level
+    try:
+        ids = encode_prompt(args.prompt, itos, level)
+    except ValueError as e:
+        raise ConfigError(f"--prompt: {e}") from e
+    with flush_denormal(cfg.flush_denormal):
+        try:
+            out = generate(model, ids, args.tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed, window=args.window)  # fmt: skip
+        except ValueError as e:  # bad sampling options
+            raise ConfigError(str(e)) from e
+    print(
+        decode_ids(ids, itos, level)
+        + (" " if level == "word" else "")
+        + decode_ids(out.tokens, itos, level)
+    )
+    nfe = sum(out.nfe) / max(1, len(out.nfe))
+    print(
+        f"# {len(out.tokens)} tokens in {out.seconds:.2f} s ({out.tokens_per_s:.1f} tokens/s), "
+        f"forward NFE {nfe:.1f} per token, max residual {out.residual:.1e}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _plot(argv: list[str]) -> int:
     from .train.plot import plot_run
 
@@ -211,7 +264,9 @@ USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError)
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"analyze": _analyze, "plot": _plot, "train": _train, "eval": _eval}
+    commands = {
+        "analyze": _analyze, "plot": _plot, "train": _train, "eval": _eval, "generate": _generate,
+    }  # fmt: skip
     if argv and argv[0] in commands:
         try:
             return commands[argv[0]](argv[1:])
@@ -227,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser("eval", help="evaluate a run: deepeq eval RUN_DIR [--max-steps 5,10,20]")
     sub.add_parser("plot", help="write PNGs of a run's metrics: deepeq plot RUN_DIR")
+    sub.add_parser(
+        "generate",
+        help="sample text from a language-model run: deepeq generate RUN_DIR --prompt TEXT "
+        "[--tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]",
+    )
     sub.add_parser(
         "analyze", help="analysis studies: deepeq analyze {convergence,nfe,gradient} ..."
     )

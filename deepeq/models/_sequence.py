@@ -12,6 +12,7 @@ the next segment of the same streams (None at the start); ``solutions`` the list
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -259,11 +260,14 @@ class SequenceModel(nn.Module):
         *,
         targets: Tensor | None = None,
         cache_keys: Tensor | None = None,
+        z0: Tensor | None = None,
     ) -> tuple[Tensor, Any, list[Solution]]:
         """``(logits, state, solutions)``; with ``targets`` ``(B, T)`` the first element is the
         per-token negative log-likelihood ``(B, T)`` instead (targets -100 ignored, NLL 0): the
         cheap path for adaptive softmax, which never forms the full ``(B, T, V)`` scores.
-        ``cache_keys`` ``(B,)``: segment ids for the DEQ's fixed-point cache, if it has one."""
+        ``cache_keys`` ``(B,)``: segment ids for the DEQ's fixed-point cache, if it has one.
+        ``z0`` ``(B, T, state)``: the equilibrium solve's start (default zeros; DEQ core only,
+        e.g. the previous position's equilibrium when decoding token by token)."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"tokens must be an int64 tensor (B, T); got {tuple(tokens.shape)} {tokens.dtype}."
@@ -272,17 +276,26 @@ class SequenceModel(nn.Module):
             raise ValueError(
                 f"targets must have the shape of tokens {tuple(tokens.shape)}; got {tuple(targets.shape)}."
             )
-        z, state, sols = self._core(tokens, state, cache_keys)
+        z, state, sols = self._core(tokens, state, cache_keys, z0)
         out = self.logits(z) if targets is None else self.nll(z, targets)
         return out, state, sols
 
     def _core(
-        self, tokens: Tensor, state: Any, cache_keys: Tensor | None = None
+        self, tokens: Tensor, state: Any, cache_keys: Tensor | None = None, z0: Tensor | None = None
     ) -> tuple[Tensor, Any, list[Solution]]:
         x = self.emb_drop(self.embed(tokens))  # (B, T, E)
         B, T = x.shape[:2]
         sols: list[Solution] = []
         zeros = torch.zeros(B, T, self.state_dim(self.size), device=x.device, dtype=x.dtype)
+        if z0 is not None:
+            if z0.shape != zeros.shape:
+                raise ValueError(
+                    f"z0 must have the shape of the equilibrium {tuple(zeros.shape)}; got "
+                    f"{tuple(z0.shape)}."
+                )
+            start = z0.to(zeros.dtype)
+        else:
+            start = zeros
         explicit = self.config.core != "deq" or self.pretraining
         if explicit:
             # One memory per layer: the INPUT of that layer at the remembered positions (as in
@@ -313,9 +326,9 @@ class SequenceModel(nn.Module):
         ctx = state if state is not None else self.initial_context(B, self.size, x.device, x.dtype)
         inj = self.inject(x, ctx)
         if self.config.subseq_len and self.config.subseq_len < T:
-            z, sols = self.solve_in_chunks(inj, ctx, zeros, cache_keys)
+            z, sols = self.solve_in_chunks(inj, ctx, start, cache_keys)
         else:
-            z, sol = self.deq(self.layer_input(self.f, inj, ctx), z0=zeros, cache_keys=cache_keys)
+            z, sol = self.deq(self.layer_input(self.f, inj, ctx), z0=start, cache_keys=cache_keys)
             sols.append(sol)
         return z, self.next_context(ctx, self.context_entry(z, inj)), sols
 
@@ -346,8 +359,24 @@ class SequenceModel(nn.Module):
         fixed-point correction): per-token NLL ``(B, T)``."""
         return self.nll(z, targets)
 
+    @contextlib.contextmanager
+    def memory_window(self, positions: int):
+        """Within the block the memory carried between calls keeps the last ``positions``
+        positions (at least the model's own need) instead of ``mem_len``: token-by-token
+        decoding then attends to a whole window of cached equilibria."""
+        old = self._memory_window
+        self._memory_window = max(int(positions), self.context_len())
+        try:
+            yield self
+        finally:
+            self._memory_window = old
+
+    _memory_window: int | None = None
+
     def next_context(self, ctx: Tensor, entry: Tensor) -> Tensor:
         keep = max(self.config.mem_len, self.context_len())
+        if self._memory_window is not None:
+            keep = self._memory_window
         return torch.cat([ctx, entry], dim=1)[:, -keep:].detach() if keep else ctx[:, :0]
 
     def solve_in_chunks(
