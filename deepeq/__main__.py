@@ -87,6 +87,8 @@ def _eval(argv: list[str]) -> int:
 def _generate(argv: list[str]) -> int:
     from pathlib import Path
 
+    import torch
+
     from .generation import decode_ids, encode_prompt, generate
     from .train.config import load_config
     from .train.loop import flush_denormal, load_run
@@ -112,9 +114,15 @@ def _generate(argv: list[str]) -> int:
             f"language-model run (data.task = 'lm'), e.g. deepeq train configs/ptb_quick.toml."
         )
     cfg, model, task = load_run(args.run_dir, args.checkpoint)
-    itos, level = task.corpus.itos, task.corpus.level
+    corpus = task.corpus
+    itos, level = corpus.itos, corpus.level
     try:
-        ids = encode_prompt(args.prompt, itos, level)
+        if level == "bpe":
+            ids = corpus.encode(args.prompt)
+            if ids.numel() == 0:
+                raise ValueError("the prompt is empty: give at least one word to start from.")
+        else:
+            ids = encode_prompt(args.prompt, itos, level)
     except ValueError as e:
         raise ConfigError(f"--prompt: {e}") from e
     with flush_denormal(cfg.flush_denormal):
@@ -123,11 +131,11 @@ def _generate(argv: list[str]) -> int:
                            top_p=args.top_p, seed=args.seed, window=args.window)  # fmt: skip
         except ValueError as e:  # bad sampling options
             raise ConfigError(str(e)) from e
-    print(
-        decode_ids(ids, itos, level)
-        + (" " if level == "word" else "")
-        + decode_ids(out.tokens, itos, level)
-    )
+    if level == "bpe":
+        print(corpus.decode(torch.cat([ids, out.tokens])))
+    else:
+        sep = " " if level == "word" else ""
+        print(decode_ids(ids, itos, level) + sep + decode_ids(out.tokens, itos, level))
     nfe = sum(out.nfe) / max(1, len(out.nfe))
     print(
         f"# {len(out.tokens)} tokens in {out.seconds:.2f} s ({out.tokens_per_s:.1f} tokens/s), "

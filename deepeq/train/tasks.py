@@ -135,11 +135,13 @@ class LanguageModelTask(Task):
             valid_fraction=d.valid_fraction,
             test_fraction=d.test_fraction,
             cache_dir=cache,
+            bpe_vocab=d.bpe_vocab,
         )
         self.char = self.corpus.level == "char"
+        self.bpe = self.corpus.level == "bpe"
         self.metric = "test_bpc" if self.char else "test_ppl"
-        unit = "bpc" if self.char else "ppl"
-        self.eval_fields = tuple(f"{s}_{m}" for s in ("valid", "test") for m in ("loss", unit))
+        units = ("bpc",) if self.char else ("ppl", "word_ppl", "bpc") if self.bpe else ("ppl",)
+        self.eval_fields = tuple(f"{s}_{m}" for s in ("valid", "test") for m in ("loss", *units))
         self.rows = batchify(self.corpus.train, cfg.batch_size)
         self.segments = (self.rows.shape[1] - 1) // d.seq_len
         if self.segments < 1:
@@ -199,6 +201,13 @@ class LanguageModelTask(Task):
             else:
                 out[f"{split}_ppl"] = math.exp(min(loss, 700.0))
             out[f"{split}_tokens"] = count
+            words, chars = self.corpus.counts(split)
+            if self.bpe and words:
+                # the split's words / characters predicted, in proportion (eval_limit: a prefix)
+                frac = count / max(1, self.corpus.split(split).numel() - 1)
+                nats = total
+                out[f"{split}_word_ppl"] = math.exp(min(nats / (words * frac), 700.0))
+                out[f"{split}_bpc"] = nats / (chars * frac) / math.log(2)
         model.train(was)
         return out
 
