@@ -1,6 +1,6 @@
 """Penn Treebank benchmark at CPU scale: DEQ vs its explicit twins, trained side by side (not a test).
 
-    .venv/bin/python bench/lm.py [--steps 600] [--families transformer,trellisnet] [--threads 2]
+    .venv/bin/python bench/lm.py [--steps 600] [--families transformer,trellisnet,llama] [--threads 2]
         [--variant "solve_dtype=bfloat16"]   # an extra row: the family's DEQ with these overrides
         [--variant "jac.weight=0.5;jac.probability=0.35;f_max_steps=8"]   # ... or with JR
     .venv/bin/python bench/lm.py --time RUN_DIR [--time RUN_DIR ...]   # interleaved timing only
@@ -24,7 +24,8 @@ peak RSS is its own) and evaluated on the whole PTB validation/test streams. Rep
   that loads the family's trained models and times full training steps (forward + backward, same
   batch, warm memory) round-robin, one step per model per round, ``--rounds`` rounds: load
   changes hit every model alike;
-* mean forward / backward NFE;
+* mean forward / backward NFE; the share of training steps whose forward solves all met the
+  tolerance (``final.json``: ``fwd_converged_steps``);
 * bytes saved for backward by the equilibrium core alone (embedding and softmax excluded, as the
   papers count "memory"), for one training batch (B=16, T=70, memory 70), and the ratio to the
   weight-tied twin; peak RSS of the training process.
@@ -57,6 +58,10 @@ FAMILIES = {
     "trellisnet": (
         "configs/ptb_deq_trellisnet.toml",
         ["deq_trellisnet_small", "trellisnet_tied_small"],
+    ),
+    "llama": (
+        "configs/ptb_deq_transformer.toml",
+        ["deq_llama_small", "llama_tied_small", "llama_untied_small"],
     ),
 }
 
@@ -283,9 +288,10 @@ def main(argv=None) -> None:
     print(
         "| model | core | non-emb. params | valid ppl | test ppl | valid ppl @ equal time | "
         "s/step | time × untied | time × tied | s/step (interleaved) | time × untied (interleaved) | "
-        "time × tied (interleaved) | fwd NFE | bwd NFE | core saved MiB | saved × tied | peak RSS MiB |"
+        "time × tied (interleaved) | fwd NFE | bwd NFE | fwd converged steps | core saved MiB | "
+        "saved × tied | peak RSS MiB |"
     )
-    print("|---" * 17 + "|")
+    print("|---" * 18 + "|")
     for fam in args.families.split(","):
         config, models = FAMILIES[fam]
         rows = [(name, name, {}) for name in models]  # (label, model, overrides)
@@ -340,7 +346,8 @@ def main(argv=None) -> None:
                 f"{ratio(r['step_s'], untied, 'step_s')} | {ratio(r['step_s'], tied, 'step_s')} | "
                 f"{r['inter_s']:.3f} | {ratio(r['inter_s'], untied, 'inter_s')} | "
                 f"{ratio(r['inter_s'], tied, 'inter_s')} | "
-                f"{fmt(r['fwd_nfe'], '.1f')} | {fmt(r['bwd_nfe'], '.1f')} | {r['saved']:.2f} | "
+                f"{fmt(r['fwd_nfe'], '.1f')} | {fmt(r['bwd_nfe'], '.1f')} | "
+                f"{fmt(f.get('fwd_converged_steps'), '.0%')} | {r['saved']:.2f} | "
                 f"{ratio(r['saved'], tied, 'saved')} | {f['peak_rss_mib']:.0f} |"
             )
             sys.stdout.flush()

@@ -1,6 +1,7 @@
 """The model zoo: ``create_model(name, **overrides)``, ``list_models()``."""
 
 from . import baselines as baselines
+from . import deq_llama as deq_llama
 from . import deq_transformer as deq_transformer
 from . import mdeq as mdeq
 from . import trellisnet as trellisnet
