@@ -242,6 +242,28 @@ class SequenceModel(nn.Module):
             )
         return widest
 
+    def ffn_matched_sizes(self, widths) -> list[tuple[int, int]]:
+        """For each width, the FFN width that makes an untied stack of ``depth`` layers (plus
+        its output projection) match the DEQ's injection + layer parameters: parameters are
+        linear in the FFN width, so two counts on the meta device solve it. For families whose
+        layer size is ``(width, d_ff)``."""
+        c = self.config
+        base = self.default_size()
+        with torch.device("meta"):
+
+            def one(size) -> int:
+                return count_parameters(self.make_layer(size)) + count_parameters(
+                    self.make_injection(size)
+                )
+
+            target = one(base)
+            out = []
+            for width in widths:
+                n1 = self.depth * one((width, 1)) + (width + 1) * c.d_model
+                n2 = self.depth * one((width, 2)) + (width + 1) * c.d_model
+                out.append((width, round(1 + (target - n1) / (n2 - n1))))
+        return out
+
     def set_pretraining(self, on: bool) -> None:
         """Shallow-pretraining warm-up: when on, the DEQ core runs as a ``pretrain_depth``-layer
         weight-tied unroll of its own f (seeds: a few thousand steps before equilibrium training)."""

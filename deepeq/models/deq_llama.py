@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.dropout import VariationalDropout
-from ..nn.layers import count_parameters
 from ._registry import build_config, register_model
 from ._sequence import SequenceConfig, SequenceModel
 
@@ -121,25 +120,12 @@ class DEQLlama(SequenceModel):
         return (self.config.d_model, self.config.d_ff)
 
     def candidate_sizes(self):
+        """Widths in steps of 2 n_heads (even head widths for the rotations), each with the
+        SwiGLU width that matches the DEQ's parameters: the usual shape (SwiGLU at least as wide
+        as the model) where it exists, else any (a tiny twin at depth 12 is mostly injection
+        weights: its SwiGLU width is ~2)."""
         c = self.config
-        base = self.default_size()
-        with torch.device("meta"):
-            target = count_parameters(self.make_layer(base)) + count_parameters(
-                self.make_injection(base)
-            )
-
-            def stack(width: int, d_ff: int) -> int:
-                one = count_parameters(self.make_layer((width, d_ff))) + count_parameters(
-                    self.make_injection((width, d_ff))
-                )
-                return self.depth * one + (width + 1) * c.d_model
-
-            sizes = []
-            for width in range(2 * c.n_heads, c.d_model + 1, 2 * c.n_heads):
-                n1, n2 = stack(width, 1), stack(width, 2)
-                sizes.append((width, round(1 + (target - n1) / (n2 - n1))))
-        # the usual shape (SwiGLU at least as wide as the model) where it exists; else any
-        # (a tiny twin at depth 12 is mostly injection weights: its SwiGLU width is ~2)
+        sizes = self.ffn_matched_sizes(range(2 * c.n_heads, c.d_model + 1, 2 * c.n_heads))
         usual = [sz for sz in sizes if sz[1] >= sz[0]]
         yield from usual or [sz for sz in sizes if sz[1] >= 1]
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.dropout import VariationalDropout
-from ..nn.layers import FeedForward, RelativeAttention, count_parameters
+from ..nn.layers import FeedForward, RelativeAttention
 from ._registry import build_config, register_model
 from ._sequence import SequenceConfig, SequenceModel
 
@@ -85,26 +85,11 @@ class DEQTransformer(SequenceModel):
         return (self.config.d_model, self.config.d_ff)
 
     def candidate_sizes(self):
-        """Widths in steps of n_heads; for each, the FFN width that best matches the DEQ's
-        parameters (parameters are linear in d_ff, so two counts on the meta device solve it)."""
+        """Widths in steps of n_heads, each with the FFN width that matches the DEQ's
+        parameters, keeping the usual shape (FFN at least as wide as the model)."""
         c = self.config
-        base = self.default_size()
-        with torch.device("meta"):
-            target = count_parameters(self.make_layer(base)) + count_parameters(
-                self.make_injection(base)
-            )
-
-            def stack(width: int, d_ff: int) -> int:
-                one = count_parameters(self.make_layer((width, d_ff))) + count_parameters(
-                    self.make_injection((width, d_ff))
-                )
-                return self.depth * one + (width + 1) * c.d_model
-
-            for width in range(c.n_heads, c.d_model + 1, c.n_heads):
-                n1, n2 = stack(width, 1), stack(width, 2)
-                d_ff = round(1 + (target - n1) / (n2 - n1))
-                if d_ff >= width:  # keep the usual shape: FFN at least as wide as the model
-                    yield (width, d_ff)
+        sizes = self.ffn_matched_sizes(range(c.n_heads, c.d_model + 1, c.n_heads))
+        yield from (sz for sz in sizes if sz[1] >= sz[0])
 
     def make_layer(self, size: Any) -> nn.Module:
         c = self.config
