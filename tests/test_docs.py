@@ -1,4 +1,5 @@
-"""Every docstring example runs (doctest), and the README's demo command runs."""
+"""Every docstring example runs (doctest), every Python block of the README and the user guide
+runs, and the demo command runs."""
 
 import doctest
 import importlib
@@ -42,12 +43,17 @@ def test_version_command(capsys):
     assert capsys.readouterr().out.strip() == deepeq.__version__
 
 
-def test_readme_python_blocks_run(capsys):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
-    assert len(blocks) >= 2
+ROOT = Path(__file__).resolve().parents[1]
+GUIDES = ["README.md", "docs/guide.md"]
+
+
+@pytest.mark.parametrize("page", GUIDES)
+def test_python_blocks_of_the_guides_run(page, capsys):
+    text = (ROOT / page).read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= (1 if page == "README.md" else 3)
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, page, "exec"), {})
     # the first block trains a DEQ layer for 10 steps, printing step, loss, NFE, backward NFE,
     # fallbacks: the loss must fall and the solves must have run
     lines = [ln.split() for ln in capsys.readouterr().out.splitlines()]
