@@ -141,12 +141,6 @@ def _vocab(counts: Counter, max_size: int = 0) -> tuple[str, ...]:
     return tuple(itos)
 
 
-def build_vocab(tokens: list[str], max_size: int = 0) -> tuple[str, ...]:
-    """Tokens by decreasing count (ties: first occurrence); ``max_size`` keeps the most frequent,
-    with ``<unk>`` as the last entry so that the words cut have a home."""
-    return _vocab(Counter(tokens), max_size)
-
-
 def encode(tokens: list[str], itos: tuple[str, ...]) -> Tensor:
     stoi = {t: i for i, t in enumerate(itos)}
     unk = stoi.get(UNK)
