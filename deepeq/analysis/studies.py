@@ -5,6 +5,7 @@ and a PNG."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import time
 from pathlib import Path
 
@@ -121,9 +122,9 @@ def _sweep_row(model, task, cap, splits, evaluate, configured) -> dict:
     res: list[float] = []
     hook = None
     if hasattr(model, "deq"):
-        c = model.config
+        # the configured eval solver with another cap: every other hyper-parameter kept
         model.deq.eval_solver = (
-            configured if cap is None else make_solver(c.solver, rtol=c.f_rtol, max_steps=cap)
+            configured if cap is None else dataclasses.replace(configured, max_steps=cap)
         )
 
         def record(m, i, o):

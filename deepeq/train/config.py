@@ -242,6 +242,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             f"which only the implicit backward records; model.overrides.backward is "
             f"{backward!r}. Set model.overrides.backward = 'implicit' or jac.weight = 0."
         )
+    if cfg.fp_cache and getattr(mc, "core", None) != "deq":
+        raise ConfigError(
+            f"fp_cache = true needs an equilibrium model; {cfg.model.name} has no DEQ core. Use a "
+            f"deq_* or mdeq_* model, or fp_cache = false."
+        )
     return cfg
 
 
