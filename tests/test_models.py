@@ -227,6 +227,19 @@ def test_solve_dtype_from_the_config(name):
         create_model(name, solve_dtype="int8")
 
 
+@pytest.mark.parametrize("name", [*DEQS, "mdeq_tiny"])
+def test_eval_rtol_sets_only_the_evaluation_solver(name):
+    # default: evaluation solves at the training tolerance
+    m = create_model(name, f_rtol=1e-2, f_max_steps=7, eval_max_steps=9)
+    assert (m.deq.solver.rtol, m.deq.solver.max_steps) == (1e-2, 7)
+    assert (m.deq.eval_solver.rtol, m.deq.eval_solver.max_steps) == (1e-2, 9)
+    m = create_model(name, f_rtol=1e-2, eval_rtol=1e-4)
+    assert (m.deq.solver.rtol, m.deq.eval_solver.rtol) == (1e-2, 1e-4)
+    assert type(m.deq.eval_solver) is type(m.deq.solver)
+    with pytest.raises(ValueError, match=r"rtol must be finite and >= 0; got -1"):
+        create_model(name, eval_rtol=-1.0)
+
+
 @pytest.mark.parametrize("name", DEQS)
 def test_pretraining_mode_is_a_k_step_unroll(name):
     torch.manual_seed(0)

@@ -49,6 +49,7 @@ class SequenceConfig:
     f_max_steps: int = 30
     f_rtol: float = 1e-3
     eval_max_steps: int = 40
+    eval_rtol: float | None = None  # tolerance of the evaluation solves (None: f_rtol)
     b_solver: SolverName = "anderson"
     b_max_steps: int = 30
     b_rtol: float = 1e-4

@@ -68,7 +68,12 @@ def config_deq(f: nn.Module, c) -> DEQ:
     return DEQ(
         f,
         solver=make_solver(c.solver, rtol=c.f_rtol, max_steps=c.f_max_steps, **extra),
-        eval_solver=make_solver(c.solver, rtol=c.f_rtol, max_steps=c.eval_max_steps, **extra),
+        eval_solver=make_solver(
+            c.solver,
+            rtol=c.f_rtol if c.eval_rtol is None else c.eval_rtol,
+            max_steps=c.eval_max_steps,
+            **extra,
+        ),
         backward=backward,
         nonfinite="return",
         solve_dtype=getattr(c, "solve_dtype", None),

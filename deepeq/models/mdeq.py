@@ -58,6 +58,7 @@ class MDEQConfig:
     f_max_steps: int = 12
     f_rtol: float = 1e-3
     eval_max_steps: int = 12  # seed 003 evaluates at the training threshold (Table 4)
+    eval_rtol: float | None = None  # tolerance of the evaluation solves (None: f_rtol)
     b_solver: SolverName = "broyden"
     b_max_steps: int = 12
     b_rtol: float = 1e-4
