@@ -184,7 +184,7 @@ def solve(
     """The driver loop on flat ``z`` (B, D). Returns (z*, status, stats).
 
     ``inverse``, a dict, receives each sample's inverse-Jacobian estimate at the step it stopped,
-    for solvers that keep one (:meth:`AbstractSolver.inverse_factors`): ``inverse["U"]``,
+    for solvers that keep one (``AbstractSolver.inverse_factors``): ``inverse["U"]``,
     ``inverse["V"]`` ``(B, n, D)`` with ``(I - J_f)⁻¹ ≈ I - Σ_i u_i v_iᵀ`` (unused slots zero).
     It stays empty for the other solvers.
 
@@ -197,14 +197,14 @@ def solve(
     samples stopped earlier: their returned value) at each of those steps; steps after the
     last one get the returned values.
 
-    ``final``, a dict, receives ``final["state"]``: the solver's :meth:`~AbstractSolver.final_state`
+    ``final``, a dict, receives ``final["state"]``: the solver's ``AbstractSolver.final_state``
     of every row at the step it stopped (a tuple of ``(B, D)`` tensors, or None for solvers that
     keep none), ``final["steps"]`` and ``final["nonfinite"]`` per row (per (sample, position) row
     in causal solving, before the per-sample aggregation of the stats). With ``final["every"] = C``
     on entry it also receives ``final["snapshots"]``: ``(k, rows, state)`` for every step k that is
     a multiple of C, the solver's final_state of the rows still moving then.
 
-    ``positions`` (causal solving, see :func:`deepeq.fixed_point`): the rows of ``z`` are
+    ``positions`` (causal solving, see ``deepeq.fixed_point``): the rows of ``z`` are
     (sample, position) pairs, ``positions`` consecutive rows per sample, and f is causal along
     them. A row stops only when it meets the tolerance and every earlier row of its sample has
     stopped (the frozen rows form a growing prefix, whose values no later step changes), and each

@@ -40,7 +40,7 @@ def fixed_point(
     and a sample's result does not depend on its batch-mates. Each sample returns its
     lowest-residual iterate (ranked by ``residual / (atol + rtol*||f(z)||)``).
 
-    Gradients follow ``backward`` (default :class:`ImplicitBackward`): the iterations run
+    Gradients follow ``backward`` (default ``ImplicitBackward``): the iterations run
     without an autograd graph and ``z*`` is differentiated implicitly, so memory is that of
     one call of f. No graph is built when autograd is not recording (``torch.no_grad()``) or
     when nothing f depends on requires grad.
@@ -86,13 +86,13 @@ def fixed_point(
             converges exactly. ``stats`` stay per sample (norms over the whole sequence;
             ``converged`` means every position met the rule).
         keep_iterates: solver steps whose iterates ``z_s`` to supervise (fixed-point
-            correction, :class:`deepeq.FixedPointCorrection`): when autograd records,
+            correction, ``deepeq.FixedPointCorrection``): when autograd records,
             ``Solution.trajectory`` holds ``f(z_s)`` for each, one tracked call of f from the
             detached ``z_s`` (a one-step phantom gradient), in the structure of z0; a sample that
             stopped before step s contributes its returned value. Empty when not recording.
 
     Returns:
-        A :class:`Solution` with ``value`` (the structure of z0), ``status`` and ``stats``.
+        A ``Solution`` with ``value`` (the structure of z0), ``status`` and ``stats``.
 
     Raises:
         TypeError, ValueError: bad z0, args, solver or f output (the message says which).
@@ -100,7 +100,7 @@ def fixed_point(
         RuntimeError: double backward through ``ImplicitBackward``.
         RuntimeError: ``throw=True`` and max_steps reached.
 
-    Example:
+    Examples:
         >>> import torch, deepeq
         >>> x = torch.randn(4, 8, dtype=torch.float64)
         >>> W = 0.3 * torch.eye(8, dtype=torch.float64)

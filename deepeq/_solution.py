@@ -66,14 +66,14 @@ class Stats:
 
 @dataclass
 class BackwardStats:
-    """Filled in by :class:`deepeq.ImplicitBackward` (and :class:`deepeq.ReversibleBackward`:
+    """Filled in by ``deepeq.ImplicitBackward`` (and ``deepeq.ReversibleBackward``:
     steps undone, calls of f, reconstruction error) each time ``.backward()`` runs through the
     equilibrium (a mutable holder: the forward pass creates it empty). Per-sample tensors are
     ``(B,)``; everything is None until the first backward pass.
 
     Attributes:
         calls: how many backward passes ran through this solution.
-        status: :class:`Status` of the backward linear solve ``g = J_fᵀ g + dL/dz*``.
+        status: ``Status`` of the backward linear solve ``g = J_fᵀ g + dL/dz*``.
         abs_residual: ``||J_fᵀ g + dL/dz* - g||`` per sample at the returned g.
         rel_residual: the same relative to ``||J_fᵀ g + dL/dz*||``.
         num_steps: solver steps per sample.
@@ -82,7 +82,7 @@ class BackwardStats:
             above the starting residual ``||dL/dz*||``) and got the fallback gradient.
         nfe: vector-Jacobian products used by the backward solve (plus fallback ones).
         wall_time: seconds spent in the backward solve.
-        reconstruction_error: :class:`deepeq.ReversibleBackward` only (else None): per sample,
+        reconstruction_error: ``deepeq.ReversibleBackward`` only (else None): per sample,
             the error of the reconstructed ``z_0`` after undoing the iterations, relative to
             ``||z_N||`` (float round-off of the reversal; 0 in exact arithmetic); NaN where the
             reversal stopped early because the adjoint fell below round-off (``num_steps`` then
@@ -106,15 +106,15 @@ class BackwardStats:
 
 @dataclass(frozen=True)
 class Solution:
-    """What :func:`deepeq.fixed_point` (and :class:`deepeq.DEQ`) return.
+    """What ``deepeq.fixed_point`` (and ``deepeq.DEQ``) return.
 
     Attributes:
         value: the equilibrium ``z*`` with the structure of ``z0``: for each sample its
             lowest-residual iterate (never one extra application of f). Wired into autograd by
             the backward rule (``PhantomBackward`` returns its last damped step instead).
-        status: a :class:`Status`; ``CONVERGED`` only if every sample converged.
-        stats: a :class:`Stats` record of the forward solve.
-        backward: :class:`BackwardStats` filled in during ``.backward()`` (ImplicitBackward
+        status: a ``Status``; ``CONVERGED`` only if every sample converged.
+        stats: a ``Stats`` record of the forward solve.
+        backward: ``BackwardStats`` filled in during ``.backward()`` (ImplicitBackward
             only; None otherwise or when no graph was built).
         fz: ``(B, D)`` flat ``f(z*)`` from the one tracked call of f (ImplicitBackward with
             autograd recording), else None. With ``z_leaf`` it gives the Jacobian at the

@@ -17,7 +17,7 @@ logger = logging.getLogger("deepeq")
 
 @dataclass(frozen=True)
 class Generated:
-    """What :func:`generate` returns.
+    """What ``generate`` returns.
 
     Attributes:
         tokens: ``(N,)`` the generated token ids (the prompt excluded).

@@ -13,7 +13,7 @@ def saved_bytes(fn: Callable[[], Any]) -> tuple[int, Any]:
     (unique storages, via ``torch.autograd.graph.saved_tensors_hooks``): deterministic, unlike
     peak RSS. Returns ``(bytes, fn())``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from deepeq.analysis import saved_bytes
         >>> w = torch.ones(4, 4, requires_grad=True)

@@ -156,7 +156,7 @@ _SWEEP_KEYS = ("max_steps", "mean_nfe", "mean_sample_nfe", "mean_residual", "sec
 
 
 def format_sweep(rows: list[dict]) -> list[str]:
-    """:func:`sweep` rows as markdown table lines."""
+    """``sweep`` rows as markdown table lines."""
     header = [k for k in rows[0] if k not in _SWEEP_KEYS]
     lines = [
         "| eval max_steps | " + " | ".join(header)
@@ -175,12 +175,12 @@ def format_sweep(rows: list[dict]) -> list[str]:
 
 
 def eval_sweep(model, task, caps: list[int | None]) -> list[str]:
-    """:func:`sweep` as markdown table lines."""
+    """``sweep`` as markdown table lines."""
     return format_sweep(sweep(model, task, caps))
 
 
 def metric_vs_nfe(run_dirs: list[str], caps: list[int], checkpoint: str = "best") -> list[dict]:
-    """:func:`sweep` over runs: each run's test loss and task metric against mean forward NFE
+    """``sweep`` over runs: each run's test loss and task metric against mean forward NFE
     and wall time, one row per (run, cap)."""
     from ..train.loop import load_run
 
@@ -239,7 +239,7 @@ def gradient_accuracy(
     f with a dropout mask can be harder to solve than f itself. ``solver`` replaces the model's
     forward solver (by name, e.g. ``"broyden"``) in every setting and the reference; ``b_init``
     is the capped settings' backward start (``"shine"``: the forward Broyden solver's inverse
-    estimate; see :class:`deepeq.ImplicitBackward`), and a backward cap of 0 makes no backward
+    estimate; see ``deepeq.ImplicitBackward``), and a backward cap of 0 makes no backward
     iterations (the start is the gradient; its backward residual is then NaN: not measured)."""
     from ..backward import ImplicitBackward
     from ..train.tasks import LanguageModelTask

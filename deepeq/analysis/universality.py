@@ -2,9 +2,9 @@
 
 * Theorem 3: any L-layer feed-forward network ``z[i+1] = σ_i(W_i z[i] + b_i)`` equals L
   applications, from zero, of ONE weight-tied input-injected layer
-  ``z̃ <- σ(W_z z̃ + W_x x + b̃)`` (:func:`weight_tied_equivalent`).
+  ``z̃ <- σ(W_z z̃ + W_x x + b̃)`` (``weight_tied_equivalent``).
 * Theorem 2: two stacked equilibrium layers equal a single equilibrium layer over the
-  concatenated state (:class:`StackedEquilibrium`).
+  concatenated state (``StackedEquilibrium``).
 """
 
 from __future__ import annotations
@@ -77,14 +77,14 @@ def weight_tied_equivalent(network: nn.Sequential | list[nn.Module]) -> WeightTi
             module (ReLU, Tanh, Sigmoid, GELU, …; none means identity). Widths may differ.
 
     Returns:
-        A :class:`WeightTiedEquivalent` whose ``L``-fold application from zero (or equilibrium)
+        A ``WeightTiedEquivalent`` whose ``L``-fold application from zero (or equilibrium)
         reproduces ``network(x)`` in its last block.
 
     Raises:
         TypeError: for a module that is neither ``nn.Linear`` nor a supported activation, or an
             activation not preceded by a linear layer.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from deepeq.analysis import weight_tied_equivalent
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2)).double()
@@ -142,7 +142,7 @@ class StackedEquilibrium(nn.Module):
 
     With ``z1* = f1(z1*; x)`` and ``z2* = f2(z2*; z1*)``, the layer over ``w = (w1, w2)``
     ``Γ(w; x) = (f1(w1; x), f2(w2; f1(w1; x)))`` has the fixed point ``(z1*, z2*)``: its second part
-    is the stacked DEQs' output. Use it with :class:`deepeq.DEQ` (tuple state); values and
+    is the stacked DEQs' output. Use it with ``deepeq.DEQ`` (tuple state); values and
     gradients equal those of the two stacked DEQs (tested).
 
     Args:

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 class AbstractBackward(abc.ABC):
     """How gradients flow through a fixed-point solve. Concrete rules are frozen dataclasses
-    holding options only; :func:`deepeq.fixed_point` calls :meth:`apply` when autograd is
+    holding options only; ``deepeq.fixed_point`` calls ``apply`` when autograd is
     recording."""
 
     @abc.abstractmethod
@@ -23,4 +23,4 @@ class AbstractBackward(abc.ABC):
 
     def check_forward_solver(self, solver: AbstractSolver) -> None:  # noqa: B027 (optional hook)
         """Raise if this rule cannot follow a forward solve by ``solver`` (called by
-        :class:`deepeq.DEQ` at construction and by :meth:`apply`); the default accepts any."""
+        ``deepeq.DEQ`` at construction and by ``apply``); the default accepts any."""

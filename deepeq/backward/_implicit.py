@@ -58,12 +58,12 @@ class ImplicitBackward(AbstractBackward):
         solver: solver for the backward linear fixed point (own tolerances), or None (no
             iterations: ``g`` is the initial guess).
         init: the backward solve's initial guess, ``"v"`` (``dL/dz*``, the first Neumann term) or
-            ``"shine"`` (needs a forward solver with an inverse estimate: :class:`deepeq.Broyden`).
+            ``"shine"`` (needs a forward solver with an inverse estimate: ``deepeq.Broyden``).
         fallback: ``"phantom"`` or ``"raise"``.
         fallback_steps: k of the phantom fallback.
         fallback_damping: β of the phantom fallback, in ``[0, 1)``.
 
-    Example:
+    Examples:
         >>> import torch, deepeq
         >>> A = torch.tensor([[0.5]], dtype=torch.float64)
         >>> x = torch.tensor([[1.0]], dtype=torch.float64, requires_grad=True)

@@ -24,7 +24,7 @@ class PhantomBackward(AbstractBackward):
         steps: k, number of differentiable steps (>= 1).
         damping: in ``[0, 1)``; same convention as the solvers.
 
-    Example:
+    Examples:
         >>> import torch, deepeq
         >>> x = torch.tensor([[1.0]], requires_grad=True)
         >>> sol = deepeq.fixed_point(lambda z, x: 0.5 * z + x, torch.zeros(1, 1), deepeq.Picard(rtol=1e-8, max_steps=100),

@@ -23,7 +23,7 @@ logger = logging.getLogger("deepeq")
 
 @dataclass(frozen=True, kw_only=True)
 class ReversibleBackward(AbstractBackward):
-    """The exact gradient of the iterate :class:`deepeq.Reversible` returns, at O(1) memory
+    """The exact gradient of the iterate ``deepeq.Reversible`` returns, at O(1) memory
     (McCallum et al. 2025, "Reversible deep equilibrium models").
 
     The forward iterations run without a graph. In the backward pass each sample's iterations
@@ -33,14 +33,14 @@ class ReversibleBackward(AbstractBackward):
     differently with autograd on, e.g. a fused attention kernel used only without grad: the
     values are then recomputed without grad, as in the forward), so the gradient is that
     of the computed ``z_N`` — what autograd through the same iterations
-    (:class:`deepeq.UnrolledBackward`) gives — to parameters, ``args``, ``z0`` and anything f
+    (``deepeq.UnrolledBackward``) gives — to parameters, ``args``, ``z0`` and anything f
     closes over, with the memory of one call of f whatever N. Unlike the implicit gradient it
     does not assume ``z_N`` is an exact fixed point.
 
     Round-off: the reconstructed iterates drift from the forward ones by about
     ``ε / (1 - β)^m`` after m undone steps (the forward map contracts, its inverse expands), but
     the adjoint they are weighted by shrinks at least as fast, so the gradient stays at
-    round-off level (measured in docs/benchmarks.md). A sample's reversal stops once its
+    round-off level (measured in docs/results/reversible.md). A sample's reversal stops once its
     adjoint is below ``ε ||dL/dz_N||``, before the drift can overflow; the backward pass
     reports the drift as the error of the reconstructed ``z_0``
     (``Solution.backward.reconstruction_error``, relative to ``||z_N||``; NaN where the
@@ -52,7 +52,7 @@ class ReversibleBackward(AbstractBackward):
     dropout keeps one mask per forward pass) and should take per-sample tensors through
     ``args``: tensors f closes over that require grad and are not leaves (an injection computed
     outside f) are handled correctly but their graph is traversed at every undone step.
-    Unlike :class:`deepeq.ImplicitBackward` no tracked call ``f(z*)`` is kept (``Solution.fz``
+    Unlike ``deepeq.ImplicitBackward`` no tracked call ``f(z*)`` is kept (``Solution.fz``
     is None), so Jacobian regularisation, which differentiates that call, needs the implicit
     backward.
 
@@ -68,7 +68,7 @@ class ReversibleBackward(AbstractBackward):
         warn_error: log when the reconstruction error of ``z_0`` exceeds this (default 1e-3;
             ``float("inf")``: never).
 
-    Example:
+    Examples:
         >>> import torch, deepeq
         >>> x = torch.tensor([[1.0]], dtype=torch.float64, requires_grad=True)
         >>> sol = deepeq.fixed_point(lambda z, x: 0.5 * z + x, torch.zeros(1, 1, dtype=torch.float64),
@@ -93,7 +93,7 @@ class ReversibleBackward(AbstractBackward):
             raise ValueError(f"ReversibleBackward.warn_error must be a float > 0; got {w!r}.")
 
     def check_forward_solver(self, solver: AbstractSolver) -> None:
-        """Raise unless ``solver`` is :class:`deepeq.Reversible` (the only invertible scheme)."""
+        """Raise unless ``solver`` is ``deepeq.Reversible`` (the only invertible scheme)."""
         from ..solvers import Reversible
 
         if not isinstance(solver, Reversible):

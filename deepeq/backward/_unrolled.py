@@ -16,7 +16,7 @@ class UnrolledBackward(AbstractBackward):
     steps; the value is exactly the solver's ``z*``. Use it as a test oracle, for small problems,
     or as the papers' "weight-tied deep network" baseline.
 
-    Example:
+    Examples:
         >>> import torch, deepeq
         >>> x = torch.tensor([[1.0]], requires_grad=True)
         >>> sol = deepeq.fixed_point(lambda z, x: 0.5 * z + x, torch.zeros(1, 1), deepeq.Picard(rtol=1e-6, max_steps=100),

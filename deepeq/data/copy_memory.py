@@ -25,7 +25,7 @@ def copy_memory(n: int, seq_len: int, *, seed: int) -> tuple[Tensor, Tensor]:
     Returns:
         ``(x, y)``, int64 tensors of shape ``(n, T + 20)``.
 
-    Example:
+    Examples:
         >>> x, y = copy_memory(2, 5, seed=0)
         >>> x.shape, bool((x[:, 14] == 9).all()), bool((y[:, 15:] == x[:, :10]).all())
         (torch.Size([2, 25]), True, True)

@@ -7,7 +7,7 @@
 * ImageNet or any dataset from an ImageFolder-style directory (``root/{train,val}/<class>/<image>``,
   decoded with Pillow, resized to ``image_size``).
 
-Every loader returns :class:`ImageData`: ``x`` uint8 ``(N, C, H, W)``, ``y`` int64 ``(N,)`` per
+Every loader returns ``ImageData``: ``x`` uint8 ``(N, C, H, W)``, ``y`` int64 ``(N,)`` per
 split. Normalisation statistics come from the training split. Augmentation (random crop with
 zero padding, horizontal flip) draws from an explicit generator so that a batch is a pure
 function of the step (exact resume).

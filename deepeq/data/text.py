@@ -16,9 +16,9 @@ decoding gives the line back) and followed by ``<eos>``. Every corpus records ho
 characters each split has, so perplexity per word and bits per character can be reported for any
 tokenisation.
 
-Batching as in the papers: :func:`batchify` cuts a stream into ``B`` contiguous rows; training
+Batching as in the papers: ``batchify`` cuts a stream into ``B`` contiguous rows; training
 reads consecutive segments of ``T`` tokens from every row, carrying the model's memory from one
-segment to the next. :func:`eval_rows` splits a stream so that every token but the first is
+segment to the next. ``eval_rows`` splits a stream so that every token but the first is
 predicted exactly once (whole-stream evaluation).
 """
 

@@ -46,7 +46,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         ValueError: unknown name (the message lists the registered ones).
         TypeError: unknown override (the message lists the valid fields).
 
-    Example:
+    Examples:
         >>> from deepeq.models import create_model
         >>> m = create_model("deq_transformer_tiny", vocab_size=20)
         >>> m.config.vocab_size
@@ -62,13 +62,13 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 def model_config(name: str, **overrides: Any) -> Any:
     """The config dataclass ``create_model(name, **overrides)`` would build, without building the
     model (cheap: used to validate ``model.overrides`` when a training config is loaded). For a
-    model registered without :func:`build_config` the model is built and None returned.
+    model registered without ``build_config`` the model is built and None returned.
 
     Raises:
-        ValueError: unknown name; TypeError / ValueError: as :func:`create_model` for a bad
+        ValueError: unknown name; TypeError / ValueError: as ``create_model`` for a bad
             override (unknown field, wrong type, a choice outside its options, a failed check).
 
-    Example:
+    Examples:
         >>> from deepeq.models import model_config
         >>> model_config("deq_transformer_tiny", f_max_steps=5).f_max_steps
         5

@@ -7,7 +7,7 @@ Calling protocol, identical for every registered sequence model, DEQ or not::
 
 ``tokens`` ``(B, T)`` int64; ``logits`` ``(B, T, vocab)``; ``state`` the memory to pass with
 the next segment of the same streams (None at the start); ``solutions`` the list of
-:class:`deepeq.Solution` records of this call (empty for explicit cores).
+``deepeq.Solution`` records of this call (empty for explicit cores).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ class LlamaLayer(nn.Module):
     SwiGLU(RMSNorm(h)))`` (pre-norm; the output norm keeps the map bounded so that an
     equilibrium exists). The injection x̃ ``(B, T, 3D)`` enters the query/key/value projections;
     the memory ``(B, M, 4D)`` holds ``[z*, x̃]`` of earlier positions, whose rotated keys and
-    values are computed once per solve (:meth:`prepare`). Positions: memory 0..M-1, segment
+    values are computed once per solve (``prepare``). Positions: memory 0..M-1, segment
     M..M+T-1; each segment position attends to the memory and to segment positions ``<= t``."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, rope_base: float):

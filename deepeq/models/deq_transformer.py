@@ -131,7 +131,7 @@ _TINY = dict(
 )
 # Penn Treebank at CPU scale (configs/ptb_*.toml): 0.26M non-embedding parameters, tied 10k
 # embedding/softmax; segments of 70 tokens with a memory of 70. Solver caps 12 forward / 12
-# backward (Anderson). Cheaper caps were measured (docs/benchmarks.md): in 600-step PTB trials
+# backward (Anderson). Cheaper caps were measured (docs/results/ptb.md): in 600-step PTB trials
 # 12/4 (297.0 valid vs 301.9) and 8/4 (301.4) looked free, but over the 5,000 steps of
 # configs/ptb_deq_transformer.toml 8/4 broke down (forward residual 84% by step 600) and 12/4
 # ended 7% behind 12/12 (valid 134.5 vs 125.2, its backward solves falling back late in training).
@@ -163,7 +163,7 @@ _WT103_MEDIUM = dict(
     weight_norm=True,
     # The seeds solve with Broyden. Causal solving (the default) needs per-position mixing, and
     # Broyden's per-position inverse estimates diverge on these models (the residual jumps to
-    # O(1) after ~15-30 steps, measured on fresh weights, docs/models.md), so the forward solver is
+    # O(1) after ~15-30 steps, measured on fresh weights, docs/guide/models.md), so the forward solver is
     # Anderson with per-position coefficients; the backward solve (not causal) keeps Broyden.
     solver="anderson",
     b_solver="broyden",

@@ -76,7 +76,7 @@ class AdaptiveSoftmax(nn.Module):
 
     ``nll(h, target)`` is the training path (only the target's cluster is scored per row);
     ``log_prob(h)`` returns the full normalised ``(N, V)`` distribution. ``embedding``: an
-    :class:`AdaptiveEmbedding` to tie the word vectors and projections with."""
+    ``AdaptiveEmbedding`` to tie the word vectors and projections with."""
 
     def __init__(
         self,

@@ -29,7 +29,7 @@ class DEQ(nn.Module):
 
     Initial state, in order of precedence: the ``z0`` argument; the previous call's
     equilibrium when ``warm_start=True`` and x has the same shapes (e.g. consecutive segments of a
-    sequence; call :meth:`reset_warm_start` between unrelated batches); ``f.init_state(x)``
+    sequence; call ``reset_warm_start`` between unrelated batches); ``f.init_state(x)``
     when f defines it; ``torch.zeros_like(x)``.
 
     In training mode ``solver`` is used, in eval mode ``eval_solver`` (default: ``solver``;
@@ -37,8 +37,8 @@ class DEQ(nn.Module):
     in eval mode they still flow when grad is enabled and something requires it.
 
     Once per forward, before solving, the layer calls ``reset_deq_state()`` on every submodule
-    of f that defines it (e.g. :class:`deepeq.nn.VariationalDropout` draws a fresh mask) and
-    computes parametrised weights (:func:`deepeq.weight_norm`, :func:`deepeq.spectral_norm`)
+    of f that defines it (e.g. ``deepeq.nn.VariationalDropout`` draws a fresh mask) and
+    computes parametrised weights (``deepeq.weight_norm``, ``deepeq.spectral_norm``)
     once; every iteration, the tracked call and the backward solve then share them.
 
     Mixed precision: under ``torch.autocast`` f runs in the autocast dtype while the solver
@@ -50,27 +50,27 @@ class DEQ(nn.Module):
         solver: forward solver in training mode.
         backward: gradient rule (default ``ImplicitBackward()``).
         eval_solver: forward solver in eval mode (default: ``solver``).
-        independent: False if f mixes samples (see :func:`deepeq.fixed_point`).
-        nonfinite: ``"raise"`` or ``"return"`` (see :func:`deepeq.fixed_point`).
+        independent: False if f mixes samples (see ``deepeq.fixed_point``).
+        nonfinite: ``"raise"`` or ``"return"`` (see ``deepeq.fixed_point``).
         warm_start: start from the previous call's equilibrium when shapes match.
         trace: record per-step residuals in ``solution.stats.trace``.
         solve_dtype: in training mode, run f in this autocast dtype (``torch.bfloat16``) during
-            the forward solver's iterations only (see :func:`deepeq.fixed_point`): cheaper
+            the forward solver's iterations only (see ``deepeq.fixed_point``): cheaper
             iterations whose round-off (~0.4% for bf16) lies below a capped training solve's
             residual; the tracked call and the backward stay in full precision.
         eval_solve_dtype: the same in eval mode (default None: full precision, so that the
             eval solver can reach tight tolerances).
         causal: z is a sequence ``(B, T, ...)`` and f is causal along T: solve so that outputs
             at position t never depend on later positions, at any tolerance and cap (see
-            :func:`deepeq.fixed_point`). Every registered sequence DEQ uses it.
-        correction: fixed-point correction (:class:`deepeq.FixedPointCorrection`): in training
+            ``deepeq.fixed_point``). Every registered sequence DEQ uses it.
+        correction: fixed-point correction (``deepeq.FixedPointCorrection``): in training
             mode, with autograd recording, ``solution.trajectory`` holds the supervised
             iterates' one-step states (steps picked from the training solver's cap).
-        cache: a per-example fixed-point cache (:class:`deepeq.nn.FixedPointCache`): in
+        cache: a per-example fixed-point cache (``deepeq.nn.FixedPointCache``): in
             training mode, a call with ``cache_keys`` starts each cached example from its
             stored equilibrium and stores the new ones.
 
-    Example:
+    Examples:
         >>> import torch, deepeq
         >>> class Layer(torch.nn.Module):
         ...     def __init__(self):

@@ -24,10 +24,10 @@ class VariationalDropout(nn.Module):
 
     The mask is drawn at the first call after a reset, on the full batch, scaled by ``1/(1-p)``.
     When the engine evaluates f on a subset of samples, the rows of the mask that belong to them
-    are used (:func:`deepeq.nn.sample_index`), so a sample always keeps its own mask. In eval
+    are used (``deepeq.nn.sample_index``), so a sample always keeps its own mask. In eval
     mode, or with ``p = 0``, the module is the identity.
 
-    Reset: :class:`deepeq.DEQ` calls :meth:`reset_deq_state` on every submodule of f at the start
+    Reset: ``deepeq.DEQ`` calls ``reset_deq_state`` on every submodule of f at the start
     of each forward, so a fresh mask is drawn per forward automatically. Used outside a DEQ, call
     ``deepeq.nn.reset_deq_state(model)`` when a new mask is wanted.
 
@@ -35,7 +35,7 @@ class VariationalDropout(nn.Module):
         p: drop probability in ``[0, 1)``.
         shared_dims: dimensions (of the input, batch is 0) along which the mask is shared.
 
-    Example:
+    Examples:
         >>> import torch, deepeq
         >>> drop = deepeq.nn.VariationalDropout(0.5, shared_dims=(1,))
         >>> x = torch.ones(2, 4, 3)
@@ -94,7 +94,7 @@ class VariationalDropout(nn.Module):
 
 def reset_deq_state(module: nn.Module) -> None:
     """Call ``reset_deq_state()`` on every submodule of ``module`` that defines it (dropout masks
-    and other per-forward state). :class:`deepeq.DEQ` does this at the start of every forward."""
+    and other per-forward state). ``deepeq.DEQ`` does this at the start of every forward."""
     for m in module.modules():
         fn = getattr(m, "reset_deq_state", None)
         if callable(fn):

@@ -47,7 +47,7 @@ class RelativeAttention(nn.Module):
 
     def context(self, ctx: Tensor, ctx_inj: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Keys and values ``(B, M, D)`` of the context positions. They do not depend on the
-        segment's state, so an equilibrium solve computes them once (see :meth:`attend`)."""
+        segment's state, so an equilibrium solve computes them once (see ``attend``)."""
         D = ctx.shape[-1]
         kv = F.linear(ctx, self.qkv.weight[D:])  # (B, M, 2D): no queries for the context
         if ctx_inj is not None:
@@ -57,7 +57,7 @@ class RelativeAttention(nn.Module):
 
     def attend(self, z: Tensor, k_ctx: Tensor, v_ctx: Tensor, inj: Tensor | None = None) -> Tensor:
         """Attention of the segment z over ``[context; z]`` with the context's keys/values
-        precomputed by :meth:`context`."""
+        precomputed by ``context``."""
         B, T, D = z.shape
         M = k_ctx.shape[1]
         K = M + T

@@ -18,10 +18,10 @@ class FixedPointCorrection:
     """Which solver iterates to supervise, and how to weight their losses.
 
     ``DEQ(..., correction=FixedPointCorrection(steps=k))`` makes each training forward keep the
-    iterates ``z_s`` at k steps ``s`` of the solve (:meth:`pick`) and return
+    iterates ``z_s`` at k steps ``s`` of the solve (``pick``) and return
     ``solution.trajectory``: the k states ``f(z_s)``, each a one-step phantom-gradient function
     of the parameters (``z_s`` detached); with the loss ``L`` of the model's output,
-    :meth:`loss` forms ``Σ_i gamma^(k - i) L(trajectory[i])``, to be added to ``L(z*)``. The
+    ``loss`` forms ``Σ_i gamma^(k - i) L(trajectory[i])``, to be added to ``L(z*)``. The
     supervised iterates cost one tracked call of f each and nothing else.
 
     Args:

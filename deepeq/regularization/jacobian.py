@@ -72,7 +72,7 @@ def jacobian_penalty(
     Returns:
         The penalty, differentiable with respect to whatever ``fz`` depends on.
 
-    Example:
+    Examples:
         >>> import torch, deepeq
         >>> z = torch.randn(4, 3, requires_grad=True)
         >>> fz = 2 * z  # J = 2 I, ||J||_F² / d = 4
@@ -117,7 +117,7 @@ def spectral_radius(
     Returns:
         Tensor of shape ``(B,)``.
 
-    Example:
+    Examples:
         >>> import torch, deepeq
         >>> R = torch.tensor([[0.0, -0.9], [0.9, 0.0]])  # eigenvalues ±0.9i
         >>> z = torch.randn(2, 2, requires_grad=True)

@@ -12,11 +12,11 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int = 0) -> nn.Mod
     at initialisation; gradients reach ``g`` and ``v`` (``module.parametrizations.<name>.original0``
     and ``.original1``).
 
-    Built on ``torch.nn.utils.parametrizations.weight_norm``. Inside :class:`deepeq.DEQ` the
+    Built on ``torch.nn.utils.parametrizations.weight_norm``. Inside ``deepeq.DEQ`` the
     normalised weight is computed ONCE per forward call (not once per solver iteration) and
     shared by every iteration, the tracked call and the backward solve.
 
-    Example:
+    Examples:
         >>> import torch, deepeq
         >>> lin = torch.nn.Linear(3, 3)
         >>> w = lin.weight.detach().clone()
@@ -32,11 +32,11 @@ def spectral_norm(
 ) -> nn.Module:
     """Reparametrise ``module.<name>`` as ``W / σ_max(W)`` (Miyato et al. 2018), with σ_max
     estimated by power iteration that advances once per weight computation in training mode and
-    is frozen in eval mode. Inside :class:`deepeq.DEQ` that is once per forward call.
+    is frozen in eval mode. Inside ``deepeq.DEQ`` that is once per forward call.
 
     Built on ``torch.nn.utils.parametrizations.spectral_norm``.
 
-    Example:
+    Examples:
         >>> import torch, deepeq
         >>> lin = deepeq.spectral_norm(torch.nn.Linear(8, 8), n_power_iterations=50)
         >>> round(torch.linalg.matrix_norm(lin.weight.detach(), 2).item(), 3)

@@ -26,7 +26,7 @@ class JacobianSchedule:
         probability: p, chance that a step is regularised.
         seed: seed of the per-step draws.
 
-    Example:
+    Examples:
         >>> from deepeq import JacobianSchedule
         >>> s = JacobianSchedule(weight=1.0, final_weight=3.0, ramp_end=10, probability=1.0)
         >>> s.weight_at(0), s.weight_at(5), s.weight_at(20), s(5)

@@ -30,7 +30,7 @@ def make_solver(name: str, **hyperparams: Any) -> AbstractSolver:
         ValueError: unknown name (the message lists the valid ones).
         TypeError: unknown hyper-parameter (the message lists the valid ones).
 
-    Example:
+    Examples:
         >>> make_solver("anderson", history_length=6, max_steps=40)
         Anderson(atol=0.0, rtol=0.001, max_steps=40, history_length=6, ridge=0.0001, damping=0.0, max_weight=10000.0)
     """

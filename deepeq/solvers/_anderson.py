@@ -52,7 +52,7 @@ class Anderson(AbstractSolver):
         damping: β in ``[0, 1)``; 0 takes the pure mixed ``f`` values.
         max_weight: restart threshold on ``max_i |α_i|``.
 
-    Example:
+    Examples:
         >>> import torch, deepeq
         >>> A = 0.9 * torch.eye(3, dtype=torch.float64)
         >>> b = torch.ones(2, 3, dtype=torch.float64)

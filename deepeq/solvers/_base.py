@@ -14,13 +14,13 @@ from .._types import FlatFn
 
 class AbstractSolver(abc.ABC):
     """Finds ``z`` with ``f(z) = z``. Concrete solvers are frozen dataclasses holding
-    hyper-parameters only; per-call state lives in the object returned by :meth:`init`.
+    hyper-parameters only; per-call state lives in the object returned by ``init``.
 
-    The driver (:func:`deepeq.fixed_point`) owns the loop: it evaluates the stopping rule
+    The driver (``deepeq.fixed_point``) owns the loop: it evaluates the stopping rule
     ``||f(z) - z|| <= atol + rtol * ||f(z)||`` per sample, keeps each sample's best iterate, and
     drops converged samples from the active set. Solvers therefore only see the still-active rows
     as ``(b, D)`` tensors, and every tensor in their state must be batch-first so that the driver
-    can drop rows with :meth:`compact`.
+    can drop rows with ``compact``.
     """
 
     atol: float
@@ -28,7 +28,7 @@ class AbstractSolver(abc.ABC):
     max_steps: int
 
     #: True: the driver returns each sample's last (finite) iterate instead of its lowest-residual
-    #: one (solvers whose state must match the returned iterate, e.g. :class:`Reversible`).
+    #: one (solvers whose state must match the returned iterate, e.g. ``Reversible``).
     returns_last: ClassVar[bool] = False
 
     @abc.abstractmethod
@@ -48,7 +48,7 @@ class AbstractSolver(abc.ABC):
 
     def final_state(self, state: Any, rows: Tensor) -> tuple[Tensor, ...] | None:
         """Per-row ``(len(rows), D)`` tensors of the solver state that a backward rule needs at
-        each sample's last step (:class:`Reversible`: its second chain), or None (the default)."""
+        each sample's last step (``Reversible``: its second chain), or None (the default)."""
         return None
 
     def compact(self, state: Any, keep: Tensor) -> Any:

@@ -52,7 +52,7 @@ class Broyden(AbstractSolver):
         line_search: per-sample backtracking on ``||g||``.
         backtracks: maximum halvings per step when ``line_search`` is on.
 
-    Example:
+    Examples:
         >>> import torch, deepeq
         >>> sol = deepeq.fixed_point(torch.cos, torch.zeros(4, 1, dtype=torch.float64), deepeq.Broyden(atol=1e-10, rtol=0.0))
         >>> sol.status.name, round(sol.value[0].item(), 8)

@@ -28,7 +28,7 @@ class Picard(AbstractSolver):
         max_steps: iteration cap; reaching it gives ``Status.MAX_STEPS`` (not an exception).
         damping: β in ``[0, 1)``; 0 is plain Picard iteration.
 
-    Example:
+    Examples:
         >>> import torch, deepeq
         >>> sol = deepeq.fixed_point(torch.cos, torch.zeros(1, 1), deepeq.Picard(atol=1e-8, rtol=0.0, max_steps=200))
         >>> round(sol.value.item(), 6)

@@ -27,7 +27,7 @@ class Reversible(AbstractSolver):
 
     Each step can be undone exactly in exact arithmetic,
     ``y_k = (y_{k+1} - β f(z_{k+1})) / (1 - β)``, ``z_k = (z_{k+1} - β f(y_k)) / (1 - β)``, so
-    :class:`deepeq.ReversibleBackward` reconstructs every iterate from the last one instead of
+    ``deepeq.ReversibleBackward`` reconstructs every iterate from the last one instead of
     storing it and returns the exact gradient of the returned ``z_N`` with the memory of one call
     of f. The stopping rule is the driver's on ``z_k`` (``f(z_k)`` comes with the step); each
     sample returns its LAST iterate (the reversal starts there), not its lowest-residual one.
@@ -53,7 +53,7 @@ class Reversible(AbstractSolver):
         chain_dtype: dtype of the two chains (``torch.float64``, default), or None for the
             state's dtype (what the papers do: a float32 reversal, much less exact).
 
-    Example:
+    Examples:
         >>> import torch, deepeq
         >>> sol = deepeq.fixed_point(torch.cos, torch.zeros(1, 1, dtype=torch.float64),
         ...                          deepeq.Reversible(rtol=1e-10, max_steps=200, beta=0.5))

@@ -4,11 +4,11 @@
 PyTorch's intra-op OpenMP worker threads keep their own, so with more than one thread part of
 every parallel operation still computes with subnormals (measured: half of a 2-thread
 elementwise product). Threads created afterwards inherit the creating thread's setting, but the
-pool usually exists already. :func:`set_flush_denormal` therefore also copies the calling
+pool usually exists already. ``set_flush_denormal`` therefore also copies the calling
 thread's floating-point environment to the workers: it runs ``fesetenv`` from the C library as
 the body of one OpenMP parallel region of the runtime torch is linked with (``GOMP_parallel`` of
 the bundled libgomp on Linux). Where that runtime is not found, only the calling thread is set
-and :func:`flushed_on_all_threads` tells."""
+and ``flushed_on_all_threads`` tells."""
 
 from __future__ import annotations
 

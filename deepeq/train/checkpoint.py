@@ -30,7 +30,7 @@ def save(obj: dict, path: Path) -> None:
 
 
 def load(path: str | Path, map_location: Any = None, required: tuple[str, ...] = ()) -> dict:
-    """Read a checkpoint with ``weights_only=True``. Raises :class:`CheckpointError` (one clear
+    """Read a checkpoint with ``weights_only=True``. Raises ``CheckpointError`` (one clear
     message) for a missing file, a file that would need arbitrary unpickling (an old deepeq
     checkpoint, which pickled its config, or a foreign one), or one without ``required`` keys."""
     path = Path(path)

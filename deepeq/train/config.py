@@ -14,7 +14,7 @@ Overrides use dotted keys, parsed by the type of the field they set (strings sta
     deepeq train configs/copy_memory_t100.toml --optim.lr=5e-4 --model.overrides.d_model=48
 
 Unknown keys, wrong types, choices outside their options and model overrides the model does not
-have fail in :func:`load_config` with a :class:`ConfigError`, before any data is read.
+have fail in ``load_config`` with a ``ConfigError``, before any data is read.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .._coerce import coerce
 
 class ConfigError(ValueError):
     """A configuration that cannot work: unknown key, wrong type, a choice outside its options,
-    a model override its model does not have. Raised by :func:`load_config` before any data is
+    a model override its model does not have. Raised by ``load_config`` before any data is
     read; the CLI prints it as one line (every other exception keeps its traceback)."""
 
 
@@ -111,7 +111,7 @@ class TrainConfig:
     threads: int = 0  # torch.set_num_threads; 0 leaves the default
     # CPU: subnormal floats (|x| < 1.2e-38) computed as zero while training (x86 FTZ/DAZ, set on
     # the main thread and torch's worker threads: train/_denormal.py). Late in training DEQs produce many of them and each costs ~100x
-    # a normal float operation: up to 1.5x time per step measured (docs/benchmarks.md).
+    # a normal float operation: up to 1.5x time per step measured (docs/results/ptb.md).
     flush_denormal: bool = True
     out_dir: str = "runs/default"
     max_nonfinite: int = 5  # consecutive skipped (non-finite) steps before the run stops
@@ -251,7 +251,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
 
 
 def check_model(m: ModelConfig) -> Any:
-    """Raise :class:`ConfigError` unless ``m.name`` is registered and ``m.overrides`` are fields
+    """Raise ``ConfigError`` unless ``m.name`` is registered and ``m.overrides`` are fields
     of its config with values of their types (and pass the config's own checks); builds the
     model's config only, no model, and returns it."""
     from ..models import list_models, model_config

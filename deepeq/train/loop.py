@@ -125,7 +125,7 @@ def train(
     ``metrics.csv`` (one row per step; test metrics every ``eval_every``), TensorBoard events,
     and ``checkpoints/latest.pt`` / ``best.pt`` (atomic writes). ``resume=True`` continues from
     ``latest.pt``; on CPU the continued run is bit-identical to an uninterrupted one.
-    ``until_step`` stops (with a checkpoint) once that step is reached, for time-boxed sessions;
+    ``until_step`` stops (with a checkpoint) once that step is reached, for time-boxed runs;
     ``--resume`` later continues the same schedule.
 
     With ``cfg.flush_denormal`` (default) subnormal floats are flushed to zero for the duration
@@ -422,7 +422,7 @@ def _make_cache(cfg: TrainConfig, model, rank: int):
 
 def correction_loss(model, sols: list, targets: torch.Tensor) -> torch.Tensor | None:
     """Fixed-point correction: the model's training loss on each supervised iterate of the
-    solves (``Solution.trajectory``), weighted by the DEQ's :class:`FixedPointCorrection`;
+    solves (``Solution.trajectory``), weighted by the DEQ's ``FixedPointCorrection``;
     with subsequence solving the chunks' j-th states are joined along time. None when off."""
     if not sols or not sols[0].trajectory:
         return None

@@ -55,7 +55,7 @@ class Task:
 
     def batch_keys(self, step: int, rank: int, world: int) -> Tensor:
         """Example ids of this process's training batch (for the fixed-point cache): dataset
-        indices, aligned with :meth:`train_batch`."""
+        indices, aligned with ``train_batch``."""
         return batch_indices(self.cfg, self.xtr.shape[0], step)[rank::world]
 
     def loss(self, net, x: Tensor, y: Tensor, state: Any, keys: Tensor | None = None):
