@@ -1,4 +1,4 @@
-"""Theory made executable: the DEQ papers' universality constructions (seed 000 §B, §C)."""
+"""Theory made executable: the DEQ papers' universality constructions (Bai et al. 2019 §B, §C)."""
 
 from .memory import saved_bytes as saved_bytes
 from .universality import StackedEquilibrium as StackedEquilibrium

@@ -1,5 +1,5 @@
-"""Analysis commands (``deepeq analyze ...``): convergence of weight-tied stacks (seed 000 Fig. 4),
-metric against NFE (seeds 002/003) and gradient accuracy against solver caps. Each writes a CSV
+"""Analysis commands (``deepeq analyze ...``): convergence of weight-tied stacks (Bai et al. 2019 Fig. 4),
+metric against NFE (the DEQ slides and Bai et al. 2021) and gradient accuracy against solver caps. Each writes a CSV
 and a PNG."""
 
 from __future__ import annotations

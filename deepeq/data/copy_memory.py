@@ -13,7 +13,7 @@ def copy_memory(n: int, seq_len: int, *, seed: int) -> tuple[Tensor, Tensor]:
     """``n`` samples of copy memory with delay ``T = seq_len``.
 
     Each input ``x`` has ``T + 20`` positions: ``x[0:10]`` are random symbols in 1..8 (with
-    repetition), ``x[T + 9] = 9`` is the delimiter (the seed's 1-based ``x_{T+10}``), all other
+    repetition), ``x[T + 9] = 9`` is the delimiter (the paper's 1-based ``x_{T+10}``), all other
     positions are 0. The target is 0 for the first ``T + 10`` positions and ``x[0:10]`` for the last
     10: after the delimiter the model must recall the ten symbols it saw ``T`` steps earlier.
 

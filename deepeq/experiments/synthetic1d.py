@@ -33,8 +33,8 @@ import deepeq
 class Config:
     n_train: int = 4096
     n_val: int = 1000
-    noise_std: float = 0.05  # δ ~ N(0, 0.05²): the seed's N(0, 0.05) read as a std
-    x_low: float = -2.0  # range of the seed's Fig. 9
+    noise_std: float = 0.05  # δ ~ N(0, 0.05²): the paper's N(0, 0.05) read as a std
+    x_low: float = -2.0  # range of the paper's Fig. 9
     x_high: float = 2.0
     width: int = 50
     epochs: int = 50

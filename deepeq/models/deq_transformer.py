@@ -19,7 +19,7 @@ from ._sequence import SequenceConfig, SequenceModel
 class DEQTransformerConfig(SequenceConfig):
     n_heads: int = 4
     d_ff: int = 64
-    pre_ln: bool = False  # seed 003 Table 5 compares Post-LN and Pre-LN
+    pre_ln: bool = False  # Bai et al. 2021 Table 5 compares Post-LN and Pre-LN
     dropatt: float = 0.0  # dropout on attention weights (one mask per forward)
 
 
@@ -149,8 +149,8 @@ _SMALL = dict(
     eval_max_steps=20,
     b_max_steps=12,
 )
-# WikiText-103 (seeds 001/003/004; vocabulary 267,735, frequency-ordered). "medium": embedding
-# 700, sequence length 150, variational dropout 0.06, weight norm; seed 004 trains with f_thres 30,
+# WikiText-103 (the DEQ talk, Bai et al. 2021 and the original DEQ repository; vocabulary 267,735, frequency-ordered). "medium": embedding
+# 700, sequence length 150, variational dropout 0.06, weight norm; the original DEQ repository trains with f_thres 30,
 # b_thres 50, subsequence length 75 and pretrain_steps ~10-20% of training.
 _WT103_MEDIUM = dict(
     vocab_size=267735,
@@ -161,7 +161,7 @@ _WT103_MEDIUM = dict(
     mem_len=150,
     dropout=0.06,
     weight_norm=True,
-    # The seeds solve with Broyden. Causal solving (the default) needs per-position mixing, and
+    # The papers solve with Broyden. Causal solving (the default) needs per-position mixing, and
     # Broyden's per-position inverse estimates diverge on these models (the residual jumps to
     # O(1) after ~15-30 steps, measured on fresh weights, docs/guide/models.md), so the forward solver is
     # Anderson with per-position coefficients; the backward solve (not causal) keeps Broyden.
@@ -173,7 +173,7 @@ _WT103_MEDIUM = dict(
     subseq_len=75,
     pretrain_steps=20000,
 )
-# "small" (seed 001's table: 4.5M non-embedding parameters, 138M with the full softmax):
+# "small" (the DEQ talk's table: 4.5M non-embedding parameters, 138M with the full softmax):
 # Transformer-XL small's widths (410, 10 heads, FFN 2100) with an adaptive embedding/softmax.
 _WT103_SMALL = {
     **_WT103_MEDIUM,

@@ -1,4 +1,4 @@
-"""Multiscale DEQ (Bai, Koltun & Kolter 2020; seed 003 §5): one ``f`` over several resolutions at
+"""Multiscale DEQ (Bai, Koltun & Kolter 2020; Bai et al. 2021 §5): one ``f`` over several resolutions at
 once, solved for its equilibrium; image classification head over all resolutions; its explicit
 weight-tied twin (the same ``f`` unrolled ``depth`` times).
 
@@ -49,7 +49,7 @@ class MDEQConfig:
     weight_norm: bool = True
     init_std: float = 0.01  # std of f's convolution weights at initialisation
     # Where the input is injected: "all" resolutions (the stem's output, downsampled by stride-2
-    # convolutions, enters every resolution's block) or only the "highest" (seed 003's MDEQ).
+    # convolutions, enters every resolution's block) or only the "highest" (Bai et al. 2021's MDEQ).
     injection: Literal["all", "highest"] = "all"
     fusion_scale: float = 0.1  # initial scale (GroupNorm weight) of every cross-resolution path
     core: Literal["deq", "tied"] = "deq"
@@ -57,7 +57,7 @@ class MDEQConfig:
     solver: SolverName = "broyden"
     f_max_steps: int = 12
     f_rtol: float = 1e-3
-    eval_max_steps: int = 12  # seed 003 evaluates at the training threshold (Table 4)
+    eval_max_steps: int = 12  # Bai et al. 2021 evaluates at the training threshold (Table 4)
     eval_rtol: float | None = None  # tolerance of the evaluation solves (None: f_rtol)
     b_solver: SolverName = "broyden"
     b_max_steps: int = 12
@@ -236,7 +236,7 @@ class MDEQ(nn.Module):
         self.classifier = nn.Linear(c.final_channels * c.head_pool**2, c.num_classes)
         for m in self.f.modules():
             if isinstance(m, nn.Conv2d):
-                # seed 003 A.4: weights drawn from N(0, 0.01) at the start of training; small
+                # Bai et al. 2021 A.4: weights drawn from N(0, 0.01) at the start of training; small
                 # convolutions leave f close to its contractive residual path at initialisation
                 nn.init.normal_(m.weight, std=c.init_std)
                 if c.weight_norm:
@@ -315,7 +315,7 @@ _TINY = dict(
     in_channels=1, image_size=28, downsample_input=1, channels=(16, 32), head_channels=(16, 32),
     final_channels=64, head_pool=2, num_groups=4, f_max_steps=6, eval_max_steps=6, b_max_steps=6,
 )  # fmt: skip
-# CIFAR-10 ("MDEQ-small" of seed 003 Table 4): 4 resolutions 32/16/8/4, channels [28, 56, 112, 224],
+# CIFAR-10 ("MDEQ-small" of Bai et al. 2021 Table 4): 4 resolutions 32/16/8/4, channels [28, 56, 112, 224],
 # GroupNorm, dropout 0.25, weight norm, NFE 7 forward / 8 backward, eps 1e-3 / 1e-4.
 _CIFAR = dict(
     in_channels=3, image_size=32, channels=(28, 56, 112, 224), head_channels=(14, 28, 56, 112),

@@ -93,7 +93,7 @@ _TINY = dict(
     b_max_steps=12,
 )
 # Penn Treebank at CPU scale: state [h, c] of 2 x 128, kernel 2, tied 10k embedding/softmax.
-# Solved by Picard iteration in subsequences of 14 positions (seed 004, note 2). A kernel-2
+# Solved by Picard iteration in subsequences of 14 positions (the original DEQ repository, note 2). A kernel-2
 # layer moves information one position per iteration, so a 70-position segment needs ~70
 # iterations however contractive f is; Anderson (history 6) and Broyden stall on this strongly
 # non-normal Jacobian long before that (measured after 150 training steps, one batch: Anderson
@@ -114,7 +114,7 @@ _SMALL = dict(
     eval_max_steps=40,
     b_max_steps=20,
 )
-# Penn Treebank word level (seed 001 Table 2 scale: ~24M parameters with a 10k vocabulary).
+# Penn Treebank word level (the DEQ talk Table 2 scale: ~24M parameters with a 10k vocabulary).
 _PTB = dict(
     vocab_size=10000,
     d_embed=400,

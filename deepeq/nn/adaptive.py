@@ -1,12 +1,12 @@
 """Adaptive input embeddings (Baevski & Auli 2019) and adaptive softmax (Grave et al. 2017) for
-large vocabularies (WikiText-103: 267K words), with the weights tied as in the seeds' code.
+large vocabularies (WikiText-103: 267K words), with the weights tied as in the papers' code.
 
 The vocabulary, ordered by decreasing frequency, is cut into clusters ``[0, c1), [c1, c2), ...,
 [ck, V)``. Cluster ``i`` has width ``d_i = d / div_value**i``: an embedding table ``(n_i, d_i)``
 and a projection ``d_i -> d``. The softmax scores the head (cluster 0 plus one logit per tail
 cluster) and, inside tail cluster ``i``, ``p(w) = p(cluster i) p(w | cluster i)``. With
 ``tie_weights`` the softmax's word vectors ARE the embedding tables and its projections the
-transposed embedding projections (the seeds tie both), so a tied model stores each matrix once.
+transposed embedding projections (the papers tie both), so a tied model stores each matrix once.
 
 ``torch.nn.AdaptiveLogSoftmaxWithLoss`` has no way to share its matrices with an embedding, hence
 this small module; it is tested against an explicit full softmax (normalisation, NLL).

@@ -46,7 +46,7 @@ class ModelConfig:
 class DataConfig:
     task: Literal["copy_memory", "lm", "image"] = "copy_memory"
     seq_len: int = 100  # copy memory: T (inputs have T + 20 positions); lm: segment length
-    n_train: int = 20000  # copy memory: the seed's 20K training / 2K test samples
+    n_train: int = 20000  # copy memory: the paper's 20K training / 2K test samples
     n_test: int = 2000
     seed: int = 1234  # data generation seed (independent of the training seed)
     # Language modelling (task = "lm"): which corpus, and where its files are.
@@ -83,7 +83,7 @@ class OptimConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class JacobianConfig:
-    """Jacobian regularisation (seed 003): γ A→B on a fraction p of steps; monitoring cadence."""
+    """Jacobian regularisation (Bai et al. 2021): γ A→B on a fraction p of steps; monitoring cadence."""
 
     weight: float = 0.0  # γ (A); 0 disables the penalty
     final_weight: float | None = None  # B (None: constant γ)
