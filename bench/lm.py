@@ -123,11 +123,16 @@ def run_name(label: str) -> str:
 
 
 def _train_step(model, x, y, state, weight: float, probes: int) -> list:
-    """The training loop's step without the optimiser: forward, Jacobian penalty, backward."""
+    """The training loop's step without the optimiser: forward, fixed-point correction, Jacobian
+    penalty, backward."""
     from deepeq.regularization import jacobian_penalty
+    from deepeq.train.loop import correction_loss
 
     nll, _, sols = model(x, state, targets=y)
     loss = nll.mean()
+    fpc = correction_loss(model, sols, y)
+    if fpc is not None:
+        loss = loss + fpc
     if weight > 0:
         pen = sum(jacobian_penalty(s.fz, s.z_leaf, num_samples=probes) for s in sols)
         loss = loss + weight * pen / len(sols)
