@@ -1,4 +1,5 @@
-"""Copy-memory results table from run directories (not a test): the table in docs/results/copy-memory.md.
+"""Copy-memory results table from run directories (not a test): the table in
+docs/results/copy-memory.md.
 
     .venv/bin/python bench/copy_memory.py
 

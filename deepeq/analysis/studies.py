@@ -1,6 +1,6 @@
-"""Analysis commands (``deepeq analyze ...``): convergence of weight-tied stacks (Bai et al. 2019 Fig. 4),
-metric against NFE (the DEQ slides and Bai et al. 2021) and gradient accuracy against solver caps. Each writes a CSV
-and a PNG."""
+"""Analysis commands (``deepeq analyze ...``): convergence of weight-tied stacks (Bai et al. 2019,
+Fig. 4), metric against NFE (the DEQ slides and Bai et al. 2021) and gradient accuracy against
+solver caps. Each writes a CSV and a PNG."""
 
 from __future__ import annotations
 

@@ -149,9 +149,10 @@ _SMALL = dict(
     eval_max_steps=20,
     b_max_steps=12,
 )
-# WikiText-103 (the DEQ talk, Bai et al. 2021 and the original DEQ repository; vocabulary 267,735, frequency-ordered). "medium": embedding
-# 700, sequence length 150, variational dropout 0.06, weight norm; the original DEQ repository trains with f_thres 30,
-# b_thres 50, subsequence length 75 and pretrain_steps ~10-20% of training.
+# WikiText-103 (the DEQ talk, Bai et al. 2021 and the original DEQ repository; vocabulary 267,735,
+# frequency-ordered). "medium": embedding 700, sequence length 150, variational dropout 0.06, weight
+# norm; the original DEQ repository trains with f_thres 30, b_thres 50, subsequence length 75 and
+# pretrain_steps ~10-20% of training.
 _WT103_MEDIUM = dict(
     vocab_size=267735,
     d_embed=700,
@@ -162,8 +163,8 @@ _WT103_MEDIUM = dict(
     dropout=0.06,
     weight_norm=True,
     # The papers solve with Broyden. Causal solving (the default) needs per-position mixing, and
-    # Broyden's per-position inverse estimates diverge on these models (the residual jumps to
-    # O(1) after ~15-30 steps, measured on fresh weights, docs/guide/models.md), so the forward solver is
+    # Broyden's per-position inverse estimates diverge on these models (the residual jumps to O(1)
+    # after ~15-30 steps, measured on fresh weights, docs/guide/models.md), so the forward solver is
     # Anderson with per-position coefficients; the backward solve (not causal) keeps Broyden.
     solver="anderson",
     b_solver="broyden",

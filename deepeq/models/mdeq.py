@@ -1,6 +1,6 @@
-"""Multiscale DEQ (Bai, Koltun & Kolter 2020; Bai et al. 2021 §5): one ``f`` over several resolutions at
-once, solved for its equilibrium; image classification head over all resolutions; its explicit
-weight-tied twin (the same ``f`` unrolled ``depth`` times).
+"""Multiscale DEQ (Bai, Koltun & Kolter 2020; Bai et al. 2021 §5): one ``f`` over several
+resolutions at once, solved for its equilibrium; image classification head over all
+resolutions; its explicit weight-tied twin (the same ``f`` unrolled ``depth`` times).
 
 ``f(z, x̃)`` with ``z = (z_0, ..., z_{S-1})``, ``z_i`` of shape ``(B, C_i, H/2^i, W/2^i)``:
 
@@ -315,8 +315,8 @@ _TINY = dict(
     in_channels=1, image_size=28, downsample_input=1, channels=(16, 32), head_channels=(16, 32),
     final_channels=64, head_pool=2, num_groups=4, f_max_steps=6, eval_max_steps=6, b_max_steps=6,
 )  # fmt: skip
-# CIFAR-10 ("MDEQ-small" of Bai et al. 2021 Table 4): 4 resolutions 32/16/8/4, channels [28, 56, 112, 224],
-# GroupNorm, dropout 0.25, weight norm, NFE 7 forward / 8 backward, eps 1e-3 / 1e-4.
+# CIFAR-10 ("MDEQ-small" of Bai et al. 2021 Table 4): 4 resolutions 32/16/8/4, channels [28, 56,
+# 112, 224], GroupNorm, dropout 0.25, weight norm, NFE 7 forward / 8 backward, eps 1e-3 / 1e-4.
 _CIFAR = dict(
     in_channels=3, image_size=32, channels=(28, 56, 112, 224), head_channels=(14, 28, 56, 112),
     final_channels=1680, num_groups=4, dropout=0.25, f_max_steps=7, eval_max_steps=7, b_max_steps=8,

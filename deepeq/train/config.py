@@ -83,7 +83,7 @@ class OptimConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class JacobianConfig:
-    """Jacobian regularisation (Bai et al. 2021): γ A→B on a fraction p of steps; monitoring cadence."""
+    """Jacobian regularisation (Bai et al. 2021): γ A→B on a fraction p of steps; monitoring."""
 
     weight: float = 0.0  # γ (A); 0 disables the penalty
     final_weight: float | None = None  # B (None: constant γ)
@@ -109,9 +109,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # torch.set_num_threads; 0 leaves the default
-    # CPU: subnormal floats (|x| < 1.2e-38) computed as zero while training (x86 FTZ/DAZ, set on
-    # the main thread and torch's worker threads: train/_denormal.py). Late in training DEQs produce many of them and each costs ~100x
-    # a normal float operation: up to 1.5x time per step measured (docs/results/ptb.md).
+    # CPU: subnormal floats (|x| < 1.2e-38) computed as zero while training (x86 FTZ/DAZ, set on the
+    # main thread and torch's worker threads: train/_denormal.py). Late in training DEQs produce
+    # many of them and each costs ~100x a normal float operation: up to 1.5x time per step measured
+    # (docs/results/ptb.md).
     flush_denormal: bool = True
     out_dir: str = "runs/default"
     max_nonfinite: int = 5  # consecutive skipped (non-finite) steps before the run stops

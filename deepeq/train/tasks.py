@@ -68,7 +68,8 @@ class Task:
 
 
 class CopyMemoryTask(Task):
-    """Copy memory (Bai et al. 2019 appendix F); test loss over all positions, accuracy on the last 10."""
+    """Copy memory (Bai et al. 2019, appendix F); test loss over all positions, accuracy on the
+    last 10."""
 
     eval_fields = ("test_loss", "test_acc")
 
