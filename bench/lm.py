@@ -21,9 +21,9 @@ peak RSS is its own) and evaluated on the whole PTB validation/test streams. Rep
   slides: DEQ 2.8x vs an 18-layer Transformer) and to the weight-tied twin (the DEQ slides: 2.4x
   vs a 70-layer TrellisNet, which is weight-tied); the runs of a family train one after another,
   so these ratios carry the machine's load changes. The ratio columns "(interleaved)" come from
-  one process that loads the family's trained models and times full training steps (forward + backward, same
-  batch, warm memory) round-robin, one step per model per round, ``--rounds`` rounds: load
-  changes hit every model alike;
+  one process that loads the family's trained models and times full training steps (forward +
+  backward, same batch, warm memory) round-robin, one step per model per round, ``--rounds``
+  rounds: load changes hit every model alike;
 * mean forward / backward NFE; the share of training steps whose forward solves all met the
   tolerance (``final.json``: ``fwd_converged_steps``);
 * bytes saved for backward by the equilibrium core alone (embedding and softmax excluded, as the
