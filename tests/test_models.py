@@ -230,6 +230,8 @@ def test_solve_dtype_from_the_config(name):
 @pytest.mark.parametrize("name", [*DEQS, "mdeq_tiny"])
 def test_eval_rtol_sets_only_the_evaluation_solver(name):
     # default: evaluation solves at the training tolerance
+    m = create_model(name)
+    assert m.deq.eval_solver.rtol == m.deq.solver.rtol
     m = create_model(name, f_rtol=1e-2, f_max_steps=7, eval_max_steps=9)
     assert (m.deq.solver.rtol, m.deq.solver.max_steps) == (1e-2, 7)
     assert (m.deq.eval_solver.rtol, m.deq.eval_solver.max_steps) == (1e-2, 9)
