@@ -133,3 +133,33 @@ def test_training_with_correction_logs_its_loss(tmp_path):
     assert all(float(r["fpc_loss"]) > 0 for r in rows)
     assert all(float(r["loss"]) > float(r["task_loss"]) for r in rows)
     assert deepeq.FixedPointCorrection is FixedPointCorrection  # exported at the top level
+
+
+def test_position_sampling_supervises_a_fresh_subset_per_iterate():
+    """correction_positions < 1: each iterate's loss is the mean NLL over ceil(p T) positions,
+    drawn afresh per iterate, and the output head sees only those positions."""
+    from deepeq.train.loop import correction_loss
+
+    torch.manual_seed(0)
+    model = create_model("deq_transformer_tiny", correction_steps=2, correction_positions=0.25)
+    assert model.deq.correction.positions == 0.25
+    x, y = torch.randint(0, 10, (2, 9)), torch.randint(0, 10, (2, 9))
+    _, _, sols = model(x)
+    seen = []
+    hook = model.head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    torch.manual_seed(5)
+    got = correction_loss(model, sols, y)
+    hook.remove()
+    assert seen == [3, 3]  # ceil(0.25 * 9) positions per iterate, not 9
+    torch.manual_seed(5)
+    fpc = model.deq.correction
+    parts = []
+    for z in sols[0].trajectory:
+        idx = torch.randperm(9)[:3].sort().values
+        parts.append(model.head_loss(z, y)[:, idx].mean())
+    want = fpc.gamma**2 * parts[0] + fpc.gamma * parts[1]
+    torch.testing.assert_close(got, want)
+    # all positions: the plain mean, and the sampler says so
+    assert FixedPointCorrection(steps=1).sample(9) is None
+    with pytest.raises(ValueError, match="positions"):
+        FixedPointCorrection(steps=1, positions=0.0)

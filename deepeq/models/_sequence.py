@@ -65,6 +65,7 @@ class SequenceConfig:
     correction_steps: int = 0
     correction_gamma: float = 0.8
     correction_mode: Literal["uniform", "random"] = "uniform"
+    correction_positions: float = 1.0  # share of the positions each supervised iterate pays
     # causal solving (deepeq.fixed_point(causal=True)): per-position stopping, freezing and
     # solver mixing, so that no output ever depends on later tokens whatever the tolerance/cap
     causal_solve: bool = True

@@ -79,7 +79,10 @@ def config_deq(f: nn.Module, c) -> DEQ:
         solve_dtype=getattr(c, "solve_dtype", None),
         causal=getattr(c, "causal_solve", False),
         correction=FixedPointCorrection(
-            steps=c.correction_steps, gamma=c.correction_gamma, mode=c.correction_mode
+            steps=c.correction_steps,
+            gamma=c.correction_gamma,
+            mode=c.correction_mode,
+            positions=getattr(c, "correction_positions", 1.0),
         )
         if c.correction_steps
         else None,

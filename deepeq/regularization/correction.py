@@ -30,11 +30,16 @@ class FixedPointCorrection:
         mode: ``"uniform"`` (steps ``round(j M / (k + 1))``, j = 1 ... k, for the solver cap M;
             a solve that stops earlier supplies its final value for the later ones) or
             ``"random"`` (k distinct steps in ``[1, M - 1]`` drawn from torch's generator).
+        positions: for sequence states ``(B, T, ...)``, the share of the T positions whose loss
+            each supervised iterate pays: a fresh random subset of ``ceil(positions T)`` of them
+            per iterate (``sample``), its mean an unbiased estimate of the all-position mean at
+            a fraction of the output head's cost (1: every position).
     """
 
     steps: int = 0
     gamma: float = 0.8
     mode: Literal["uniform", "random"] = "uniform"
+    positions: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
@@ -46,6 +51,12 @@ class FixedPointCorrection:
             or not (0 < g <= 1 and math.isfinite(g))
         ):
             raise ValueError(f"FixedPointCorrection.gamma must be in (0, 1]; got {g!r}.")
+        p = self.positions
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
+            raise ValueError(
+                f"FixedPointCorrection.positions must be in (0, 1] (the share of a sequence's "
+                f"positions each supervised iterate pays the loss on); got {p!r}."
+            )
         if self.mode not in ("uniform", "random"):
             raise ValueError(
                 f"FixedPointCorrection.mode must be 'uniform' or 'random'; got {self.mode!r}."
@@ -61,6 +72,14 @@ class FixedPointCorrection:
         n = max(1, max_steps - 1)
         chosen = torch.randperm(n, generator=generator)[: min(k, n)] + 1
         return tuple(sorted(int(s) for s in chosen))
+
+    def sample(self, length: int, generator: torch.Generator | None = None) -> Tensor | None:
+        """Sorted indices of the ``ceil(positions * length)`` supervised positions of one
+        iterate, drawn from torch's generator; None when every position is supervised."""
+        n = math.ceil(self.positions * length)
+        if n >= length:
+            return None
+        return torch.randperm(length, generator=generator)[:n].sort().values
 
     def weights(self, n: int) -> list[float]:
         """Weights of n supervised states, earliest first: ``gamma^n, ..., gamma^1``."""

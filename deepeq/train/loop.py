@@ -423,7 +423,9 @@ def _make_cache(cfg: TrainConfig, model, rank: int):
 def correction_loss(model, sols: list, targets: torch.Tensor) -> torch.Tensor | None:
     """Fixed-point correction: the model's training loss on each supervised iterate of the
     solves (``Solution.trajectory``), weighted by the DEQ's ``FixedPointCorrection``;
-    with subsequence solving the chunks' j-th states are joined along time. None when off."""
+    with subsequence solving the chunks' j-th states are joined along time; with
+    ``positions < 1`` each iterate's loss is the mean over a random subset of the positions.
+    None when off."""
     if not sols or not sols[0].trajectory:
         return None
     n = min(len(s.trajectory) for s in sols)
@@ -433,8 +435,16 @@ def correction_loss(model, sols: list, targets: torch.Tensor) -> torch.Tensor | 
         else torch.cat([s.trajectory[j] for s in sols], dim=1)
         for j in range(n)
     ]
-    losses = [model.head_loss(z, targets).mean() for z in states]
-    return model.deq.correction.loss(losses)
+    fpc = model.deq.correction
+    losses = []
+    for z in states:
+        idx = None if isinstance(z, tuple) else fpc.sample(z.shape[1])
+        if idx is None:
+            losses.append(model.head_loss(z, targets).mean())
+        else:  # a random subset of the positions (dim 1), fresh for each iterate
+            idx = idx.to(z.device)
+            losses.append(model.head_loss(z[:, idx], targets[:, idx]).mean())
+    return fpc.loss(losses)
 
 
 def _check_parameters(model: torch.nn.Module, step: int, latest: Path) -> None:
