@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from ._driver import check_args, solve
-from ._flatten import Layout, _describe, check_output, flatten, layout_of, unflatten
-from ._solution import Solution, Stats, Status
+from ._driver import check_args
+from ._flatten import _describe, layout_of, unflatten
+from ._problem import Problem
+from ._solution import Solution
 from ._types import FixedPointFn, State
 from .backward import AbstractBackward, ImplicitBackward
 from .solvers import AbstractSolver, Anderson
@@ -148,13 +149,15 @@ def fixed_point(
         check_causal_solver(solver)
         positions = layout.shapes[0][0]
     keep = _check_keep(keep_iterates)
-    problem = Problem(f, z0, solver, layout, tuple(args), independent, throw, nonfinite, trace)
-    problem.positions = positions
-    if solve_dtype is not None:
-        problem.iterate_f = _autocast(f, layout, _solve_dtype(solve_dtype))
-    if not torch.is_grad_enabled():
+    grad = torch.is_grad_enabled()
+    problem = Problem(
+        f=f, z0=z0, solver=solver, layout=layout, args=tuple(args), independent=independent,
+        throw=throw, nonfinite=nonfinite, trace=trace, positions=positions,
+        iterate_f=None if solve_dtype is None else _autocast(f, layout, _solve_dtype(solve_dtype)),
+        keep=keep if grad else (),
+    )  # fmt: skip
+    if not grad:
         return problem.finish(*problem.solve())
-    problem.keep = {s: None for s in keep} if keep else None
     sol = backward.apply(problem)
     if keep:
         with torch.enable_grad():
@@ -183,87 +186,10 @@ def check_causal_solver(solver: AbstractSolver) -> None:
             "does not split by position: kept per position it ignores how earlier positions move "
             "and diverges on the DEQ language models (residual O(1) after 15-30 steps, measured). "
             "Use deepeq.Anderson (one set of coefficients per position) or deepeq.Picard for a "
-            "causal solve (models: solver='anderson'), or causal=False (models: "
-            "causal_solve=false) for whole-sequence Broyden, whose outputs then depend on later "
+            "causal solve (models: solve.solver = 'anderson'), or causal=False (models: "
+            "solve.causal = false) for whole-sequence Broyden, whose outputs then depend on later "
             "positions unless the solve converges exactly."
         )
-
-
-class Problem:
-    """One validated fixed-point problem, handed to a backward rule's ``apply``."""
-
-    def __init__(self, f, z0, solver, layout, args, independent, throw, nonfinite, trace):
-        self.f, self.solver, self.layout, self.args = f, solver, layout, args
-        self.independent, self.throw, self.nonfinite, self.trace = (
-            independent,
-            throw,
-            nonfinite,
-            trace,
-        )
-        self.z0 = flatten(z0, layout).detach()
-        self.z0_tracked = flatten(z0, layout)  # for UnrolledBackward: gradients reach z0
-        self.iterate_f = f  # what the forward solver calls (f itself, or f under autocast)
-        self.positions = 0  # > 0: causal solving over this many positions (dim 1 of z0)
-        self.keep: dict | None = None  # steps -> kept flat iterates (filled by the solve)
-
-    def solve(
-        self,
-        inverse: dict | None = None,
-        *,
-        min_steps: int = 0,
-        track_z0: bool = False,
-        final: dict | None = None,
-    ) -> tuple[Tensor, Status, Stats]:
-        """Run the solver (recording autograd only if grad mode is on): flat z*, status, stats.
-        ``inverse`` (a dict) receives the solver's inverse-Jacobian estimate, if it keeps one;
-        ``final`` (a dict) the solver state, step count and non-finite flag of every row at its
-        last step (rows: samples, or (sample, position) pairs in causal solving; see
-        ``_driver.solve``);
-        ``min_steps``: no sample stops before this step; ``track_z0``: start from z0 as given
-        (not detached), so that a recorded graph reaches it."""
-        z0 = self.z0_tracked if track_z0 else self.z0
-        if not self.positions:
-            return solve(
-                self.iterate_f, z0, self.solver, self.layout, self.args, self.independent,
-                self.nonfinite, self.trace, inverse, min_steps=min_steps, iterates=self.keep,
-                final=final,
-            )  # fmt: skip
-        # Causal solving: the driver sees one row per (sample, position); f runs on the batch.
-        B, T, layout, f, args = (
-            self.layout.batch,
-            self.positions,
-            self.layout,
-            self.iterate_f,
-            self.args,
-        )
-        d = layout.dim // T
-        rows = Layout(Tensor, ((d,),), (d,), B * T, layout.dtype, layout.device)
-
-        def f_rows(zr: Tensor) -> Tensor:
-            out = f(unflatten(zr.reshape(B, T * d), layout), *args)
-            check_output(out, layout, B)
-            return out.reshape(B * T, d)
-
-        z, status, stats = solve(
-            f_rows, z0.reshape(B * T, d), self.solver, rows, (), False, self.nonfinite,
-            self.trace, inverse, coupled=False, min_steps=min_steps, positions=T, iterates=self.keep,
-            final=final,
-        )  # fmt: skip
-        if self.keep:
-            self.keep = {s: v.reshape(B, T * d) for s, v in self.keep.items()}
-        return z.reshape(B, T * d), status, stats
-
-    def call(self, z: Tensor) -> Tensor:
-        """``f`` on the full batch of flat ``z`` (B, D) -> flat ``f(z)`` in z0's dtype."""
-        out = self.f(unflatten(z, self.layout), *self.args)
-        check_output(out, self.layout, self.layout.batch)
-        return flatten(out, self.layout).to(self.layout.dtype)
-
-    def finish(self, value: Tensor, status: Status, stats: Stats, **extra: Any) -> Solution:
-        sol = Solution(value=unflatten(value, self.layout), status=status, stats=stats, **extra)
-        if self.throw and status is Status.MAX_STEPS:
-            sol.raise_for_status()
-        return sol
 
 
 _SOLVE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}

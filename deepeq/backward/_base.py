@@ -6,7 +6,7 @@ import abc
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .._fixed_point import Problem
+    from .._problem import Problem
     from .._solution import Solution
     from ..solvers import AbstractSolver
 

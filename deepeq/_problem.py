@@ -1,0 +1,99 @@
+"""``Problem``: one validated fixed-point problem, the value ``deepeq.fixed_point`` hands to a
+backward rule. Its own module, so that ``backward/`` depends on it and not on ``_fixed_point``
+(which depends on ``backward/``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from ._driver import solve
+from ._flatten import Layout, check_output, flatten, unflatten
+from ._solution import Solution, Stats, Status
+from ._types import FixedPointFn
+
+
+class Problem:
+    """One validated fixed-point problem (``deepeq.fixed_point`` checked its arguments), handed
+    to a backward rule's ``apply``: the rule calls ``solve`` (the driver loop on flat states),
+    ``call`` (f on flat states) and ``finish`` (the ``Solution``).
+
+    ``iterate_f``: what the forward solver calls (default f; f under autocast for
+    ``solve_dtype``); ``positions`` > 0: causal solving over this many positions (dim 1 of z0);
+    ``keep``: solver steps whose iterates the solve records in ``self.keep`` (a dict, filled by
+    ``solve``; None when there are none)."""
+
+    def __init__(
+        self, *, f: FixedPointFn, z0, solver, layout: Layout, args: tuple, independent: bool,
+        throw: bool, nonfinite: str, trace: bool, positions: int = 0,
+        iterate_f: FixedPointFn | None = None, keep: tuple[int, ...] = (),
+    ):  # fmt: skip
+        self.f, self.solver, self.layout, self.args = f, solver, layout, args
+        self.independent, self.throw, self.nonfinite, self.trace = (
+            independent, throw, nonfinite, trace,
+        )  # fmt: skip
+        self.z0 = flatten(z0, layout).detach()
+        self.z0_tracked = flatten(z0, layout)  # for UnrolledBackward: gradients reach z0
+        self.iterate_f = f if iterate_f is None else iterate_f
+        self.positions = positions
+        self.keep: dict | None = {s: None for s in keep} if keep else None
+
+    def solve(
+        self,
+        inverse: dict | None = None,
+        *,
+        min_steps: int = 0,
+        track_z0: bool = False,
+        final: dict | None = None,
+    ) -> tuple[Tensor, Status, Stats]:
+        """Run the solver (recording autograd only if grad mode is on): flat z*, status, stats.
+        ``inverse`` (a dict) receives the solver's inverse-Jacobian estimate, if it keeps one;
+        ``final`` (a dict) the solver state, step count and non-finite flag of every row at its
+        last step (rows: samples, or (sample, position) pairs in causal solving; see
+        ``_driver.solve``);
+        ``min_steps``: no sample stops before this step; ``track_z0``: start from z0 as given
+        (not detached), so that a recorded graph reaches it."""
+        z0 = self.z0_tracked if track_z0 else self.z0
+        if not self.positions:
+            return solve(
+                self.iterate_f, z0, self.solver, self.layout, self.args, self.independent,
+                self.nonfinite, self.trace, inverse, min_steps=min_steps, iterates=self.keep,
+                final=final,
+            )  # fmt: skip
+        # Causal solving: the driver sees one row per (sample, position); f runs on the batch.
+        B, T, layout, f, args = (
+            self.layout.batch,
+            self.positions,
+            self.layout,
+            self.iterate_f,
+            self.args,
+        )
+        d = layout.dim // T
+        rows = Layout(Tensor, ((d,),), (d,), B * T, layout.dtype, layout.device)
+
+        def f_rows(zr: Tensor) -> Tensor:
+            out = f(unflatten(zr.reshape(B, T * d), layout), *args)
+            check_output(out, layout, B)
+            return out.reshape(B * T, d)
+
+        z, status, stats = solve(
+            f_rows, z0.reshape(B * T, d), self.solver, rows, (), False, self.nonfinite,
+            self.trace, inverse, coupled=False, min_steps=min_steps, positions=T, iterates=self.keep,
+            final=final,
+        )  # fmt: skip
+        if self.keep:
+            self.keep = {s: v.reshape(B, T * d) for s, v in self.keep.items()}
+        return z.reshape(B, T * d), status, stats
+
+    def call(self, z: Tensor) -> Tensor:
+        """``f`` on the full batch of flat ``z`` (B, D) -> flat ``f(z)`` in z0's dtype."""
+        out = self.f(unflatten(z, self.layout), *self.args)
+        check_output(out, self.layout, self.layout.batch)
+        return flatten(out, self.layout).to(self.layout.dtype)
+
+    def finish(self, value: Tensor, status: Status, stats: Stats, **extra: Any) -> Solution:
+        sol = Solution(value=unflatten(value, self.layout), status=status, stats=stats, **extra)
+        if self.throw and status is Status.MAX_STEPS:
+            sol.raise_for_status()
+        return sol
