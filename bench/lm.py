@@ -1,8 +1,8 @@
 """Penn Treebank benchmark at CPU scale: DEQ vs its explicit twins, trained side by side (not a test).
 
     .venv/bin/python bench/lm.py [--steps 600] [--families transformer,trellisnet,llama] [--threads 2]
-        [--variant "solve_dtype=bfloat16"]   # an extra row: the family's DEQ with these overrides
-        [--variant "jac.weight=0.5;jac.probability=0.35;f_max_steps=8"]   # ... or with JR
+        [--variant "solve.dtype=bfloat16"]   # an extra row: the family's DEQ with these overrides
+        [--variant "jac.weight=0.5;jac.probability=0.35;solve.f_max_steps=8"]   # ... or with JR
     .venv/bin/python bench/lm.py --time RUN_DIR [--time RUN_DIR ...]   # interleaved timing only
 
 ``--time`` takes trained run directories (any config, e.g. the 1-hour runs) and prints their
@@ -104,7 +104,8 @@ def read_run(run: Path) -> dict:
 
 
 def parse_overrides(text: str) -> dict:
-    """``"solve_dtype=bfloat16;f_max_steps=12"`` -> ``{"solve_dtype": "bfloat16", "f_max_steps": 12}``."""
+    """``"solve.dtype=bfloat16;solve.f_max_steps=12"`` -> ``{"solve.dtype": "bfloat16",
+    "solve.f_max_steps": 12}`` (dotted keys as on the command line; ``nest`` for Python)."""
     out = {}
     for item in text.split(";"):
         key, sep, value = item.partition("=")
@@ -117,6 +118,19 @@ def parse_overrides(text: str) -> dict:
     return out
 
 
+def nest(flat: dict) -> dict:
+    """Dotted model overrides as ``create_model`` keywords: ``{"solve.f_rtol": 0.01}`` ->
+    ``{"solve": {"f_rtol": 0.01}}``."""
+    out: dict = {}
+    for key, value in flat.items():
+        *path, last = key.split(".")
+        node = out
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
 def run_name(label: str) -> str:
     """Run directory of a row: the label with the override brackets made path-safe."""
     return label.replace("[", "__").replace("]", "").replace("=", "-").replace(",", "_")
@@ -126,7 +140,7 @@ def _train_step(model, x, y, state, weight: float, probes: int) -> list:
     """The training loop's step without the optimiser: forward, fixed-point correction, Jacobian
     penalty, backward."""
     from deepeq.regularization import jacobian_penalty
-    from deepeq.train.loop import correction_loss
+    from deepeq.train.step import correction_loss
 
     nll, _, sols = model(x, state, targets=y)
     loss = nll.mean()
@@ -162,8 +176,8 @@ def interleaved_step_s(
 
     from torch.utils.flop_counter import FlopCounterMode
 
+    from deepeq.train import load_run
     from deepeq.train._denormal import set_flush_denormal
-    from deepeq.train.loop import load_run
 
     if threads:
         torch.set_num_threads(threads)
@@ -271,7 +285,7 @@ def main(argv=None) -> None:
         default=[],
         metavar="KEY=VALUE[;KEY=VALUE]",
         help="an extra row: each family's DEQ with these model overrides (repeatable), e.g. "
-        "solve_dtype=bfloat16; keys starting with 'jac.' set the Jacobian regularisation "
+        "solve.dtype=bfloat16; keys starting with 'jac.' set the Jacobian regularisation "
         "(jac.weight=0.5;jac.probability=0.35)",
     )
     p.add_argument(
@@ -323,7 +337,7 @@ def main(argv=None) -> None:
                     cmd.append("--resume")
                 subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
             res[label] = read_run(run)
-            mov = {k: x for k, x in ov.items() if not k.startswith("jac.")}  # model overrides
+            mov = nest({k: x for k, x in ov.items() if not k.startswith("jac.")})  # model
             res[label]["saved"] = core_saved_mib(name, mov)
             with torch.device("meta"):
                 m = create_model(name, vocab_size=10000, **mov)

@@ -33,8 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from deepeq.analysis import saved_bytes  # noqa: E402
 from deepeq.analysis.studies import format_sweep, sweep  # noqa: E402
-from deepeq.train import load_config  # noqa: E402
-from deepeq.train.loop import load_run  # noqa: E402
+from deepeq.train import load_config, load_run  # noqa: E402
 
 CONFIGS = ["configs/mnist_mdeq.toml", "configs/mnist_mdeq_jr.toml", "configs/mnist_mdeq_tied.toml"]
 CAPS = [1, 2, 4, 6, 8, 12, 16, 24, 50]
@@ -95,7 +94,7 @@ def main(argv=None) -> None:
                 rs = sweep(model, task, CAPS)
                 cache.write_text(json.dumps({"key": key, "rows": rs}))
             sweeps[run.name] = format_sweep(rs)
-            at_train = next(r for r in rs if r["max_steps"] == model.config.f_max_steps)
+            at_train = next(r for r in rs if r["max_steps"] == model.config.solve.f_max_steps)
             best = max(rs, key=lambda r: r["test_acc"])
             rows[-1].update(
                 acc_train_cap=at_train["test_acc"], best_acc=best["test_acc"], best_cap=best["max_steps"],

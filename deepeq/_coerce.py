@@ -32,7 +32,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return coerce(value, a, key)
             except (TypeError, ValueError):
                 pass
-        raise TypeError(f"{key}: expected {_name(tp)}; got {value!r} ({type(value).__name__}).")
+        literal = any(typing.get_origin(a) is typing.Literal for a in args)
+        err = ValueError if literal and isinstance(value, str) else TypeError  # a word: a choice
+        raise err(f"{key}: expected {_name(tp)}; got {value!r} ({type(value).__name__}).")
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if not any(value == c and type(value) is type(c) for c in choices):
@@ -73,4 +75,12 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _name(tp: Any) -> str:
+    """A readable name of an annotation: ``int``, ``one of 'a', 'b'``, ``float or None``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_name(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

@@ -121,10 +121,14 @@ def generate(
     model.eval()
     if window is None:
         window = max(getattr(model.config, "mem_len", 0), 64)
+    from .models import SequenceModel, equilibrium_layer
+
     scope = (
-        model.memory_window(window) if hasattr(model, "memory_window") else contextlib.nullcontext()
+        model.memory_window(window)
+        if isinstance(model, SequenceModel)
+        else contextlib.nullcontext()
     )
-    deq_core = getattr(model.config, "core", None) == "deq"
+    deq_core = equilibrium_layer(model) is not None
     out, scores, nfe, residual = [], [], [], 0.0
     try:
         with scope:

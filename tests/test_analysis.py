@@ -196,7 +196,7 @@ def test_gradient_accuracy_command(tmp_path, capsys):
     args = ["--steps=2", "--data.seq_len=10", "--data.n_train=32", "--data.n_test=16"]
     # converges to 1e-7 in float32 when trained 2 steps; whole-sequence solves, so that the
     # SHINE rows below may use Broyden (a causal solve cannot)
-    args += ["--model.name=deq_trellisnet_tiny", "--model.overrides.causal_solve=false"]
+    args += ["--model.name=deq_trellisnet_tiny", "--model.overrides.solve.causal=false"]
     assert main(["train", cfg, *args, "--batch_size=8", "--no-progress", f"--out_dir={run}"]) == 0
     out = tmp_path / "an"
     assert (

@@ -87,8 +87,8 @@ def test_deq_starts_cached_examples_at_their_equilibrium():
 def test_training_with_the_cache_needs_fewer_forward_nfe_once_examples_recur(tmp_path):
     # copy memory: 32 examples, batch 8 -> 4 steps per epoch; every example recurs in epoch 2
     args = ["--steps=8", "--data.seq_len=10", "--data.n_train=32", "--data.n_test=16", "--batch_size=8",
-            "--eval_every=8", "--ckpt_every=8", "--optim.lr=1e-4", "--model.overrides.f_rtol=3e-2",
-            "--model.overrides.f_max_steps=40"]  # fmt: skip
+            "--eval_every=8", "--ckpt_every=8", "--optim.lr=1e-4", "--model.overrides.solve.f_rtol=3e-2",
+            "--model.overrides.solve.f_max_steps=40"]  # fmt: skip
     runs = {}
     for on in (False, True):
         out = tmp_path / str(on)

@@ -93,8 +93,10 @@ def test_causal_solve_errors():
     with pytest.raises(ValueError, match="independent=False is not supported"):
         fixed_point(f, torch.zeros_like(a), Anderson(), args=(a,), causal=True, independent=False)
     with pytest.raises(ValueError, match="Broyden"):
-        create_model("deq_transformer_tiny", solver="broyden")
-    create_model("deq_transformer_tiny", solver="broyden", causal_solve=False)  # whole sequence
+        create_model("deq_transformer_tiny", solve=dict(solver="broyden"))
+    create_model(
+        "deq_transformer_tiny", solve=dict(solver="broyden", causal=False)
+    )  # whole sequence
 
 
 # Every registered sequence DEQ at its own solver settings; only sizes are reduced for the paper

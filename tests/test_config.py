@@ -12,12 +12,12 @@ from deepeq.train import ConfigError, load_config
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("--model.overrides.f_max_stepz=3", r"Unknown config field\(s\) \['f_max_stepz'\].*'f_max_steps'"),
-        ("--model.overrides.solver=andersn", r"solver: expected one of 'picard', 'anderson', 'broyden', 'reversible'; got 'andersn'"),
-        ("--model.overrides.f_max_steps=0", r"f_max_steps must be an int >= 1"),
+        ("--model.overrides.f_max_stepz=3", r"Unknown config field\(s\) \['f_max_stepz'\].*Did you mean 'solve.f_max_steps'\?"),
+        ("--model.overrides.solve.solver=andersn", r"solver: expected one of 'picard', 'anderson', 'broyden', 'reversible'; got 'andersn'"),
+        ("--model.overrides.solve.f_max_steps=0", r"solve \(f_max_steps / f_rtol\): Anderson.max_steps must be >= 1; got 0"),
         ("--model.overrides.weight_norm=yes", r"weight_norm: expected true or false"),
-        ("--model.overrides.backward=reversible", r"backward = 'reversible' undoes the iterations of solver = 'reversible'"),
-        ("--model.overrides.solver=broyden", r"Broyden's inverse-Jacobian estimate does not split by position"),
+        ("--model.overrides.solve.backward=reversible", r"solve.backward = 'reversible' undoes the iterations of solve.solver = 'reversible'"),
+        ("--model.overrides.solve.solver=broyden", r"Broyden's inverse-Jacobian estimate does not split by position"),
         ("--model.name=deq_transformr_tiny", r"unknown model 'deq_transformr_tiny'; registered models: \[.*'deq_transformer_tiny'"),
         ("--optim.schedule=cosin", r"optim.schedule: expected one of 'cosine', 'constant'; got 'cosin'"),
         ("--optim.name=adan", r"optim.name: expected one of 'adam', 'adamw', 'radam', 'sgd'"),
@@ -43,9 +43,9 @@ def test_malformed_toml(tmp_path):
 
 def test_jacobian_regularisation_needs_the_implicit_backward():
     with pytest.raises(
-        ConfigError, match=r"jac.weight = 0.5 .* model.overrides.backward is 'phantom'"
+        ConfigError, match=r"jac.weight = 0.5 .* model.overrides.solve.backward is 'phantom'"
     ):
-        load_config(None, ["--jac.weight=0.5", "--model.overrides.backward=phantom"])
+        load_config(None, ["--jac.weight=0.5", "--model.overrides.solve.backward=phantom"])
     load_config(None, ["--jac.weight=0.5"])  # implicit (default): fine
 
 
@@ -53,13 +53,18 @@ def test_model_config_builds_only_the_config_for_every_registered_model():
     for name in list_models():
         c = model_config(name)
         assert type(c).__name__.endswith("Config"), name
-    assert model_config("mdeq_tiny", f_max_steps=3).f_max_steps == 3
+    assert model_config("mdeq_tiny", solve=dict(f_max_steps=3)).solve.f_max_steps == 3
 
 
 def test_cli_prints_config_errors_in_one_line_before_writing_anything(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(
-        ["train", "configs/ptb_quick.toml", "--model.overrides.solver=andersn", f"--out_dir={out}"]
+        [
+            "train",
+            "configs/ptb_quick.toml",
+            "--model.overrides.solve.solver=andersn",
+            f"--out_dir={out}",
+        ]
     )
     assert rc == 2 and not out.exists()
     err = capsys.readouterr().err

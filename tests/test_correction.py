@@ -103,7 +103,7 @@ def test_pick_and_weights():
 @pytest.mark.parametrize("name", ["deq_transformer_tiny", "deq_trellisnet_tiny", "mdeq_tiny"])
 def test_model_configs_supervise_iterates_in_training_only(name):
     torch.manual_seed(0)
-    model = create_model(name, correction_steps=2)
+    model = create_model(name, solve=dict(correction_steps=2))
     assert model.deq.correction == FixedPointCorrection(steps=2)
     if name.startswith("mdeq"):
         x, y = torch.randn(2, 1, 28, 28), torch.tensor([3, 4])
@@ -126,7 +126,7 @@ def test_training_with_correction_logs_its_loss(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs/copy_memory_tiny.toml",
-                      ["--steps=2", "--model.overrides.correction_steps=2", f"--out_dir={tmp_path}"])  # fmt: skip
+                      ["--steps=2", "--model.overrides.solve.correction_steps=2", f"--out_dir={tmp_path}"])  # fmt: skip
     train(cfg, progress=False)
     with (tmp_path / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
@@ -138,10 +138,12 @@ def test_training_with_correction_logs_its_loss(tmp_path):
 def test_position_sampling_supervises_a_fresh_subset_per_iterate():
     """correction_positions < 1: each iterate's loss is the mean NLL over ceil(p T) positions,
     drawn afresh per iterate, and the output head sees only those positions."""
-    from deepeq.train.loop import correction_loss
+    from deepeq.train.step import correction_loss
 
     torch.manual_seed(0)
-    model = create_model("deq_transformer_tiny", correction_steps=2, correction_positions=0.25)
+    model = create_model(
+        "deq_transformer_tiny", solve=dict(correction_steps=2, correction_positions=0.25)
+    )
     assert model.deq.correction.positions == 0.25
     x, y = torch.randint(0, 10, (2, 9)), torch.randint(0, 10, (2, 9))
     _, _, sols = model(x)

@@ -30,7 +30,7 @@ def test_cached_decoding_equals_recomputing_the_prefix(name):
     solve stopped at its cap leaves both computations off by its residual)."""
     torch.manual_seed(0)
     deq = name.startswith("deq_")
-    model = create_model(name, vocab_size=60, **({"eval_max_steps": 200} if deq else {}))
+    model = create_model(name, vocab_size=60, **({"solve": {"eval_max_steps": 200}} if deq else {}))
     prompt = torch.randint(0, 60, (6,), generator=torch.Generator().manual_seed(1))
     out = generate(model, prompt, 8, temperature=0)
     seq = torch.cat([prompt, out.tokens])
@@ -48,7 +48,7 @@ def test_cached_decoding_is_the_same_equilibrium(name):
     """At a tight tolerance (float64) the cached solves give the recomputed scores to 1e-7:
     the cache changes the computation, not the equilibrium."""
     torch.manual_seed(0)
-    model = create_model(name, vocab_size=60, f_rtol=1e-11, eval_max_steps=300).double()
+    model = create_model(name, vocab_size=60, solve=dict(f_rtol=1e-11, eval_max_steps=300)).double()
     prompt = torch.randint(0, 60, (6,), generator=torch.Generator().manual_seed(1))
     out = generate(model, prompt, 5, temperature=0)
     ref = _recompute(model, torch.cat([prompt, out.tokens]), len(prompt), 5)

@@ -178,7 +178,10 @@ def test_lm_task_segments_follow_the_stream():
 def test_segments_with_memory_equal_one_long_pass():
     torch.manual_seed(0)
     m = create_model(
-        "deq_transformer_tiny", vocab_size=10, mem_len=8, f_rtol=1e-10, eval_max_steps=300
+        "deq_transformer_tiny",
+        vocab_size=10,
+        mem_len=8,
+        solve=dict(f_rtol=1e-10, eval_max_steps=300),
     ).double()
     m.eval()
     tokens = torch.randint(0, 10, (2, 16))

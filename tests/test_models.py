@@ -46,10 +46,21 @@ def test_registry():
     # taking it for a bool would switch Pre-LN on; a float cap or a bool rate are refused too.
     for bad, msg in [
         (dict(pre_ln="false"), r"DEQTransformerConfig.pre_ln: expected true or false; got 'false'"),
-        (dict(f_max_steps=5.0), r"f_max_steps: expected an int; got 5.0 \(float\)"),
+        (
+            dict(solve=dict(f_max_steps=5.0)),
+            r"solve.f_max_steps: expected an int; got 5.0 \(float\)",
+        ),
         (dict(dropout=True), r"dropout: expected a float; got True"),
         (dict(cutoffs=[5, "a"]), r"cutoffs\[1\]: expected an int; got 'a'"),
-        (dict(solve_dtype=3), r"solve_dtype: expected str \| None; got 3"),
+        (
+            dict(solve=dict(dtype=3)),
+            r"solve.dtype: expected one of 'bfloat16', 'float16' or None; got 3",
+        ),
+        (dict(solve=3), r"solve: expected a table of SolveSpec fields or a SolveSpec; got 3"),
+        (
+            dict(f_rtol=1e-2),
+            r"f_rtol: the solver settings of DEQTransformerConfig live in its solve spec.*write solve.f_rtol",
+        ),
     ]:
         with pytest.raises(TypeError, match=msg):
             create_model("deq_transformer_tiny", **bad)
@@ -83,7 +94,7 @@ def test_causality(name, pre_ln):
     torch.manual_seed(0)
     kw = dict(pre_ln=pre_ln) if "transformer" in name else {}
     if name.startswith("deq_"):
-        kw.update(f_rtol=1e-10, f_max_steps=300, eval_max_steps=300)
+        kw.update(solve=dict(f_rtol=1e-10, f_max_steps=300, eval_max_steps=300))
     model = create_model(name, **kw).double().eval()
     a, b = tokens(B=2, T=10), tokens(B=2, T=10, seed=1)
     t = 6
@@ -145,7 +156,11 @@ def test_relative_attention_matches_the_formula(path, monkeypatch):
 @pytest.mark.parametrize("name", TINY)
 def test_two_segments_with_memory_equal_one_pass(name):
     torch.manual_seed(0)
-    kw = dict(f_rtol=1e-10, f_max_steps=300, eval_max_steps=300) if name.startswith("deq_") else {}
+    kw = (
+        dict(solve=dict(f_rtol=1e-10, f_max_steps=300, eval_max_steps=300))
+        if name.startswith("deq_")
+        else {}
+    )
     model = create_model(name, mem_len=8, **kw).double().eval()
     x = tokens(B=2, T=16)
     with torch.no_grad():
@@ -159,7 +174,7 @@ def test_two_segments_with_memory_equal_one_pass(name):
 @pytest.mark.parametrize("name", DEQS)
 def test_subsequence_solving_matches_full_solve(name):
     torch.manual_seed(0)
-    kw = dict(f_rtol=1e-10, f_max_steps=300, b_rtol=1e-10, b_max_steps=300)
+    kw = dict(solve=dict(f_rtol=1e-10, f_max_steps=300, b_rtol=1e-10, b_max_steps=300))
     full_model = create_model(name, **kw).double()
     chunked = create_model(name, subseq_len=4, **kw).double()
     chunked.load_state_dict(full_model.state_dict())
@@ -179,9 +194,13 @@ def test_subsequence_solving_matches_full_solve(name):
 @pytest.mark.parametrize("name", DEQS)
 def test_phantom_backward_is_k_tracked_steps_from_the_equilibrium(name):
     torch.manual_seed(0)
-    kw = dict(f_rtol=1e-12, f_max_steps=300, eval_max_steps=300)
-    implicit = create_model(name, **kw).double().eval()
-    phantom = create_model(name, backward="phantom", phantom_steps=2, **kw).double().eval()
+    tight = dict(f_rtol=1e-12, f_max_steps=300, eval_max_steps=300)
+    implicit = create_model(name, solve=tight).double().eval()
+    phantom = (
+        create_model(name, solve={**tight, "backward": "phantom", "phantom_steps": 2})
+        .double()
+        .eval()
+    )
     phantom.load_state_dict(implicit.state_dict())
     x = tokens()
     with torch.no_grad():
@@ -203,15 +222,15 @@ def test_phantom_backward_is_k_tracked_steps_from_the_equilibrium(name):
     for n, p in m.named_parameters():
         torch.testing.assert_close(grads[n].grad, p.grad, atol=1e-9, rtol=1e-7, msg=n)
     with pytest.raises(ValueError, match=r"backward: expected one of 'implicit', 'phantom'"):
-        create_model(name, backward="unrolled")
+        create_model(name, solve=dict(backward="unrolled"))
 
 
 @pytest.mark.parametrize("name", DEQS)
 def test_solve_dtype_from_the_config(name):
     torch.manual_seed(0)
     # a cap at which both solves reach the tolerance: capped solves differ by their residuals
-    ref = create_model(name, f_rtol=1e-2, f_max_steps=60)
-    m = create_model(name, f_rtol=1e-2, f_max_steps=60, solve_dtype="bfloat16")
+    ref = create_model(name, solve=dict(f_rtol=1e-2, f_max_steps=60))
+    m = create_model(name, solve=dict(f_rtol=1e-2, f_max_steps=60, dtype="bfloat16"))
     m.load_state_dict(ref.state_dict())
     assert m.deq.solve_dtype == "bfloat16" and m.deq.eval_solve_dtype is None
     x = tokens()
@@ -223,8 +242,8 @@ def test_solve_dtype_from_the_config(name):
     # fresh deq_llama_tiny is the worst conditioned (14-37 Anderson steps here): 6.0% measured
     bound = 0.1 if "llama" in name else 0.05
     assert ((out - out_ref).norm() / out_ref.norm()).item() < bound
-    with pytest.raises(ValueError, match="solve_dtype must be"):
-        create_model(name, solve_dtype="int8")
+    with pytest.raises(ValueError, match=r"solve\.dtype: expected one of 'bfloat16', 'float16'"):
+        create_model(name, solve=dict(dtype="int8"))
 
 
 @pytest.mark.parametrize("name", [*DEQS, "mdeq_tiny"])
@@ -232,14 +251,14 @@ def test_eval_rtol_sets_only_the_evaluation_solver(name):
     # default: evaluation solves at the training tolerance
     m = create_model(name)
     assert m.deq.eval_solver.rtol == m.deq.solver.rtol
-    m = create_model(name, f_rtol=1e-2, f_max_steps=7, eval_max_steps=9)
+    m = create_model(name, solve=dict(f_rtol=1e-2, f_max_steps=7, eval_max_steps=9))
     assert (m.deq.solver.rtol, m.deq.solver.max_steps) == (1e-2, 7)
     assert (m.deq.eval_solver.rtol, m.deq.eval_solver.max_steps) == (1e-2, 9)
-    m = create_model(name, f_rtol=1e-2, eval_rtol=1e-4)
+    m = create_model(name, solve=dict(f_rtol=1e-2, eval_rtol=1e-4))
     assert (m.deq.solver.rtol, m.deq.eval_solver.rtol) == (1e-2, 1e-4)
     assert type(m.deq.eval_solver) is type(m.deq.solver)
     with pytest.raises(ValueError, match=r"rtol must be finite and >= 0; got -1"):
-        create_model(name, eval_rtol=-1.0)
+        create_model(name, solve=dict(eval_rtol=-1.0))
 
 
 @pytest.mark.parametrize("name", DEQS)
@@ -282,7 +301,7 @@ def test_pretraining_mode_is_a_k_step_unroll(name):
 )
 def test_untied_twin_matches_non_embedding_parameters(deq, untied):
     a, b = create_model(deq), create_model(untied)
-    assert len(b.blocks) == a.depth == a.config.f_max_steps
+    assert len(b.blocks) == a.depth == a.config.solve.f_max_steps
     assert (
         abs(b.non_embedding_parameters() - a.non_embedding_parameters())
         <= 0.05 * a.non_embedding_parameters()

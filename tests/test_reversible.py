@@ -288,9 +288,10 @@ def test_errors():
     with pytest.raises(TypeError, match="ReversibleBackward undoes"):
         deepeq.DEQ(torch.nn.Linear(2, 2), solver=Anderson(), backward=ReversibleBackward())
     with pytest.raises(
-        ValueError, match="backward = 'reversible' undoes the iterations of solver = 'reversible'"
+        ValueError,
+        match=r"solve\.backward = 'reversible' undoes the iterations of solve\.solver = 'reversible'",
     ):
-        create_model("deq_transformer_tiny", backward="reversible")
+        create_model("deq_transformer_tiny", solve=dict(backward="reversible"))
     assert deepeq.make_solver("reversible", beta=0.5) == Reversible(beta=0.5)
 
 
@@ -304,7 +305,7 @@ def test_models_at_their_settings_with_solver_reversible(name, dtype):
     In float32 the Transformer's attention uses a fused kernel only without autograd, so the
     reversal must recompute its values without grad (else it drifts: 5% gradient error)."""
     torch.manual_seed(0)
-    model = create_model(name, solver="reversible", backward="reversible").to(dtype)
+    model = create_model(name, solve=dict(solver="reversible", backward="reversible")).to(dtype)
     assert isinstance(model.deq.solver, Reversible) and model.deq.solver.beta == 0.5
     g = torch.Generator().manual_seed(0)
     if name.startswith("mdeq"):

@@ -15,8 +15,15 @@ import torch
 from deepeq.__main__ import main
 from deepeq.data import copy_memory
 from deepeq.models import _registry
-from deepeq.train import ConfigError, TrainConfig, checkpoint, dump_config, load_config, train
-from deepeq.train.loop import load_run
+from deepeq.train import (
+    ConfigError,
+    TrainConfig,
+    checkpoint,
+    dump_config,
+    load_config,
+    load_run,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("copy_memory_*.toml"))
@@ -52,18 +59,17 @@ def test_config_overrides_and_errors(tmp_path):
         None,
         [
             "--model.overrides.pre_ln=true",
-            "--model.overrides.b_rtol=1e-2",
+            "--model.overrides.solve.b_rtol=1e-2",
             "--model.overrides.cutoffs=[20, 40]",
             "--model.overrides.tie_weights=False",
-            "--model.overrides.solve_dtype=bfloat16",
+            "--model.overrides.solve.dtype=bfloat16",
         ],
     ).model.overrides
     assert free == {
         "pre_ln": True,
-        "b_rtol": 0.01,
+        "solve": {"b_rtol": 0.01, "dtype": "bfloat16"},
         "cutoffs": [20, 40],
         "tie_weights": False,
-        "solve_dtype": "bfloat16",
     }
     with pytest.raises(
         ConfigError,
@@ -133,8 +139,8 @@ def test_two_steps_of_every_language_model_config(config, tmp_path):
     over = [
         "--steps=2", "--batch_size=2", "--data.seq_len=6", "--data.eval_limit=40",
         "--eval_every=1", "--eval_batch_size=2", "--device=cpu", f"--out_dir={tmp_path / 'run'}",
-        "--data.cache_dir=", "--model.overrides.f_max_steps=3", "--model.overrides.b_max_steps=3",
-        "--model.overrides.eval_max_steps=3",
+        "--data.cache_dir=", "--model.overrides.solve.f_max_steps=3", "--model.overrides.solve.b_max_steps=3",
+        "--model.overrides.solve.eval_max_steps=3",
     ]  # fmt: skip
     if cfg.data.corpus.startswith("wikitext"):
         wt = tmp_path / "wt"
@@ -326,12 +332,13 @@ def test_jacobian_regularisation_needs_the_implicit_backward(tmp_path):
     args = [*SMALL, "--jac.weight=1", "--jac.probability=0.01", f"--out_dir={tmp_path}"]
     with pytest.raises(ConfigError, match=r"jac.weight = 1 differentiates f\(z\*\)"):
         load_config(
-            ROOT / "configs/copy_memory_tiny.toml", [*args, "--model.overrides.backward=phantom"]
+            ROOT / "configs/copy_memory_tiny.toml",
+            [*args, "--model.overrides.solve.backward=phantom"],
         )
     # a config built in Python (not loaded) is checked by the training loop at its first step
     cfg = load_config(ROOT / "configs/copy_memory_tiny.toml", args)
     cfg = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, overrides={"backward": "phantom"})
+        cfg, model=dataclasses.replace(cfg.model, overrides={"solve": {"backward": "phantom"}})
     )
     with pytest.raises(ValueError, match=r"jac.weight = 1 needs f\(z\*\) tracked"):
         train(cfg, progress=False)
@@ -342,13 +349,13 @@ def test_shine_backward_without_iterations_trains(tmp_path):
     inverse estimate with no vector-Jacobian product; the log has bwd_nfe 0 and no residual."""
     import csv
 
-    args = [*SMALL, "--model.overrides.b_init=shine", "--model.overrides.b_max_steps=0",
-            "--model.overrides.causal_solve=false"]  # fmt: skip
-    with pytest.raises(ValueError, match=r"Anderson does not keep.*solver='broyden'"):
+    args = [*SMALL, "--model.overrides.solve.b_init=shine", "--model.overrides.solve.b_max_steps=0",
+            "--model.overrides.solve.causal=false"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"Anderson does not keep.*solve.solver = 'broyden'"):
         train(load_config(ROOT / "configs/copy_memory_tiny.toml", [*args, f"--out_dir={tmp_path}"]))
     cfg = load_config(
         ROOT / "configs/copy_memory_tiny.toml",
-        [*args, "--model.overrides.solver=broyden", f"--out_dir={tmp_path / 'run'}"],
+        [*args, "--model.overrides.solve.solver=broyden", f"--out_dir={tmp_path / 'run'}"],
     )
     train(cfg, progress=False)
     with open(tmp_path / "run" / "metrics.csv") as fh:
@@ -579,7 +586,7 @@ def test_coerce_checks_values_against_annotations():
         coerce([1, "a"], tuple[int, ...], "k")
     with pytest.raises(TypeError, match=r"k: expected a list; got 3 \(int\)"):
         coerce(3, tuple[int, ...], "k")
-    with pytest.raises(TypeError, match=r"k: expected int \| None; got 'x'"):
+    with pytest.raises(TypeError, match=r"k: expected int or None; got 'x'"):
         coerce("x", int | None, "k")
     with pytest.raises(TypeError, match=r"k: expected an int; got True"):
         coerce(True, int, "k")
@@ -607,7 +614,12 @@ def test_convergence_summary_by_epoch():
 def test_final_summary_reports_convergence(tmp_path, capsys):
     cfg = str(ROOT / "configs/copy_memory_tiny.toml")
     # cap 1: no forward solve meets the tolerance, and the summary says so
-    args = [*SMALL, "--model.overrides.f_max_steps=1", f"--out_dir={tmp_path}", "--no-progress"]
+    args = [
+        *SMALL,
+        "--model.overrides.solve.f_max_steps=1",
+        f"--out_dir={tmp_path}",
+        "--no-progress",
+    ]
     assert main(["train", cfg, *args]) == 0
     out = capsys.readouterr().out
     assert "convergence: forward solves met their tolerance on 0% of training steps" in out

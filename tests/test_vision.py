@@ -15,8 +15,7 @@ from deepeq.data import images as im
 from deepeq.models import create_model, list_models
 from deepeq.models.mdeq import Fusion, MDEQConfig
 from deepeq.solvers import make_solver
-from deepeq.train import load_config, train
-from deepeq.train.loop import load_run
+from deepeq.train import load_config, load_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # Registry-wide, at CPU-test sizes: paper models keep their structure (4 resolutions, channels
@@ -27,7 +26,9 @@ SMALL_IMAGES = {"mdeq_imagenet": dict(image_size=32), "mdeq_cifar": {}}
 @pytest.mark.parametrize("name", list_models("mdeq*"))
 def test_every_mdeq_trains_one_step(name):
     torch.manual_seed(0)
-    model = create_model(name, f_max_steps=3, b_max_steps=3, **SMALL_IMAGES.get(name, {}))
+    model = create_model(
+        name, solve=dict(f_max_steps=3, b_max_steps=3), **SMALL_IMAGES.get(name, {})
+    )
     c = model.config
     x = torch.randn(2, c.in_channels, c.image_size, c.image_size)
     logits, state, sols = model(x)

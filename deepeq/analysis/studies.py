@@ -1,46 +1,20 @@
 """Analysis commands (``deepeq analyze ...``): convergence of weight-tied stacks (Bai et al. 2019,
 Fig. 4), metric against NFE (the DEQ slides and Bai et al. 2021) and gradient accuracy against
-solver caps. Each writes a CSV and a PNG."""
+solver caps. They compute rows; ``analysis.plots`` draws them. Variants of a model's solve are
+twins from ``model.with_solve(dataclasses.replace(spec, ...))``: the model itself is never
+changed."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import time
-from pathlib import Path
 
 import torch
 
 from .._fixed_point import fixed_point
-from ..solvers import Broyden, make_solver
+from ..models._protocol import equilibrium_layer, require_equilibrium
+from ..solvers import Broyden
 from ..train.config import ConfigError
-
-
-def _problem(model, T: int, batch: int, g: torch.Generator, images=None):
-    """(f, args, z0) of the model's equilibrium problem on one input batch: random token
-    sequences of length T for sequence models; for image models (MDEQ) the given images
-    (e.g. the run's test images) or, without them, standard-normal images."""
-    if getattr(model, "family", None) == "mdeq":
-        c = model.config
-        x = (
-            images[:batch]
-            if images is not None
-            else torch.randn(batch, c.in_channels, c.image_size, c.image_size, generator=g)
-        )
-        inj = model.inject(x)
-        z0 = tuple(inj[0].new_zeros(s) for s in model.state_shapes(x.shape[0]))
-        return model.f, (inj,), z0
-    if not all(hasattr(model, a) for a in ("embed", "inject", "f", "initial_context")):
-        raise ConfigError(
-            f"{type(model).__name__} is not a DEQ sequence or image model (needs embed, inject, "
-            f"f, or an MDEQ); use a deq_* or mdeq_* model from deepeq.models.list_models()."
-        )
-    tokens = torch.randint(0, model.config.vocab_size, (batch, T), generator=g)
-    x = model.embed(tokens)
-    ctx = model.initial_context(batch, model.size, x.device, x.dtype)
-    inj = model.inject(x, ctx)
-    x = model.layer_input(model.f, inj, ctx)
-    return model.f, (x,), torch.zeros(batch, T, model.state_dim(model.size))
 
 
 def _flat(z) -> torch.Tensor:
@@ -58,13 +32,14 @@ def stack_convergence(
     trace on the same input (same NFE axis). Sequence models: random token sequences of each
     length in ``lengths``; image models (MDEQ): ``images`` (or random ones), one "length" = the
     image size."""
+    require_equilibrium(model, "the convergence study")
     model.eval()
     g = torch.Generator().manual_seed(seed)
-    if getattr(model, "family", None) == "mdeq":
+    if not model.variable_length:
         lengths = [model.config.image_size]
     rows = []
     for T in lengths:
-        f, args, z0 = _problem(model, T, batch, g, images)
+        f, args, z0 = model.equilibrium_problem(batch, g, T, images)
         z = z0
         stack = []
         for _ in range(layers):
@@ -101,31 +76,21 @@ def sweep(model, task, caps: list[int | None], splits: tuple[str, ...] | None = 
     final splits by default."""
     from ..train.loop import evaluate
 
-    rows = []
-    configured = model.deq.eval_solver if hasattr(model, "deq") else None
-    try:
-        for cap in caps:
-            rows.append(_sweep_row(model, task, cap, splits, evaluate, configured))
-    finally:  # the sweep must not leave the model with its last cap
-        if hasattr(model, "deq"):
-            model.deq.eval_solver = configured
-    return rows
+    return [_sweep_row(model, task, cap, splits, evaluate) for cap in caps]
 
 
 def _mean(v: list[float]) -> float | None:
     return sum(v) / len(v) if v else None
 
 
-def _sweep_row(model, task, cap, splits, evaluate, configured) -> dict:
+def _sweep_row(model, task, cap, splits, evaluate) -> dict:
     nfe: list[int] = []
     per_sample: list[float] = []
     res: list[float] = []
     hook = None
-    if hasattr(model, "deq"):
-        # the configured eval solver with another cap: every other hyper-parameter kept
-        model.deq.eval_solver = (
-            configured if cap is None else dataclasses.replace(configured, max_steps=cap)
-        )
+    if equilibrium_layer(model) is not None:
+        if cap is not None:  # the configured eval solve with another cap, all else kept
+            model = model.with_solve(dataclasses.replace(model.config.solve, eval_max_steps=cap))
 
         def record(m, i, o):
             st = o[1].stats
@@ -182,12 +147,12 @@ def eval_sweep(model, task, caps: list[int | None]) -> list[str]:
 def metric_vs_nfe(run_dirs: list[str], caps: list[int], checkpoint: str = "best") -> list[dict]:
     """``sweep`` over runs: each run's test loss and task metric against mean forward NFE
     and wall time, one row per (run, cap)."""
-    from ..train.loop import load_run
+    from ..train.checkpoint import load_run
 
     rows = []
     for run in run_dirs:
         cfg, model, task = load_run(run, checkpoint)
-        if not hasattr(model, "deq"):
+        if equilibrium_layer(model) is None:
             raise ConfigError(f"{run}: metric vs NFE needs a DEQ model; got {cfg.model.name}.")
         for r in sweep(model, task, list(caps), ("test",)):
             rows.append(
@@ -241,21 +206,21 @@ def gradient_accuracy(
     is the capped settings' backward start (``"shine"``: the forward Broyden solver's inverse
     estimate; see ``deepeq.ImplicitBackward``), and a backward cap of 0 makes no backward
     iterations (the start is the gradient; its backward residual is then NaN: not measured)."""
-    from ..backward import ImplicitBackward
     from ..train.tasks import LanguageModelTask
 
-    if not hasattr(model, "deq"):
+    if equilibrium_layer(model) is None:
         raise ConfigError(
-            f"gradient accuracy needs a DEQ model (with .deq); got {type(model).__name__}."
+            f"gradient accuracy needs a DEQ model (an equilibrium layer); got "
+            f"{type(model).__name__}."
         )
-    c, deq = model.config, model.deq
-    f_solver = solver or c.solver
+    spec = model.config.solve
+    f_solver = solver or spec.solver
     if b_init == "shine" and f_solver != "broyden":
         raise ConfigError(
             f"b_init='shine' needs the forward solver 'broyden' (its inverse-Jacobian estimate); "
             f"the model's is {f_solver!r}: pass solver='broyden' (CLI: --solver broyden)."
         )
-    saved = (deq.solver, deq.eval_solver, deq.backward_rule, model.training)
+    was_training = model.training
     model.train(dropout)
     state = None
     torch.manual_seed(0)  # the memory's dropout masks: the same in every call (reproducible)
@@ -268,12 +233,17 @@ def gradient_accuracy(
     params = [p for p in model.parameters() if p.requires_grad]
 
     def run(f_cap: int, b_cap: int, f_rtol: float, b_rtol: float, init: str) -> dict:
-        deq.solver = deq.eval_solver = make_solver(f_solver, rtol=f_rtol, max_steps=f_cap)
-        b_solver = make_solver(c.b_solver, rtol=b_rtol, max_steps=b_cap) if b_cap else None
-        deq.backward_rule = ImplicitBackward(solver=b_solver, init=init)
+        # the same forward solve in either mode (training or eval), this backward
+        twin = model.with_solve(
+            dataclasses.replace(
+                spec, solver=f_solver, f_max_steps=f_cap, f_rtol=f_rtol, eval_max_steps=f_cap,
+                eval_rtol=f_rtol, backward="implicit", b_max_steps=b_cap, b_rtol=b_rtol,
+                b_init=init,
+            )
+        )  # fmt: skip
         torch.manual_seed(0)  # identical dropout masks in every setting
         t0 = time.perf_counter()
-        loss, _, sols = task.loss(model, x, y, state)
+        loss, _, sols = task.loss(twin, x, y, state)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         seconds = time.perf_counter() - t0
         g = torch.cat(
@@ -304,14 +274,13 @@ def gradient_accuracy(
         ref = run(*reference, 1e-7, 1e-8, "v")
         rows = []
         for f_cap, b_cap in caps:
-            r = run(f_cap, b_cap, c.f_rtol, c.b_rtol, b_init)
+            r = run(f_cap, b_cap, spec.f_rtol, spec.b_rtol, b_init)
             g = r.pop("_g")
             r["cosine"] = torch.nn.functional.cosine_similarity(g, ref["_g"], dim=0).item()
             r["rel_error"] = ((g - ref["_g"]).norm() / ref["_g"].norm()).item()
             rows.append(r)
     finally:
-        deq.solver, deq.eval_solver, deq.backward_rule = saved[:3]
-        model.train(saved[3])
+        model.train(was_training)
     ref.pop("_g")
     return [
         {
@@ -323,84 +292,3 @@ def gradient_accuracy(
         },
         *rows,
     ]
-
-
-def plot_gradient_accuracy(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rs = [r for r in rows if not str(r["f_cap"]).startswith("ref")]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([r["fwd_nfe"] + r["bwd_nfe"] for r in rs], [r["rel_error"] for r in rs])
-    for r in rs:
-        ax.annotate(f"{r['f_cap']}/{r['b_cap']}", (r["fwd_nfe"] + r["bwd_nfe"], r["rel_error"]))
-    ax.set_xlabel("forward NFE + backward NFE")
-    ax.set_ylabel("||g - g*|| / ||g*||")
-    ax.set_title("gradient accuracy vs solver caps (forward/backward)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
-def plot_convergence(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for i, T in enumerate(sorted({r["length"] for r in rows})):
-        rs = [r for r in rows if r["length"] == T]
-        c = f"C{i}"
-        ax.plot(
-            [r["depth"] for r in rs],
-            [r["stack_rel_residual"] for r in rs],
-            color=c,
-            label=f"stack, T={T}",
-        )
-        ax.plot(
-            [r["depth"] for r in rs],
-            [max(r["broyden_rel_residual"], 1e-12) for r in rs],
-            color=c,
-            ls="--",
-            label=f"Broyden, T={T}",
-        )
-    ax.set_yscale("log")
-    ax.set_xlabel("depth (layers) / solver steps")
-    ax.set_ylabel("||f(z) - z|| / ||f(z)||")
-    ax.set_title("weight-tied stack vs quasi-Newton solve")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_metric_vs_nfe(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for run in dict.fromkeys(r["run"] for r in rows):
-        rs = [r for r in rows if r["run"] == run]
-        label = Path(run).name
-        axes[0].plot([r["mean_nfe"] for r in rs], [r["value"] for r in rs], marker="o", label=label)
-        axes[1].plot([r["seconds"] for r in rs], [r["value"] for r in rs], marker="o", label=label)
-    axes[0].set_xlabel("mean forward NFE")
-    axes[1].set_xlabel("evaluation wall time (s)")
-    for ax in axes:
-        ax.set_ylabel(" / ".join(dict.fromkeys(r["metric"] for r in rows)))
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)

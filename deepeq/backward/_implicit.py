@@ -110,7 +110,7 @@ class ImplicitBackward(AbstractBackward):
             raise ValueError(
                 f"ImplicitBackward(init='shine') starts the backward solve from the forward "
                 f"solver's inverse-Jacobian estimate, which {type(solver).__name__} does not "
-                f"keep. Use deepeq.Broyden(...) for the forward solve (models: solver='broyden'), "
+                f"keep. Use deepeq.Broyden(...) for the forward solve (models: solve.solver = 'broyden'), "
                 f"or init='v'."
             )
 

@@ -5,8 +5,11 @@ from . import deq_llama as deq_llama
 from . import deq_transformer as deq_transformer
 from . import mdeq as mdeq
 from . import trellisnet as trellisnet
+from ._protocol import EquilibriumModel as EquilibriumModel
+from ._protocol import equilibrium_layer as equilibrium_layer
 from ._registry import create_model as create_model
 from ._registry import list_models as list_models
 from ._registry import model_config as model_config
 from ._registry import register_model as register_model
 from ._sequence import SequenceModel as SequenceModel
+from ._solve import SolveSpec as SolveSpec

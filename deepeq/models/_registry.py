@@ -70,7 +70,7 @@ def model_config(name: str, **overrides: Any) -> Any:
 
     Examples:
         >>> from deepeq.models import model_config
-        >>> model_config("deq_transformer_tiny", f_max_steps=5).f_max_steps
+        >>> model_config("deq_transformer_tiny", solve=dict(f_max_steps=5)).solve.f_max_steps
         5
     """
     token = _CONFIG_ONLY.set(True)
@@ -86,23 +86,70 @@ def model_config(name: str, **overrides: Any) -> Any:
 def build_config(cls: type, defaults: dict, overrides: dict) -> Any:
     """``cls(**defaults)`` with ``overrides`` replaced. Unknown fields, and values of the wrong
     type for their field (``"false"`` for a bool) raise TypeError; a word outside a ``Literal``
-    raises ValueError."""
-    import dataclasses
-    import typing
-
-    from .._coerce import coerce
-
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        raise TypeError(
-            f"Unknown config field(s) {unknown} for {cls.__name__}; valid: {sorted(valid)}."
-        )
-    hints = typing.get_type_hints(cls)
-    checked = {k: coerce(v, hints[k], f"{cls.__name__}.{k}") for k, v in overrides.items()}
-    config = dataclasses.replace(cls(**defaults), **checked)
+    raises ValueError. A field holding a config value (``solve``, a ``SolveSpec``) takes a dict,
+    merged field by field into the default's value (checked the same way), or a value of its
+    type, which replaces it."""
+    config = _merge(cls(), defaults, cls.__name__)
+    config = _merge(config, overrides, cls.__name__)
     if _CONFIG_ONLY.get():
         if hasattr(config, "validate"):
             config.validate()  # the checks the model constructor makes
         raise _ConfigBuilt(config)
     return config
+
+
+def _merge(base: Any, changes: dict, where: str) -> Any:
+    """``base`` (a dataclass value) with ``changes`` type-checked and replaced; nested dataclass
+    fields given as dicts are merged recursively."""
+    import dataclasses
+    import typing
+
+    from .._coerce import coerce
+    from ._solve import LEGACY_KEYS
+
+    cls = type(base)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(changes) - set(valid))
+    if unknown:
+        moved = [k for k in unknown if k in LEGACY_KEYS and "solve" in valid]
+        if moved:
+            new = ", ".join(f"solve.{LEGACY_KEYS[k]}" for k in moved)
+            raise TypeError(
+                f"{', '.join(moved)}: the solver settings of {cls.__name__} live in its solve "
+                f"spec (deepeq.models.SolveSpec); write {new} — --model.overrides.solve.KEY=... "
+                f"on the command line, [model.overrides.solve] in a config file, solve=dict(...) "
+                f"in Python."
+            )
+        import difflib
+
+        nested = {  # fields of nested config values, as "solve.f_max_steps"
+            f"{f.name}.{g.name}": g.name
+            for f in dataclasses.fields(cls)
+            if dataclasses.is_dataclass(getattr(base, f.name))
+            for g in dataclasses.fields(getattr(base, f.name))
+        }
+        close = difflib.get_close_matches(unknown[0], [*valid, *nested.values()], n=1)
+        hint = ""
+        if close:
+            full = next((k for k, v in nested.items() if v == close[0]), close[0])
+            hint = f" Did you mean {full!r}?"
+        raise TypeError(
+            f"Unknown config field(s) {unknown} for {where}; valid: {sorted(valid)}.{hint}"
+        )
+    hints = typing.get_type_hints(cls)
+    checked = {}
+    for k, v in changes.items():
+        tp, key = hints[k], f"{where}.{k}"
+        if dataclasses.is_dataclass(tp):
+            if isinstance(v, tp):
+                checked[k] = v
+            elif isinstance(v, dict):
+                checked[k] = _merge(getattr(base, k), v, key)
+            else:
+                raise TypeError(
+                    f"{key}: expected a table of {tp.__name__} fields or a {tp.__name__}; got "
+                    f"{v!r} ({type(v).__name__})."
+                )
+        else:
+            checked[k] = coerce(v, tp, key)
+    return dataclasses.replace(base, **checked)

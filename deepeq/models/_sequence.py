@@ -13,7 +13,7 @@ the next segment of the same streams (None at the start); ``solutions`` the list
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -24,7 +24,8 @@ from .._solution import Solution
 from ..nn.adaptive import AdaptiveEmbedding, AdaptiveSoftmax
 from ..nn.layers import count_parameters
 from ..regularization.norm import weight_norm
-from ._solve import SolverName, check_solve_fields, config_deq
+from ._protocol import EquilibriumModel
+from ._solve import SolveSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,38 +38,16 @@ class SequenceConfig:
     core: Literal["deq", "tied", "untied"] = (
         "deq"  # equilibrium, weight-tied L layers, untied L layers
     )
-    depth: int | None = None  # L of the explicit twins (default: f_max_steps)
+    depth: int | None = None  # L of the explicit twins (default: solve.f_max_steps)
     mem_len: int = 0  # positions of memory carried to the next segment
     dropout: float = 0.0  # variational dropout inside f (one mask per forward)
     weight_norm: bool = False
     tie_weights: bool = (
         False  # output head shares the embedding matrix (needs d_embed == head input)
     )
-    # Equilibrium solving (seeds: 30 forward steps in training, more at evaluation).
-    solver: SolverName = "anderson"
-    f_max_steps: int = 30
-    f_rtol: float = 1e-3
-    eval_max_steps: int = 40
-    eval_rtol: float | None = None  # tolerance of the evaluation solves (None: f_rtol)
-    b_solver: SolverName = "anderson"
-    b_max_steps: int = 30
-    b_rtol: float = 1e-4
-    b_init: Literal["v", "shine"] = "v"  # start of the backward solve (see models._solve)
-    backward: Literal["implicit", "phantom", "reversible"] = "implicit"  # see models._solve
-    phantom_steps: int = 1  # k of backward="phantom"
-    beta: float = 0.5  # β of solver="reversible" (each of its steps costs two calls of f)
-    # dtype of f during the training solves' iterations (autocast; e.g. "bfloat16"); the tracked
-    # call at z*, the backward and evaluation stay in full precision (deepeq.fixed_point)
-    solve_dtype: str | None = None
-    # fixed-point correction (deepeq.FixedPointCorrection): the training loss also on this many
-    # solver iterates (one-step gradients), weighted gamma^(k - i); 0: off
-    correction_steps: int = 0
-    correction_gamma: float = 0.8
-    correction_mode: Literal["uniform", "random"] = "uniform"
-    correction_positions: float = 1.0  # share of the positions each supervised iterate pays
-    # causal solving (deepeq.fixed_point(causal=True)): per-position stopping, freezing and
-    # solver mixing, so that no output ever depends on later tokens whatever the tolerance/cap
-    causal_solve: bool = True
+    # Equilibrium solving (deepeq.models.SolveSpec; the papers: 30 forward steps in training,
+    # more at evaluation). Causal by default: no output ever depends on later tokens.
+    solve: SolveSpec = field(default_factory=lambda: SolveSpec(causal=True))
     pretrain_depth: int = 2  # k of the shallow-pretraining warm-up (k-layer weight-tied unroll)
     pretrain_steps: int = 0  # training steps run in pretraining mode before equilibrium training
     subseq_len: int = 0  # solve segments in chunks of this many positions (0: whole segment)
@@ -80,17 +59,15 @@ class SequenceConfig:
     div_value: float = 4.0
 
     def validate(self) -> None:
-        check_solve_fields(self, causal=self.causal_solve and self.core == "deq")
+        if self.core == "deq":
+            self.solve.check_causal()
         if self.core not in ("deq", "tied", "untied"):
             raise ValueError(f"core must be 'deq', 'tied' or 'untied'; got {self.core!r}.")
         for name in (
             "vocab_size",
             "d_embed",
             "d_model",
-            "f_max_steps",
-            "eval_max_steps",
             "pretrain_depth",
-            "phantom_steps",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -108,7 +85,7 @@ class SequenceConfig:
             )
 
 
-class SequenceModel(nn.Module):
+class SequenceModel(EquilibriumModel):
     """Embedding -> injection -> core -> head. Families supply ``make_layer(size)``,
     ``make_injection(size)`` builders, the state width and the readout."""
 
@@ -124,7 +101,7 @@ class SequenceModel(nn.Module):
         else:
             self.embed = nn.Embedding(c.vocab_size, c.d_embed)
         self.emb_drop = nn.Dropout(c.emb_dropout)
-        self.depth = c.depth if c.depth is not None else c.f_max_steps
+        self.depth = c.depth if c.depth is not None else c.solve.f_max_steps
         self.pretraining = False
         base = self.default_size()
         if c.core == "untied":
@@ -134,11 +111,12 @@ class SequenceModel(nn.Module):
                 self.make_injection(self.size) for _ in range(self.depth)
             )
             self.head_in = nn.Linear(self.readout_dim(self.size), self.readout_dim(base))
+            self.deq = None
         else:
             self.size = base
             self.f = self.make_layer(base)
             self.inject = self.make_injection(base)
-            self.deq = config_deq(self.f, c)
+            self.deq = c.solve.build(self.f)
         if c.tie_weights and self.readout_dim(base) != c.d_embed:
             raise ValueError(
                 f"tie_weights needs the head input ({self.readout_dim(base)}) to equal d_embed ({c.d_embed})."
@@ -270,6 +248,25 @@ class SequenceModel(nn.Module):
         """Shallow-pretraining warm-up: when on, the DEQ core runs as a ``pretrain_depth``-layer
         weight-tied unroll of its own f (seeds: a few thousand steps before equilibrium training)."""
         self.pretraining = bool(on)
+
+    def equilibrium_problem(
+        self, batch: int, generator: torch.Generator, length: int = 0, inputs: Tensor | None = None
+    ) -> tuple[nn.Module, tuple, Tensor]:
+        """``(f, args, z0)`` of the layer's equilibrium on ``inputs`` (tokens ``(B, T)``) or on
+        ``batch`` random token sequences of ``length`` drawn from ``generator``; no memory."""
+        if self.config.core == "untied":
+            raise ValueError("an untied stack has no single layer f to solve for an equilibrium.")
+        tokens = (
+            inputs
+            if inputs is not None
+            else torch.randint(0, self.config.vocab_size, (batch, length), generator=generator)
+        )
+        B, T = tokens.shape
+        x = self.embed(tokens)
+        ctx = self.initial_context(B, self.size, x.device, x.dtype)
+        inj = self.inject(x, ctx)
+        x = self.layer_input(self.f, inj, ctx)
+        return self.f, (x,), torch.zeros(B, T, self.state_dim(self.size), device=inj.device)
 
     # --- forward ----------------------------------------------------------------------------
     def initial_context(self, B: int, size: Any, device, dtype) -> Tensor:

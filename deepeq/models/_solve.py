@@ -1,89 +1,184 @@
-"""The equilibrium layer every registered DEQ model builds from its config's solver fields."""
+"""``SolveSpec``: how a DEQ model finds and differentiates its equilibrium, as one frozen value
+nested in every DEQ model config (``config.solve``) and built into a ``deepeq.DEQ`` by ``build``.
+
+Variants are derived, never made by mutating a model: ``dataclasses.replace(spec,
+eval_max_steps=60).build(model.f)`` is the same layer with another evaluation cap; a model with
+another spec is ``create_model(name, solve=dict(f_rtol=1e-2))`` (a dict is merged into the
+model's own spec; a ``SolveSpec`` replaces it)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Literal
 
 from torch import nn
 
 from .._fixed_point import check_causal_solver
-from ..backward import ImplicitBackward, PhantomBackward, ReversibleBackward
+from ..backward import AbstractBackward, ImplicitBackward, PhantomBackward, ReversibleBackward
 from ..nn.deq import DEQ
 from ..regularization.correction import FixedPointCorrection
-from ..solvers import make_solver
+from ..solvers import AbstractSolver, make_solver
 
 BACKWARDS = ("implicit", "phantom", "reversible")
-#: the solver names a model config accepts (deepeq.SOLVERS)
+#: the solver names a solve spec accepts (deepeq.SOLVERS)
 SolverName = Literal["picard", "anderson", "broyden", "reversible"]
 
-
-def check_solve_fields(c, causal: bool = False) -> None:
-    """The checks of a model config's solver fields that involve more than one field (called by
-    the configs' ``validate``, so they fail when a training config is loaded)."""
-    if c.backward == "reversible" and c.solver != "reversible":
-        raise ValueError(
-            f"backward = 'reversible' undoes the iterations of solver = 'reversible'; got "
-            f"solver = {c.solver!r}. Set solver = 'reversible' (its beta: beta), or another "
-            f"backward ({', '.join(repr(b) for b in BACKWARDS[:2])})."
+#: field names of model configs written before the solve spec (flat in ``model.overrides``)
+#: -> their name in ``model.overrides.solve``; used to read older run directories
+LEGACY_KEYS = {
+    **{
+        k: k
+        for k in (
+            "solver", "f_max_steps", "f_rtol", "eval_max_steps", "eval_rtol", "b_solver",
+            "b_max_steps", "b_rtol", "b_init", "backward", "phantom_steps", "beta",
+            "correction_steps", "correction_gamma", "correction_mode", "correction_positions",
         )
-    if not 0.0 < c.beta < 1.0:
-        raise ValueError(f"beta must be in (0, 1); got {c.beta!r}.")
-    if causal:
-        check_causal_solver(make_solver(c.solver))
+    },
+    "solve_dtype": "dtype",
+    "causal_solve": "causal",
+}  # fmt: skip
 
 
-def config_deq(f: nn.Module, c) -> DEQ:
-    """``DEQ(f)`` with the config's forward (train/eval caps) solvers and its backward:
-    ``backward="implicit"`` (the implicit-function gradient, solved by ``b_solver`` to ``b_rtol``
-    within ``b_max_steps``, started at ``b_init``: ``"v"`` = dL/dz*, or ``"shine"`` = the forward
-    Broyden solver's inverse-Jacobian estimate; ``b_max_steps=0``: no backward iterations, the
-    start is the gradient — ``"v"`` the Jacobian-free one, ``"shine"`` SHINE) or ``"phantom"``
-    (``phantom_steps`` differentiable applications of f from z*, Geng et al. 2021; ``phantom_steps=1`` is the Jacobian-free gradient) or ``"reversible"`` (the exact
-    gradient of the iterate ``solver="reversible"`` returns, its β = ``beta``); ``solve_dtype``
-    (``"bfloat16"``) runs the training solves' iterations of f under autocast. Non-finite
-    solves are returned (the training loop's guard skips them)."""
-    if c.backward == "implicit":
-        if (
-            not isinstance(c.b_max_steps, int)
-            or isinstance(c.b_max_steps, bool)
-            or c.b_max_steps < 0
-        ):
+@dataclass(frozen=True, kw_only=True)
+class SolveSpec:
+    """The forward solver (training and evaluation), the backward rule and the solves' dtype.
+
+    Args:
+        solver: forward solver by name (``deepeq.SOLVERS``), in training and evaluation.
+        f_max_steps, f_rtol: its cap and relative tolerance in training.
+        eval_max_steps, eval_rtol: the same at evaluation (``eval_rtol`` None: ``f_rtol``).
+        beta: β of ``solver="reversible"`` (each of its steps costs two calls of f).
+        backward: ``"implicit"`` (the implicit-function gradient, solved by ``b_solver`` to
+            ``b_rtol`` within ``b_max_steps``, started at ``b_init``: ``"v"`` = dL/dz*, or
+            ``"shine"`` = the forward Broyden solver's inverse-Jacobian estimate;
+            ``b_max_steps=0``: no backward iterations — ``"v"`` is then the Jacobian-free
+            gradient, ``"shine"`` SHINE), ``"phantom"`` (``phantom_steps`` differentiable
+            applications of f from z*, Geng et al. 2021) or ``"reversible"`` (the exact gradient
+            of the iterate ``solver="reversible"`` returns).
+        dtype: run f in this autocast dtype during the training solves' iterations (the tracked
+            call at z*, the backward and evaluation stay in full precision).
+        causal: per-position stopping, freezing and solver mixing (``fixed_point(causal=True)``),
+            for sequence models: no output depends on later tokens whatever the tolerance or cap.
+        correction_steps, correction_gamma, correction_mode, correction_positions: fixed-point
+            correction (``deepeq.FixedPointCorrection``: steps, gamma, mode, positions);
+            ``correction_steps=0``: off.
+
+    Raises:
+        ValueError: a value out of range or a combination that cannot work (e.g. ``backward=
+            "reversible"`` without ``solver="reversible"``), naming the field.
+    """
+
+    solver: SolverName = "anderson"
+    f_max_steps: int = 30
+    f_rtol: float = 1e-3
+    eval_max_steps: int = 40
+    eval_rtol: float | None = None
+    beta: float = 0.5
+    backward: Literal["implicit", "phantom", "reversible"] = "implicit"
+    b_solver: SolverName = "anderson"
+    b_max_steps: int = 30
+    b_rtol: float = 1e-4
+    b_init: Literal["v", "shine"] = "v"
+    phantom_steps: int = 1
+    dtype: Literal["bfloat16", "float16"] | None = None
+    causal: bool = False
+    correction_steps: int = 0
+    correction_gamma: float = 0.8
+    correction_mode: Literal["uniform", "random"] = "uniform"
+    correction_positions: float = 1.0
+
+    def __post_init__(self) -> None:
+        b = self.b_max_steps
+        if isinstance(b, bool) or not isinstance(b, int) or b < 0:
             raise ValueError(
-                f"b_max_steps must be an int >= 0 (0: no backward iterations); got {c.b_max_steps!r}."
+                f"solve.b_max_steps must be an int >= 0 (0: no backward iterations); got {b!r}."
             )
-        b_solver = (
-            make_solver(c.b_solver, rtol=c.b_rtol, max_steps=c.b_max_steps)
-            if c.b_max_steps > 0
+        p = self.phantom_steps
+        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            raise ValueError(f"solve.phantom_steps must be an int >= 1; got {p!r}.")
+        if (
+            isinstance(self.beta, bool)
+            or not isinstance(self.beta, int | float)
+            or not (0.0 < self.beta < 1.0 and math.isfinite(self.beta))
+        ):
+            raise ValueError(f"solve.beta must be in (0, 1); got {self.beta!r}.")
+        if self.backward == "reversible" and self.solver != "reversible":
+            raise ValueError(
+                f"solve.backward = 'reversible' undoes the iterations of solve.solver = "
+                f"'reversible'; got solve.solver = {self.solver!r}. Set solve.solver = "
+                f"'reversible' (its β: solve.beta), or another backward "
+                f"({', '.join(repr(b) for b in BACKWARDS[:2])})."
+            )
+        # the solver, backward and correction objects check their own values; built once here,
+        # so that a bad spec fails when it is made, naming its fields
+        for names, build in (
+            ("f_max_steps / f_rtol", self.forward_solver),
+            ("eval_max_steps / eval_rtol", self.eval_solver),
+            ("backward / b_solver / b_max_steps / b_rtol / b_init / phantom_steps",
+             self.backward_rule),
+            ("correction_*", self.correction),
+        ):  # fmt: skip
+            try:
+                build()
+            except ValueError as e:
+                raise ValueError(f"solve ({names}): {e}") from None
+        self.backward_rule().check_forward_solver(self.forward_solver())  # e.g. SHINE: Broyden
+
+    def forward_solver(self) -> AbstractSolver:
+        """The training solver: ``solver`` at ``f_rtol`` within ``f_max_steps``."""
+        return make_solver(
+            self.solver, rtol=self.f_rtol, max_steps=self.f_max_steps, **self._extra()
+        )
+
+    def eval_solver(self) -> AbstractSolver:
+        """The evaluation solver: ``solver`` at ``eval_rtol`` (or ``f_rtol``) within
+        ``eval_max_steps``."""
+        rtol = self.f_rtol if self.eval_rtol is None else self.eval_rtol
+        return make_solver(self.solver, rtol=rtol, max_steps=self.eval_max_steps, **self._extra())
+
+    def backward_rule(self) -> AbstractBackward:
+        """The backward rule the spec names (see the class docstring)."""
+        if self.backward == "phantom":
+            return PhantomBackward(steps=self.phantom_steps)
+        if self.backward == "reversible":
+            return ReversibleBackward()
+        b = (
+            make_solver(self.b_solver, rtol=self.b_rtol, max_steps=self.b_max_steps)
+            if self.b_max_steps > 0
             else None
         )
-        backward = ImplicitBackward(solver=b_solver, init=c.b_init)
-    elif c.backward == "phantom":
-        backward = PhantomBackward(steps=c.phantom_steps)
-    elif c.backward == "reversible":
-        check_solve_fields(c)
-        backward = ReversibleBackward()
-    else:
-        raise ValueError(f"backward must be one of {list(BACKWARDS)}; got {c.backward!r}.")
-    extra = {"beta": c.beta} if c.solver == "reversible" else {}
-    return DEQ(
-        f,
-        solver=make_solver(c.solver, rtol=c.f_rtol, max_steps=c.f_max_steps, **extra),
-        eval_solver=make_solver(
-            c.solver,
-            rtol=c.f_rtol if c.eval_rtol is None else c.eval_rtol,
-            max_steps=c.eval_max_steps,
-            **extra,
-        ),
-        backward=backward,
-        nonfinite="return",
-        solve_dtype=getattr(c, "solve_dtype", None),
-        causal=getattr(c, "causal_solve", False),
-        correction=FixedPointCorrection(
-            steps=c.correction_steps,
-            gamma=c.correction_gamma,
-            mode=c.correction_mode,
-            positions=getattr(c, "correction_positions", 1.0),
+        return ImplicitBackward(solver=b, init=self.b_init)
+
+    def correction(self) -> FixedPointCorrection | None:
+        """The fixed-point correction, or None when ``correction_steps`` is 0."""
+        fpc = FixedPointCorrection(
+            steps=self.correction_steps,
+            gamma=self.correction_gamma,
+            mode=self.correction_mode,
+            positions=self.correction_positions,
         )
-        if c.correction_steps
-        else None,
-    )
+        return fpc if fpc.steps else None
+
+    def check_causal(self) -> None:
+        """Raise unless the forward solver can solve causally (called by sequence configs with
+        an equilibrium core, so that the failure comes when the config is loaded)."""
+        if self.causal:
+            check_causal_solver(self.forward_solver())
+
+    def build(self, f: nn.Module) -> DEQ:
+        """``DEQ(f)`` with this spec's solvers, backward, dtype, causality and correction.
+        Non-finite solves are returned (the training loop's guard skips them)."""
+        return DEQ(
+            f,
+            solver=self.forward_solver(),
+            eval_solver=self.eval_solver(),
+            backward=self.backward_rule(),
+            nonfinite="return",
+            solve_dtype=self.dtype,
+            causal=self.causal,
+            correction=self.correction(),
+        )
+
+    def _extra(self) -> dict:
+        return {"beta": self.beta} if self.solver == "reversible" else {}

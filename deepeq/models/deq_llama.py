@@ -158,14 +158,14 @@ def _make(defaults: dict, overrides: dict) -> DEQLlama:
 
 _TINY = dict(
     vocab_size=10, d_embed=32, d_model=32, n_heads=4, d_ff=64, mem_len=16,
-    f_max_steps=12, eval_max_steps=20, b_max_steps=12,
+    solve=dict(f_max_steps=12, eval_max_steps=20, b_max_steps=12),
 )  # fmt: skip
 # Penn Treebank at CPU scale, sized like deq_transformer_small (d=128, 4 heads, tied 10k softmax;
 # SwiGLU width 344 keeps the FFN's parameters at the Transformer's 512-wide two-layer FFN).
 _SMALL = dict(
     vocab_size=10000, d_embed=128, d_model=128, n_heads=4, d_ff=344, mem_len=70,
-    tie_weights=True, dropout=0.1, emb_dropout=0.1, f_max_steps=12, eval_max_steps=20,
-    b_max_steps=12,
+    tie_weights=True, dropout=0.1, emb_dropout=0.1,
+    solve=dict(f_max_steps=12, eval_max_steps=20, b_max_steps=12),
 )  # fmt: skip
 
 

@@ -125,9 +125,7 @@ _TINY = dict(
     n_heads=4,
     d_ff=64,
     mem_len=16,
-    f_max_steps=12,
-    eval_max_steps=20,
-    b_max_steps=12,
+    solve=dict(f_max_steps=12, eval_max_steps=20, b_max_steps=12),
 )
 # Penn Treebank at CPU scale (configs/ptb_*.toml): 0.26M non-embedding parameters, tied 10k
 # embedding/softmax; segments of 70 tokens with a memory of 70. Solver caps 12 forward / 12
@@ -145,9 +143,7 @@ _SMALL = dict(
     tie_weights=True,
     dropout=0.1,
     emb_dropout=0.1,
-    f_max_steps=12,
-    eval_max_steps=20,
-    b_max_steps=12,
+    solve=dict(f_max_steps=12, eval_max_steps=20, b_max_steps=12),
 )
 # WikiText-103 (the DEQ talk, Bai et al. 2021 and the original DEQ repository; vocabulary 267,735,
 # frequency-ordered). "medium": embedding 700, sequence length 150, variational dropout 0.06, weight
@@ -166,11 +162,9 @@ _WT103_MEDIUM = dict(
     # Broyden's per-position inverse estimates diverge on these models (the residual jumps to O(1)
     # after ~15-30 steps, measured on fresh weights, docs/guide/models.md), so the forward solver is
     # Anderson with per-position coefficients; the backward solve (not causal) keeps Broyden.
-    solver="anderson",
-    b_solver="broyden",
-    f_max_steps=30,
-    eval_max_steps=40,
-    b_max_steps=50,
+    solve=dict(
+        solver="anderson", b_solver="broyden", f_max_steps=30, eval_max_steps=40, b_max_steps=50
+    ),
     subseq_len=75,
     pretrain_steps=20000,
 )

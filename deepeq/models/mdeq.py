@@ -21,17 +21,19 @@ which learns much faster than global pooling at 64 channels) and a linear classi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._solution import Solution
 from ..nn.dropout import VariationalDropout
 from ..regularization.norm import weight_norm
+from ._protocol import EquilibriumModel
 from ._registry import build_config, register_model
-from ._solve import SolverName, check_solve_fields, config_deq
+from ._solve import SolveSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,30 +55,16 @@ class MDEQConfig:
     injection: Literal["all", "highest"] = "all"
     fusion_scale: float = 0.1  # initial scale (GroupNorm weight) of every cross-resolution path
     core: Literal["deq", "tied"] = "deq"
-    depth: int | None = None  # L of the tied twin (default: f_max_steps)
-    solver: SolverName = "broyden"
-    f_max_steps: int = 12
-    f_rtol: float = 1e-3
-    eval_max_steps: int = 12  # Bai et al. 2021 evaluates at the training threshold (Table 4)
-    eval_rtol: float | None = None  # tolerance of the evaluation solves (None: f_rtol)
-    b_solver: SolverName = "broyden"
-    b_max_steps: int = 12
-    b_rtol: float = 1e-4
-    b_init: Literal["v", "shine"] = "v"  # start of the backward solve (see models._solve)
-    backward: Literal["implicit", "phantom", "reversible"] = "implicit"  # see models._solve
-    phantom_steps: int = 1  # k of backward="phantom"
-    beta: float = 0.5  # β of solver="reversible" (each of its steps costs two calls of f)
-    # dtype of f during the training solves' iterations (autocast; e.g. "bfloat16"); the tracked
-    # call at z*, the backward and evaluation stay in full precision (deepeq.fixed_point)
-    solve_dtype: str | None = None
-    # fixed-point correction (deepeq.FixedPointCorrection): the training loss also on this many
-    # solver iterates (one-step gradients), weighted gamma^(k - i); 0: off
-    correction_steps: int = 0
-    correction_gamma: float = 0.8
-    correction_mode: Literal["uniform", "random"] = "uniform"
+    depth: int | None = None  # L of the tied twin (default: solve.f_max_steps)
+    # Equilibrium solving (deepeq.models.SolveSpec): Broyden both ways; Bai et al. 2021 evaluates
+    # at the training threshold (Table 4)
+    solve: SolveSpec = field(
+        default_factory=lambda: SolveSpec(
+            solver="broyden", f_max_steps=12, eval_max_steps=12, b_solver="broyden", b_max_steps=12
+        )
+    )
 
     def validate(self) -> None:
-        check_solve_fields(self)
         if self.core not in ("deq", "tied"):
             raise ValueError(f"core must be 'deq' or 'tied'; got {self.core!r}.")
         if not self.channels or len(self.head_channels) != len(self.channels):
@@ -185,8 +173,9 @@ class MDEQLayer(nn.Module):
         return self.fusion(hs)
 
 
-class MDEQ(nn.Module):
+class MDEQ(EquilibriumModel):
     family = "mdeq"
+    variable_length = False  # the config's image size
 
     def __init__(self, config: MDEQConfig):
         super().__init__()
@@ -212,9 +201,8 @@ class MDEQ(nn.Module):
             for i in range(len(c.channels) - 1 if c.injection == "all" else 0)
         )
         self.f = MDEQLayer(c)
-        self.depth = c.depth if c.depth is not None else c.f_max_steps
-        if c.core == "deq":
-            self.deq = config_deq(self.f, c)
+        self.depth = c.depth if c.depth is not None else c.solve.f_max_steps
+        self.deq = c.solve.build(self.f) if c.core == "deq" else None
         self.head_in = nn.ModuleList(
             nn.Sequential(
                 nn.Conv2d(ch, hc, 1, bias=False),
@@ -244,6 +232,21 @@ class MDEQ(nn.Module):
 
     def non_embedding_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def equilibrium_problem(
+        self, batch: int, generator: torch.Generator, length: int = 0, inputs: Tensor | None = None
+    ) -> tuple[nn.Module, tuple, tuple[Tensor, ...]]:
+        """``(f, args, z0)`` of the equilibrium on the first ``batch`` of ``inputs`` (images) or
+        on ``batch`` standard-normal images drawn from ``generator`` (``length`` is unused: the
+        config fixes the image size)."""
+        c = self.config
+        x = (
+            inputs[:batch]
+            if inputs is not None
+            else torch.randn(batch, c.in_channels, c.image_size, c.image_size, generator=generator)
+        )
+        inj = self.inject(x)
+        return self.f, (inj,), tuple(inj[0].new_zeros(s) for s in self.state_shapes(x.shape[0]))
 
     def state_shapes(self, B: int) -> list[tuple[int, ...]]:
         c = self.config
@@ -313,20 +316,22 @@ def _make(defaults: dict, overrides: dict) -> MDEQ:
 # one CPU thread (0.31 vs 0.61 s at batch 64, Broyden 6/6) and better accuracy after 400 steps.
 _TINY = dict(
     in_channels=1, image_size=28, downsample_input=1, channels=(16, 32), head_channels=(16, 32),
-    final_channels=64, head_pool=2, num_groups=4, f_max_steps=6, eval_max_steps=6, b_max_steps=6,
+    final_channels=64, head_pool=2, num_groups=4,
+    solve=dict(f_max_steps=6, eval_max_steps=6, b_max_steps=6),
 )  # fmt: skip
 # CIFAR-10 ("MDEQ-small" of Bai et al. 2021 Table 4): 4 resolutions 32/16/8/4, channels [28, 56,
 # 112, 224], GroupNorm, dropout 0.25, weight norm, NFE 7 forward / 8 backward, eps 1e-3 / 1e-4.
 _CIFAR = dict(
     in_channels=3, image_size=32, channels=(28, 56, 112, 224), head_channels=(14, 28, 56, 112),
-    final_channels=1680, num_groups=4, dropout=0.25, f_max_steps=7, eval_max_steps=7, b_max_steps=8,
+    final_channels=1680, num_groups=4, dropout=0.25,
+    solve=dict(f_max_steps=7, eval_max_steps=7, b_max_steps=8),
 )  # fmt: skip
 # ImageNet: scales [32, 64, 128, 256] after two stride-2 stem convolutions (224 -> 56), NFE 14/14,
 # dropout 0.02.
 _IMAGENET = dict(
     in_channels=3, image_size=224, channels=(32, 64, 128, 256), head_channels=(32, 64, 128, 256),
     final_channels=2048, num_groups=8, num_classes=1000, downsample_input=2, dropout=0.02,
-    f_max_steps=14, eval_max_steps=14, b_max_steps=14,
+    solve=dict(f_max_steps=14, eval_max_steps=14, b_max_steps=14),
 )  # fmt: skip
 
 

@@ -88,9 +88,7 @@ _TINY = dict(
     d_embed=32,
     d_model=34,
     kernel_size=2,
-    f_max_steps=12,
-    eval_max_steps=20,
-    b_max_steps=12,
+    solve=dict(f_max_steps=12, eval_max_steps=20, b_max_steps=12),
 )
 # Penn Treebank at CPU scale: state [h, c] of 2 x 128, kernel 2, tied 10k embedding/softmax. Solved
 # by Picard iteration in subsequences of 14 positions (the original DEQ repository, note 2). A
@@ -108,11 +106,8 @@ _SMALL = dict(
     dropout=0.1,
     emb_dropout=0.1,
     weight_norm=True,
-    solver="picard",
     subseq_len=14,
-    f_max_steps=30,
-    eval_max_steps=40,
-    b_max_steps=20,
+    solve=dict(solver="picard", f_max_steps=30, eval_max_steps=40, b_max_steps=20),
 )
 # Penn Treebank word level (the DEQ talk Table 2 scale: ~24M parameters with a 10k vocabulary).
 _PTB = dict(
@@ -122,9 +117,7 @@ _PTB = dict(
     kernel_size=2,
     dropout=0.1,
     weight_norm=True,
-    f_max_steps=30,
-    eval_max_steps=40,
-    b_max_steps=30,
+    solve=dict(f_max_steps=30, eval_max_steps=40, b_max_steps=30),
 )
 
 

@@ -7,6 +7,8 @@ A checkpoint is a dict with ``"format": FORMAT``; the run's config is stored as 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import pickle
 import zipfile
@@ -70,8 +72,6 @@ def load(path: str | Path, map_location: Any = None, required: tuple[str, ...] =
 def convert_trusted(path: str | Path) -> Path:
     """Rewrite a checkpoint written by an older deepeq (pickled config) in the current format,
     in place. Only for files you trust: it loads them with ``weights_only=False``."""
-    import dataclasses
-
     path = Path(path)
     ck = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(ck, dict):
@@ -105,3 +105,112 @@ def describe_latest(path: Path) -> str:
     except CheckpointError:
         return f"{path} exists but is not readable: start the run again"
     return f"resume from {path} (step {step}) with --resume"
+
+
+@dataclasses.dataclass
+class RunState:
+    """The training loop's position in its schedule: everything ``latest.pt`` restores besides
+    the weights and the optimiser (step, best selection metric, skip counters, the model memory
+    carried to the next step, the loss guard's record)."""
+
+    step: int = 0
+    best: float = math.inf
+    skipped_in_row: int = 0
+    skipped_total: int = 0
+    memory: Any = None
+    loss_start: float | None = None
+    loss_recent: list = dataclasses.field(default_factory=list)
+    loss_exploded_at: int | None = None
+
+
+TRAINING_KEYS = ("model", "optimizer", "step", "best", "rng", "skipped_total")
+
+
+def save_latest(path: Path, model, opt, run: RunState, config: dict) -> None:
+    """The resumable checkpoint: weights, optimiser, RNG, run state and config (plain data)."""
+    check_finite(model, run.step, path)
+    save(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": run.step,
+         "best": run.best, "skipped_in_row": run.skipped_in_row,
+         "skipped_total": run.skipped_total, "rng": torch.get_rng_state(), "config": config,
+         "state": _to(run.memory, "cpu"), "loss_start": run.loss_start,
+         "loss_recent": list(run.loss_recent), "loss_exploded_at": run.loss_exploded_at},
+        path,
+    )  # fmt: skip
+
+
+def save_best(path: Path, model, step: int, select: str, value: float, latest: Path) -> None:
+    """The best weights by the task's selection metric."""
+    check_finite(model, step, latest)
+    save({"model": model.state_dict(), "step": step, select: value}, path)
+
+
+def resume(path: Path, model, opt, device: str) -> RunState:
+    """Load ``latest.pt`` into ``model`` and ``opt`` and the RNG; return the run state.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path`` (start without --resume).
+    """
+    if not path.exists():
+        raise FileNotFoundError(
+            f"--resume: no checkpoint at {path}; start the run without --resume."
+        )
+    ck = load(path, required=TRAINING_KEYS)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    torch.set_rng_state(ck["rng"])
+    return RunState(
+        step=ck["step"],
+        best=ck["best"],
+        skipped_in_row=ck["skipped_in_row"],
+        skipped_total=ck["skipped_total"],
+        memory=_to(ck.get("state"), device),
+        loss_start=ck.get("loss_start"),
+        loss_recent=list(ck.get("loss_recent", [])),
+        loss_exploded_at=ck.get("loss_exploded_at"),
+    )
+
+
+def check_finite(model: torch.nn.Module, step: int, latest: Path) -> None:
+    """Never checkpoint inf/nan weights: raise instead, naming the last good checkpoint."""
+    bad = parameters_finite(model)
+    if bad:
+        raise FloatingPointError(
+            f"step {step}: {len(bad)} parameter tensors hold inf/nan (first: {bad[:4]}); this "
+            f"state is not checkpointed. Lower optim.lr or enable optim.clip; then "
+            f"{describe_latest(latest)}."
+        )
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None = None):
+    """(cfg, model with the checkpoint's weights, task) of a run directory.
+
+    ``device`` defaults to the run's own device, or the CPU when that is a GPU this machine lacks
+    (a run trained on a GPU can be evaluated and analysed on a CPU)."""
+    from ..models import create_model
+    from .config import load_run_config
+    from .tasks import make_task
+
+    run = Path(run_dir)
+    cfg = load_run_config(run)
+    if device is None:
+        device = (
+            cfg.device if not cfg.device.startswith("cuda") or torch.cuda.is_available() else "cpu"
+        )
+    cfg = dataclasses.replace(cfg, device=device)
+    ck_path = run / "checkpoints" / f"{checkpoint}.pt"
+    if not ck_path.exists():
+        raise FileNotFoundError(f"No checkpoint {ck_path}; train the run first (deepeq train ...).")
+    task = make_task(cfg)
+    model = create_model(cfg.model.name, **task.model_kwargs(), **cfg.model.overrides).to(device)
+    model.load_state_dict(load(ck_path, map_location=device, required=("model",))["model"])
+    return cfg, model, task
+
+
+def _to(state: Any, device: str) -> Any:
+    """Move a model memory (tensor, tuple/list of tensors or None) to ``device``."""
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    if isinstance(state, list | tuple):
+        return type(state)(_to(s, device) for s in state)
+    return state

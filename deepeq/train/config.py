@@ -212,20 +212,46 @@ def parse_override(arg: str) -> tuple[str, Any]:
     return key, value
 
 
+def _read_toml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"Config file {str(p)!r} not found; configs live in configs/*.toml."
+        )
+    with p.open("rb") as fh:
+        try:
+            return tomllib.load(fh)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}.") from e
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """Defaults <- TOML file (diff) <- dotted overrides, validated against the dataclasses."""
-    tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(
-                f"Config file {str(p)!r} not found; configs live in configs/*.toml."
-            )
-        with p.open("rb") as fh:
-            try:
-                tree = tomllib.load(fh)
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"{p}: not valid TOML: {e}.") from e
+    return _load(_read_toml(path) if path is not None else {}, overrides)
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The resolved config a run directory was trained with (its ``config.toml``). Runs written
+    before the solve spec kept the solver settings flat in ``model.overrides``; they are read
+    into ``model.overrides.solve`` (the names of ``deepeq.models.SolveSpec``)."""
+    from ..models._solve import LEGACY_KEYS
+
+    path = Path(run_dir) / "config.toml"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{run_dir} is not a run directory (no config.toml); train one with `deepeq train`."
+        )
+    tree = _read_toml(path)
+    over = tree.get("model", {}).get("overrides", {})
+    moved = {k: over.pop(k) for k in list(over) if k in LEGACY_KEYS}
+    if moved:
+        solve = over.setdefault("solve", {})
+        for k, v in moved.items():
+            solve.setdefault(LEGACY_KEYS[k], v)
+    return _load(tree, ())
+
+
+def _load(tree: dict, overrides: list[str] | tuple) -> TrainConfig:
     try:
         for arg in overrides:
             key, value = parse_override(arg)
@@ -236,12 +262,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             raise
         raise ConfigError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
     mc = check_model(cfg.model)
-    backward = getattr(mc, "backward", None)
+    backward = getattr(getattr(mc, "solve", None), "backward", None)
     if max(cfg.jac.weight, cfg.jac.final_weight or 0.0) > 0 and backward not in (None, "implicit"):
         raise ConfigError(
             f"jac.weight = {cfg.jac.weight:g} differentiates f(z*) tracked at the equilibrium, "
-            f"which only the implicit backward records; model.overrides.backward is "
-            f"{backward!r}. Set model.overrides.backward = 'implicit' or jac.weight = 0."
+            f"which only the implicit backward records; model.overrides.solve.backward is "
+            f"{backward!r}. Set model.overrides.solve.backward = 'implicit' or jac.weight = 0."
         )
     if cfg.fp_cache and getattr(mc, "core", None) != "deq":
         raise ConfigError(

@@ -63,8 +63,24 @@ class Task:
         logits, state, sols = net(x, **kw)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)), state, sols
 
-    def evaluate(self, model, splits: tuple[str, ...] = ("test",)) -> dict:
+    def evaluate(self, model, splits: tuple[str, ...] | None = None) -> dict:
+        """Metrics of ``model`` on ``splits`` (default: the task's final splits), in eval mode
+        without autograd; the model's mode is restored afterwards."""
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return self._evaluate(model, self.final_splits if splits is None else splits)
+        finally:
+            model.train(was)
+
+    def _evaluate(self, model, splits: tuple[str, ...]) -> dict:
         raise NotImplementedError  # pragma: no cover
+
+    def analysis_inputs(self, n: int) -> Tensor | None:
+        """``n`` inputs of the test split ready for the model, for the analysis studies; None
+        where the studies draw their own (sequence tasks: random tokens)."""
+        return None
 
 
 class CopyMemoryTask(Task):
@@ -89,11 +105,8 @@ class CopyMemoryTask(Task):
         idx = batch_indices(self.cfg, self.xtr.shape[0], step)[rank::world]
         return self.xtr[idx], self.ytr[idx], True
 
-    @torch.no_grad()
-    def evaluate(self, model, splits=("test",)) -> dict:
+    def _evaluate(self, model, splits) -> dict:
         cfg, (x, y) = self.cfg, (self.xte, self.yte)
-        was = model.training
-        model.eval()
         total, correct, count = 0.0, 0, 0
         for i in range(0, x.shape[0], cfg.eval_batch_size):
             xb = x[i : i + cfg.eval_batch_size].to(cfg.device)
@@ -104,7 +117,6 @@ class CopyMemoryTask(Task):
             ).item()
             correct += (logits[:, -10:].argmax(-1) == yb[:, -10:]).sum().item()
             count += yb.numel()
-        model.train(was)
         return {"test_loss": total / count, "test_acc": correct / (x.shape[0] * 10)}
 
 
@@ -174,14 +186,11 @@ class LanguageModelTask(Task):
         nll, state, sols = net(x, state, targets=y, **kw)
         return nll.mean(), state, sols
 
-    @torch.no_grad()
-    def evaluate(self, model, splits=("valid", "test")) -> dict:
+    def _evaluate(self, model, splits) -> dict:
         from ..data.text import eval_rows
 
         cfg = self.cfg
         T = cfg.data.eval_seq_len or cfg.data.seq_len
-        was = model.training
-        model.eval()
         out = {}
         for split in splits:
             stream = self.corpus.split(split)
@@ -209,7 +218,6 @@ class LanguageModelTask(Task):
                 nats = total
                 out[f"{split}_word_ppl"] = math.exp(min(nats / (words * frac), 700.0))
                 out[f"{split}_bpc"] = nats / (chars * frac) / math.log(2)
-        model.train(was)
         return out
 
 
@@ -273,11 +281,8 @@ class ImageTask(Task):
             x = augment(x, g, pad=4 if x.shape[-1] >= 32 else 2, flip=self.flip)
         return self.prepare(x[rank::world]), y[rank::world], True
 
-    @torch.no_grad()
-    def evaluate(self, model, splits=("test",)) -> dict:
+    def _evaluate(self, model, splits) -> dict:
         cfg = self.cfg
-        was = model.training
-        model.eval()
         out = {}
         for split in splits:
             x, y = (self.xva, self.yva) if split == "valid" else (self.xte, self.yte)
@@ -289,8 +294,10 @@ class ImageTask(Task):
                 total += F.cross_entropy(logits, yb, reduction="sum").item()
                 correct += (logits.argmax(-1) == yb).sum().item()
             out[f"{split}_loss"], out[f"{split}_acc"] = total / x.shape[0], correct / x.shape[0]
-        model.train(was)
         return out
+
+    def analysis_inputs(self, n: int) -> Tensor:
+        return self.prepare(self.xte[:n])
 
 
 TASKS = {"copy_memory": CopyMemoryTask, "lm": LanguageModelTask, "image": ImageTask}

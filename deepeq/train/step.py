@@ -1,0 +1,154 @@
+"""One training step: the loss (task loss + fixed-point correction + Jacobian penalty), the
+non-finite guard, backward, clipping and the optimiser update, returned as a ``StepResult``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .._solution import Solution, Status
+from ..regularization import jacobian_penalty, spectral_radius
+from .config import TrainConfig
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one training step did. ``skipped`` names why the update was not applied (None: it
+    was); ``solutions`` are the step's equilibrium solves (empty for explicit models);
+    ``monitor`` holds the ‖J‖_F estimate and spectral radius on monitored steps."""
+
+    loss: float
+    task_loss: float
+    jac_penalty: float | None
+    fpc_loss: float | None
+    grad_norm: float | None
+    skipped: str | None
+    solutions: list[Solution] = field(default_factory=list)
+    monitor: dict = field(default_factory=dict)
+
+    @property
+    def applied(self) -> bool:
+        return self.skipped is None
+
+
+class LossGuard:
+    """Warns once when the training loss explodes: the mean task loss of the last ``window``
+    steps above ``ratio`` times the run's first loss (before any update; ``ratio = 0``: off).
+    Its state survives a resume (it is saved in the checkpoint)."""
+
+    def __init__(
+        self, ratio: float, window: int = 10, start: float | None = None,
+        recent: list[float] = (), exploded_at: int | None = None,
+    ):  # fmt: skip
+        self.ratio, self.window, self.start = ratio, window, start
+        self.recent: list[float] = list(recent)
+        self.exploded_at = exploded_at
+
+    def update(self, step: int, loss: float) -> str | None:
+        """Record the step's loss; returns the warning the first time the loss has exploded."""
+        if not self.ratio or not math.isfinite(loss):
+            return None
+        if self.start is None:
+            self.start = loss
+            return None
+        self.recent = [*self.recent, loss][-self.window :]
+        now = sum(self.recent) / len(self.recent)
+        if (
+            self.exploded_at is None
+            and len(self.recent) == self.window
+            and now > self.ratio * abs(self.start)
+        ):
+            self.exploded_at = step
+            return (
+                f"step {step}: the training loss exploded: mean {now:.4g} over the last "
+                f"{self.window} steps against {self.start:.4g} at the first step "
+                f"(> max_loss_ratio = {self.ratio:g}x). The run goes on, but its result is "
+                f"probably useless: lower optim.lr, enable optim.clip, or add Jacobian "
+                f"regularisation (jac.weight); max_loss_ratio = 0 silences this check."
+            )
+        return None
+
+
+def correction_loss(model, sols: list, targets: torch.Tensor) -> torch.Tensor | None:
+    """Fixed-point correction: the model's training loss on each supervised iterate of the
+    solves (``Solution.trajectory``), weighted by the DEQ's ``FixedPointCorrection``;
+    with subsequence solving the chunks' j-th states are joined along time; with
+    ``positions < 1`` each iterate's loss is the mean over a random subset of the positions.
+    None when off."""
+    if not sols or not sols[0].trajectory:
+        return None
+    n = min(len(s.trajectory) for s in sols)
+    states = [
+        sols[0].trajectory[j]
+        if len(sols) == 1
+        else torch.cat([s.trajectory[j] for s in sols], dim=1)
+        for j in range(n)
+    ]
+    fpc = model.deq.correction
+    losses = []
+    for z in states:
+        idx = None if isinstance(z, tuple) else fpc.sample(z.shape[1])
+        if idx is None:
+            losses.append(model.head_loss(z, targets).mean())
+        else:  # a random subset of the positions (dim 1), fresh for each iterate
+            idx = idx.to(z.device)
+            losses.append(model.head_loss(z[:, idx], targets[:, idx]).mean())
+    return fpc.loss(losses)
+
+
+def train_step(
+    cfg: TrainConfig, model, net, task, opt, batch, state, *, step: int, jac_weight: float,
+    cache_keys=None, world: int = 1,
+) -> tuple[StepResult, object]:  # fmt: skip
+    """Forward, loss, guard, backward and update for one batch ``(x, y, fresh)``; returns the
+    result and the model memory to carry to the next step. ``net`` is ``model`` or its DDP
+    wrapper; ``jac_weight`` the Jacobian penalty's weight at this step (0: none)."""
+    x, y, fresh = batch
+    task_loss, state, sols = task.loss(net, x, y, None if fresh else state, cache_keys)
+    loss = task_loss
+    fpc = correction_loss(model, sols, y)
+    if fpc is not None:
+        loss = loss + fpc
+    pen = None
+    if jac_weight > 0 and sols:
+        pen = sum(
+            jacobian_penalty(s.fz, s.z_leaf, num_samples=cfg.jac.num_samples) for s in sols
+        ) / len(sols)
+        loss = loss + jac_weight * pen
+    monitor = {}
+    every = cfg.jac.monitor_every
+    if every and (step + 1) % every == 0 and sols and sols[0].fz is not None:
+        s0 = sols[0]  # before backward, which frees the tracked graph
+        monitor["jac_fro"] = math.sqrt(jacobian_penalty(s0.fz, s0.z_leaf, num_samples=2).item())
+        monitor["spectral_radius"] = spectral_radius(s0.fz, s0.z_leaf, num_iters=10).mean().item()
+    bad = not torch.isfinite(loss).item() or any(s.status is Status.NONFINITE for s in sols)
+    if world > 1:  # every rank must skip together, or the gradient all-reduce would hang
+        flag = torch.tensor(float(bad), device=cfg.device)
+        torch.distributed.all_reduce(flag)
+        bad = bool(flag.item() > 0)
+    skipped, grad_norm = ("non-finite loss or solve" if bad else None), None
+    if not bad:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = cfg.optim.clip if cfg.optim.clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+        # A finite loss can still have an inf/NaN gradient (e.g. a backward solve or an
+        # overflow in f's backward); the all-reduced gradient is the same on every rank.
+        if math.isfinite(grad_norm):
+            opt.step()
+        else:
+            opt.zero_grad(set_to_none=True)
+            skipped = "non-finite gradient (finite loss)"
+    result = StepResult(
+        loss=loss.item(),
+        task_loss=task_loss.item(),
+        jac_penalty=None if pen is None else pen.item(),
+        fpc_loss=None if fpc is None else fpc.item(),
+        grad_norm=grad_norm,
+        skipped=skipped,
+        solutions=list(sols),
+        monitor=monitor,
+    )
+    return result, state
