@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -171,61 +172,109 @@ def _autocast_state(device_type: str) -> torch.dtype | None:
     )
 
 
-#: When stopped samples are compacted out of the active set: "auto" (at once on CPU; in batches
-#: of at least a quarter of the rows on accelerators), True (always in batches) or False (at once).
-LAZY_COMPACTION: bool | str = "auto"
+@dataclass(frozen=True)
+class DriverOptions:
+    """How the driver loop runs one solve (see ``solve``).
+
+    ``independent``: f treats samples independently (stopped samples may be dropped from its
+    input). ``coupled`` (default: ``not independent``): the batch is one problem: it stops only
+    when every sample meets the tolerance, and one iterate of the whole batch (the one whose
+    worst sample is best) is returned. ``nonfinite``: ``"raise"`` or ``"return"``. ``trace``:
+    record the residual after every step. ``min_steps``: no sample stops, and no iterate is
+    returned, before this step (``UnrolledBackward`` takes at least one tracked step).
+    ``positions`` > 0: causal solving, the rows of z being (sample, position) pairs, this many
+    per sample. ``keep``: steps whose full-batch iterates are returned (``DriverResult.iterates``).
+    ``inverse``: return the solver's inverse-Jacobian estimate (``DriverResult.inverse``).
+    ``final``: return the solver state of every row at its last step (``DriverResult.final``);
+    ``snapshot_every`` = C > 0 adds snapshots at the steps that are multiples of C.
+    ``compaction``: when stopped samples leave the solver's arrays: ``"auto"`` (at once on CPU,
+    in batches of at least a quarter of the rows on accelerators), ``"eager"`` (at once) or
+    ``"lazy"`` (in batches); the solve is the same to float rounding, only the cost differs."""
+
+    independent: bool = True
+    nonfinite: Literal["raise", "return"] = "raise"
+    trace: bool = False
+    coupled: bool | None = None
+    min_steps: int = 0
+    positions: int = 0
+    keep: tuple[int, ...] = ()
+    inverse: bool = False
+    final: bool = False
+    snapshot_every: int = 0
+    compaction: Literal["auto", "eager", "lazy"] = "auto"
 
 
-def solve(
-    f, z, solver, layout, args, independent, nonfinite, trace, inverse=None, *,
-    coupled: bool | None = None, min_steps: int = 0, positions: int = 0, iterates: dict | None = None,
-    final: dict | None = None,
-):  # fmt: skip
-    """The driver loop on flat ``z`` (B, D). Returns (z*, status, stats).
+@dataclass
+class FinalState:
+    """Per row (sample, or (sample, position) in causal solving) at its last step: the solver's
+    ``AbstractSolver.final_state`` (a tuple of ``(B, D)`` tensors, or None for solvers that keep
+    none), the step count and the non-finite flag, before any per-sample aggregation; and,
+    with ``snapshot_every`` = C, ``(k, rows, state)`` for every step k that is a multiple of C
+    (the solver state of the rows still moving then)."""
 
-    ``inverse``, a dict, receives each sample's inverse-Jacobian estimate at the step it stopped,
-    for solvers that keep one (``AbstractSolver.inverse_factors``): ``inverse["U"]``,
-    ``inverse["V"]`` ``(B, n, D)`` with ``(I - J_f)⁻¹ ≈ I - Σ_i u_i v_iᵀ`` (unused slots zero).
-    It stays empty for the other solvers.
+    state: tuple[Tensor, ...] | None
+    steps: Tensor
+    nonfinite: Tensor
+    snapshots: list = field(default_factory=list)
 
-    ``coupled`` (default: ``not independent``): f mixes samples, so the batch is one problem: it
-    stops only when every sample meets the tolerance, and one iterate of the whole batch (the
-    one whose worst sample is best) is returned. ``min_steps``: no sample stops, and no iterate
-    is returned, before this step (``UnrolledBackward`` takes at least one tracked step).
 
-    ``iterates``, a dict whose keys are steps, receives the full-batch iterate ``(B, D)`` (detached;
-    samples stopped earlier: their returned value) at each of those steps; steps after the
-    last one get the returned values.
+@dataclass
+class DriverResult:
+    """What ``solve`` returns: the flat ``z*`` (B, D), the status and stats, and what the
+    options asked for: ``inverse`` = ``(U, V)`` ``(B, n, D)`` with ``(I - J_f)⁻¹ ≈ I - Σ_i u_i
+    v_iᵀ`` at each sample's last step (unused slots zero; None for solvers that keep no
+    estimate), ``final`` (``FinalState``), ``iterates`` (step -> full-batch iterate ``(B, D)``,
+    detached; samples stopped earlier: their returned value)."""
 
-    ``final``, a dict, receives ``final["state"]``: the solver's ``AbstractSolver.final_state``
-    of every row at the step it stopped (a tuple of ``(B, D)`` tensors, or None for solvers that
-    keep none), ``final["steps"]`` and ``final["nonfinite"]`` per row (per (sample, position) row
-    in causal solving, before the per-sample aggregation of the stats). With ``final["every"] = C``
-    on entry it also receives ``final["snapshots"]``: ``(k, rows, state)`` for every step k that is
-    a multiple of C, the solver's final_state of the rows still moving then.
+    z: Tensor
+    status: Status
+    stats: Stats
+    inverse: tuple[Tensor, Tensor] | None = None
+    final: FinalState | None = None
+    iterates: dict[int, Tensor] | None = None
 
-    ``positions`` (causal solving, see ``deepeq.fixed_point``): the rows of ``z`` are
-    (sample, position) pairs, ``positions`` consecutive rows per sample, and f is causal along
-    them. A row stops only when it meets the tolerance and every earlier row of its sample has
-    stopped (the frozen rows form a growing prefix, whose values no later step changes), and each
-    row returns its last finite iterate. f is evaluated on the full batch (pass
-    ``independent=False``); the returned stats are per sample.
+
+def solve(f, z, solver, layout, args, options: DriverOptions = DriverOptions()) -> DriverResult:
+    """The driver loop on flat ``z`` (B, D) under ``options`` (``DriverOptions``).
+
+    Causal solving (``options.positions``, see ``deepeq.fixed_point``): a row stops only when it
+    meets the tolerance and every earlier row of its sample has stopped (the frozen rows form a
+    growing prefix, whose values no later step changes), and each row returns its last finite
+    iterate. f is evaluated on the full batch (``independent=False``); the returned stats are
+    per sample.
 
     The solver's arithmetic runs outside any autocast region (its state stays in z's dtype); f
     runs inside the caller's."""
-    autocast = _autocast_state(layout.device.type)
-    if coupled is None:
-        coupled = not independent
-    if positions and (independent or coupled):
+    o = options
+    if o.compaction not in ("auto", "eager", "lazy"):
+        raise ValueError(f"compaction must be 'auto', 'eager' or 'lazy'; got {o.compaction!r}.")
+    coupled = (not o.independent) if o.coupled is None else o.coupled
+    if o.positions and (o.independent or coupled):
         raise ValueError(
             "causal solving evaluates f on the full batch: independent=False, coupled=False"
         )
+    inverse = {} if o.inverse else None
+    final = {"every": o.snapshot_every} if o.final else None
+    iterates = {s: None for s in o.keep} if o.keep else None
+    autocast = _autocast_state(layout.device.type)
+    run = (f, z, solver, layout, args, o.independent, o.nonfinite, o.trace, inverse, coupled,
+           o.min_steps, o.positions, iterates, final, autocast, o.compaction)  # fmt: skip
     if autocast is None:
-        return _solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse,
-                      coupled, min_steps, positions, iterates, final, None)  # fmt: skip
-    with torch.autocast(layout.device.type, enabled=False):
-        return _solve(f, z, solver, layout, args, independent, nonfinite, trace, inverse,
-                      coupled, min_steps, positions, iterates, final, autocast)  # fmt: skip
+        z, status, stats = _solve(*run)
+    else:
+        with torch.autocast(layout.device.type, enabled=False):
+            z, status, stats = _solve(*run)
+    return DriverResult(
+        z=z,
+        status=status,
+        stats=stats,
+        inverse=(inverse["U"], inverse["V"]) if inverse else None,
+        final=None
+        if final is None
+        else FinalState(final["state"], final["steps"], final["nonfinite"],
+                        final.get("snapshots", [])),
+        iterates=iterates,
+    )  # fmt: skip
 
 
 def _prefix(meet: Tensor, sample: Tensor) -> Tensor:
@@ -241,7 +290,7 @@ def _prefix(meet: Tensor, sample: Tensor) -> Tensor:
 
 def _solve(
     f, z, solver, layout, args, independent, nonfinite, trace, inverse, coupled, min_steps,
-    positions, iterates, final, autocast,
+    positions, iterates, final, autocast, compaction,
 ):  # fmt: skip
     t0 = time.perf_counter()
     B, dev = layout.batch, layout.device
@@ -309,7 +358,7 @@ def _solve(
     buffer_bytes = sum(t.numel() * t.element_size() for t in state if isinstance(t, Tensor))
 
     on_cpu = dev.type == "cpu"
-    lazy = independent and (not on_cpu if LAZY_COMPACTION == "auto" else LAZY_COMPACTION)
+    lazy = independent and (not on_cpu if compaction == "auto" else compaction == "lazy")
     # Causal solving never compacts: the solver's per-row arithmetic then runs on tensors of
     # one shape whatever the other rows do (a row count that changes with later positions
     # would change kernels, float rounding, and so the earlier outputs).

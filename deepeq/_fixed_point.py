@@ -31,6 +31,7 @@ def fixed_point(
     solve_dtype: torch.dtype | str | None = None,
     causal: bool = False,
     keep_iterates: tuple[int, ...] = (),
+    compaction: Literal["auto", "eager", "lazy"] = "auto",
 ) -> Solution:
     """Solve ``z* = f(z*, *args)`` per sample, starting from ``z0``.
 
@@ -91,6 +92,11 @@ def fixed_point(
             ``Solution.trajectory`` holds ``f(z_s)`` for each, one tracked call of f from the
             detached ``z_s`` (a one-step phantom gradient), in the structure of z0; a sample that
             stopped before step s contributes its returned value. Empty when not recording.
+        compaction: when samples that stopped leave the solver's arrays (with
+            ``independent=True``): ``"auto"`` (at once on CPU; on accelerators in batches of
+            at least a quarter of the rows, since every gather is a kernel launch), ``"eager"``
+            (at once) or ``"lazy"`` (in batches). The solve is the same (to float rounding: a
+            product over fewer rows may round otherwise); only the cost differs.
 
     Returns:
         A ``Solution`` with ``value`` (the structure of z0), ``status`` and ``stats``.
@@ -121,6 +127,8 @@ def fixed_point(
         )
     if nonfinite not in ("raise", "return"):
         raise ValueError(f"nonfinite must be 'raise' or 'return'; got {nonfinite!r}.")
+    if compaction not in ("auto", "eager", "lazy"):
+        raise ValueError(f"compaction must be 'auto', 'eager' or 'lazy'; got {compaction!r}.")
     if not callable(f):
         raise TypeError(f"f must be callable f(z, *args) -> z; got {type(f).__name__}.")
     if not isinstance(args, tuple | list):
@@ -154,10 +162,11 @@ def fixed_point(
         f=f, z0=z0, solver=solver, layout=layout, args=tuple(args), independent=independent,
         throw=throw, nonfinite=nonfinite, trace=trace, positions=positions,
         iterate_f=None if solve_dtype is None else _autocast(f, layout, _solve_dtype(solve_dtype)),
-        keep=keep if grad else (),
+        keep=keep if grad else (), compaction=compaction,
     )  # fmt: skip
     if not grad:
-        return problem.finish(*problem.solve())
+        r = problem.solve()
+        return problem.finish(r.z, r.status, r.stats)
     sol = backward.apply(problem)
     if keep:
         with torch.enable_grad():

@@ -4,11 +4,12 @@ backward rule. Its own module, so that ``backward/`` depends on it and not on ``
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import Tensor
 
-from ._driver import solve
+from ._driver import DriverOptions, DriverResult, solve
 from ._flatten import Layout, check_output, flatten, unflatten
 from ._solution import Solution, Stats, Status
 from ._types import FixedPointFn
@@ -28,6 +29,7 @@ class Problem:
         self, *, f: FixedPointFn, z0, solver, layout: Layout, args: tuple, independent: bool,
         throw: bool, nonfinite: str, trace: bool, positions: int = 0,
         iterate_f: FixedPointFn | None = None, keep: tuple[int, ...] = (),
+        compaction: str = "auto",
     ):  # fmt: skip
         self.f, self.solver, self.layout, self.args = f, solver, layout, args
         self.independent, self.throw, self.nonfinite, self.trace = (
@@ -36,31 +38,35 @@ class Problem:
         self.z0 = flatten(z0, layout).detach()
         self.z0_tracked = flatten(z0, layout)  # for UnrolledBackward: gradients reach z0
         self.iterate_f = f if iterate_f is None else iterate_f
-        self.positions = positions
+        self.positions, self.compaction = positions, compaction
         self.keep: dict | None = {s: None for s in keep} if keep else None
 
     def solve(
         self,
-        inverse: dict | None = None,
         *,
+        inverse: bool = False,
+        final: bool = False,
+        snapshot_every: int = 0,
         min_steps: int = 0,
         track_z0: bool = False,
-        final: dict | None = None,
-    ) -> tuple[Tensor, Status, Stats]:
-        """Run the solver (recording autograd only if grad mode is on): flat z*, status, stats.
-        ``inverse`` (a dict) receives the solver's inverse-Jacobian estimate, if it keeps one;
-        ``final`` (a dict) the solver state, step count and non-finite flag of every row at its
-        last step (rows: samples, or (sample, position) pairs in causal solving; see
-        ``_driver.solve``);
+    ) -> DriverResult:
+        """Run the solver (recording autograd only if grad mode is on) -> ``DriverResult`` (flat
+        z*, status, stats; ``inverse``: the solver's inverse-Jacobian estimate, if it keeps one;
+        ``final``: the solver state, step count and non-finite flag of every row at its last
+        step, rows being samples or (sample, position) pairs in causal solving, with snapshots
+        every ``snapshot_every`` steps). The kept iterates go to ``self.keep``.
         ``min_steps``: no sample stops before this step; ``track_z0``: start from z0 as given
         (not detached), so that a recorded graph reaches it."""
         z0 = self.z0_tracked if track_z0 else self.z0
+        opts = DriverOptions(
+            independent=self.independent, nonfinite=self.nonfinite, trace=self.trace,
+            min_steps=min_steps, keep=tuple(self.keep or ()), inverse=inverse, final=final,
+            snapshot_every=snapshot_every, compaction=self.compaction,
+        )  # fmt: skip
         if not self.positions:
-            return solve(
-                self.iterate_f, z0, self.solver, self.layout, self.args, self.independent,
-                self.nonfinite, self.trace, inverse, min_steps=min_steps, iterates=self.keep,
-                final=final,
-            )  # fmt: skip
+            r = solve(self.iterate_f, z0, self.solver, self.layout, self.args, opts)
+            self.keep = r.iterates
+            return r
         # Causal solving: the driver sees one row per (sample, position); f runs on the batch.
         B, T, layout, f, args = (
             self.layout.batch,
@@ -77,14 +83,13 @@ class Problem:
             check_output(out, layout, B)
             return out.reshape(B * T, d)
 
-        z, status, stats = solve(
-            f_rows, z0.reshape(B * T, d), self.solver, rows, (), False, self.nonfinite,
-            self.trace, inverse, coupled=False, min_steps=min_steps, positions=T, iterates=self.keep,
-            final=final,
-        )  # fmt: skip
-        if self.keep:
-            self.keep = {s: v.reshape(B, T * d) for s, v in self.keep.items()}
-        return z.reshape(B, T * d), status, stats
+        opts = dataclasses.replace(opts, independent=False, coupled=False, positions=T)
+        r = solve(f_rows, z0.reshape(B * T, d), self.solver, rows, (), opts)
+        if r.iterates:
+            r.iterates = {s: v.reshape(B, T * d) for s, v in r.iterates.items()}
+        self.keep = r.iterates
+        r.z = r.z.reshape(B, T * d)
+        return r
 
     def call(self, z: Tensor) -> Tensor:
         """``f`` on the full batch of flat ``z`` (B, D) -> flat ``f(z)`` in z0's dtype."""

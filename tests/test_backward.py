@@ -293,24 +293,26 @@ def test_shine_is_exact_for_scalar_linear_maps():
 
 
 def test_recorded_inverse_estimate_has_only_the_used_slots():
-    from deepeq._driver import solve
+    from deepeq._driver import DriverOptions, solve
     from deepeq._flatten import layout_of
 
     a = torch.tensor([[0.3], [0.0]], dtype=F64)
     x = torch.tensor([[1.0], [2.0]], dtype=F64)
     z0 = torch.zeros(2, 1, dtype=F64)
-    inverse = {}
-    _, _, st = solve(
-        lambda z, x, a: a * z + x, z0, Broyden(**EXACT), layout_of(z0), (x, a), True, "raise",
-        False, inverse,
-    )  # fmt: skip
-    assert st.num_steps.tolist() == [2, 1]
+    r = solve(lambda z, x, a: a * z + x, z0, Broyden(**EXACT), layout_of(z0), (x, a),
+              DriverOptions(inverse=True))  # fmt: skip
+    assert r.stats.num_steps.tolist() == [2, 1]
     # 2 slots used (of history_length=20); the sample that stopped after 1 update has a zero 2nd
-    assert inverse["U"].shape == (2, 2, 1) and inverse["V"].shape == (2, 2, 1)
-    assert inverse["U"][1, 1].item() == 0.0 and inverse["V"][1, 1].item() == 0.0
+    U, V = r.inverse
+    assert U.shape == (2, 2, 1) and V.shape == (2, 2, 1)
+    assert U[1, 1].item() == 0.0 and V[1, 1].item() == 0.0
     # I - Σ u v = (1 - a)⁻¹ for these scalar maps
-    est = 1 - (inverse["U"] * inverse["V"]).sum((1, 2))
+    est = 1 - (U * V).sum((1, 2))
     torch.testing.assert_close(est, 1 / (1 - a.squeeze(1)), rtol=1e-12, atol=0)
+    # a solver that keeps no estimate returns none
+    r = solve(lambda z, x, a: a * z + x, z0, deepeq.Anderson(**EXACT), layout_of(z0), (x, a),
+              DriverOptions(inverse=True))  # fmt: skip
+    assert r.inverse is None
 
 
 def test_shine_start_is_refined_to_the_implicit_gradient(gen):
@@ -424,8 +426,10 @@ def test_bad_backward_arguments():
         ImplicitBackward(fallback="zero")
     with pytest.raises(ValueError, match="steps must be >= 1"):
         PhantomBackward(steps=0)
-    with pytest.raises(ValueError, match=r"damping must be a float in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"PhantomBackward.damping must be in \[0, 1\)"):
         PhantomBackward(damping=1.5)
+    with pytest.raises(TypeError, match=r"ImplicitBackward.fallback_damping must be a float"):
+        ImplicitBackward(fallback_damping="0.5")
 
 
 @pytest.mark.parametrize("solver_cls", [Picard, deepeq.Anderson, Broyden])

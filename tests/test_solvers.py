@@ -7,16 +7,14 @@ import torch
 from problems import DOTTIE, Counting, linear_problem, tanh_mlp_problem
 
 import deepeq
-import deepeq._driver
 from deepeq import Anderson, Broyden, Picard, Status
 
 TIGHT = dict(atol=1e-11, rtol=0.0)
 
 
-@pytest.fixture(params=["at_once", "lazy"])
-def compaction(request, monkeypatch):
+@pytest.fixture(params=["eager", "lazy"])
+def compaction(request):
     """Both compaction policies: at once (CPU default) and in batches (accelerator default)."""
-    monkeypatch.setattr(deepeq._driver, "LAZY_COMPACTION", request.param == "lazy")
     return request.param
 
 
@@ -129,16 +127,22 @@ def _scaled_problem(gen, batch=6, dim=10):
 @pytest.mark.parametrize("solver", ALL, ids=repr)
 def test_per_sample_independence(solver, gen, compaction):
     f, x, s = _scaled_problem(gen)
-    batch = deepeq.fixed_point(f, torch.zeros_like(x), solver, args=(x, s))
+    batch = deepeq.fixed_point(f, torch.zeros_like(x), solver, args=(x, s), compaction=compaction)
     for i in range(x.shape[0]):
         one = deepeq.fixed_point(
-            f, torch.zeros_like(x[i : i + 1]), solver, args=(x[i : i + 1], s[i : i + 1])
+            f,
+            torch.zeros_like(x[i : i + 1]),
+            solver,
+            args=(x[i : i + 1], s[i : i + 1]),
+            compaction=compaction,
         )
         torch.testing.assert_close(batch.value[i : i + 1], one.value, atol=1e-12, rtol=0)
         assert batch.stats.num_steps[i] == one.stats.num_steps[0]
         assert batch.stats.best_step[i] == one.stats.best_step[0]
     # Reversing the batch order changes nothing either.
-    rev = deepeq.fixed_point(f, torch.zeros_like(x), solver, args=(x.flip(0), s.flip(0)))
+    rev = deepeq.fixed_point(
+        f, torch.zeros_like(x), solver, args=(x.flip(0), s.flip(0)), compaction=compaction
+    )
     torch.testing.assert_close(rev.value.flip(0), batch.value, atol=1e-12, rtol=0)
 
 
@@ -146,7 +150,9 @@ def test_per_sample_independence(solver, gen, compaction):
 def test_easy_samples_stop_early_and_stay_frozen(solver, gen, compaction):
     f, x, s = _scaled_problem(gen)
     counting = Counting(f)
-    sol = deepeq.fixed_point(counting, torch.zeros_like(x), solver, args=(x, s), trace=True)
+    sol = deepeq.fixed_point(
+        counting, torch.zeros_like(x), solver, args=(x, s), trace=True, compaction=compaction
+    )
     st = sol.stats
     assert sol.status is Status.CONVERGED
     assert st.num_steps[0] < st.num_steps[-1]  # s=0.05 needs fewer steps than s=0.95
@@ -197,6 +203,7 @@ def test_best_iterate_is_lowest_residual(solver, gen, compaction):
         type(solver)(atol=0.0, rtol=0.0, max_steps=15),
         args=(b,),
         trace=True,
+        compaction=compaction,
     )
     st = sol.stats
     torch.testing.assert_close(st.abs_residual, st.trace.min(dim=1).values, rtol=0, atol=0)
@@ -230,7 +237,9 @@ def test_nonfinite_raises_with_step_and_sample():
 @pytest.mark.parametrize("solver", ALL, ids=repr)
 def test_nonfinite_return_mode(solver, compaction):
     x, f = NAN_X, _nan_beyond(20.5)
-    sol = deepeq.fixed_point(f, torch.zeros_like(x), solver, args=(x, NAN_C), nonfinite="return")
+    sol = deepeq.fixed_point(
+        f, torch.zeros_like(x), solver, args=(x, NAN_C), nonfinite="return", compaction=compaction
+    )
     if getattr(solver, "line_search", False):
         # Backtracking never accepts a step (||g|| is constant), so sample 1 creeps and never
         # reaches the NaN region: the honest answer is MAX_STEPS.
@@ -245,7 +254,13 @@ def test_nonfinite_return_mode(solver, compaction):
     assert sol.stats.abs_residual[1] > 0
     # throw=True does not override an explicit nonfinite="return".
     deepeq.fixed_point(
-        f, torch.zeros_like(x), solver, args=(x, NAN_C), nonfinite="return", throw=True
+        f,
+        torch.zeros_like(x),
+        solver,
+        args=(x, NAN_C),
+        nonfinite="return",
+        throw=True,
+        compaction=compaction,
     )
 
 
@@ -413,3 +428,20 @@ def test_history_products_agree_on_both_cpu_paths(small, monkeypatch, gen):
     w = torch.randn(3, 5, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(_base.bmv(A, x), torch.einsum("bnd,bd->bn", A, x))
     torch.testing.assert_close(_base.bvm(w, A), torch.einsum("bn,bnd->bd", w, A))
+
+
+@pytest.mark.parametrize("solver", ALL, ids=repr)
+def test_compaction_changes_the_cost_not_the_result(solver, gen):
+    f, x, s = _scaled_problem(gen)
+    eager, lazy = (
+        deepeq.fixed_point(f, torch.zeros_like(x), solver, args=(x, s), compaction=c)
+        for c in ("eager", "lazy")
+    )
+    # the same solve up to float rounding (a matrix product over fewer rows may round otherwise)
+    torch.testing.assert_close(eager.value, lazy.value, atol=1e-12, rtol=0)
+    assert torch.equal(eager.stats.num_steps, lazy.stats.num_steps)
+    assert eager.stats.sample_evals < lazy.stats.sample_evals or bool(
+        (eager.stats.num_steps == eager.stats.num_steps[0]).all()
+    )  # eager drops stopped samples at once: fewer sample evaluations of f
+    with pytest.raises(ValueError, match="compaction must be 'auto', 'eager' or 'lazy'"):
+        deepeq.fixed_point(f, torch.zeros_like(x), solver, args=(x, s), compaction="never")

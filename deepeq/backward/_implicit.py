@@ -10,12 +10,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .._driver import DriverOptions
 from .._driver import solve as driver_solve
 from .._flatten import layout_of
 from .._norm import safe_norm
 from .._solution import BackwardStats, Status
 from ..solvers import AbstractSolver, Anderson
-from ..solvers._base import _check_int, bmv, bvm
+from ..solvers._base import _check_int, bmv, bvm, check_damping
 from ._base import AbstractBackward
 
 logger = logging.getLogger("deepeq")
@@ -97,11 +98,7 @@ class ImplicitBackward(AbstractBackward):
                 f"ImplicitBackward.fallback must be 'phantom' or 'raise'; got {self.fallback!r}."
             )
         _check_int("ImplicitBackward", "fallback_steps", self.fallback_steps, 1)
-        d = self.fallback_damping
-        if isinstance(d, bool) or not isinstance(d, int | float) or not 0.0 <= d < 1.0:
-            raise ValueError(
-                f"ImplicitBackward.fallback_damping must be a float in [0, 1); got {d!r}."
-            )
+        check_damping("ImplicitBackward", "fallback_damping", self.fallback_damping)
 
     def check_forward_solver(self, solver: AbstractSolver) -> None:
         """Raise if this rule cannot work after a forward solve by ``solver``
@@ -116,9 +113,9 @@ class ImplicitBackward(AbstractBackward):
 
     def apply(self, problem):
         self.check_forward_solver(problem.solver)
-        inverse = {} if self.init == "shine" else None
         with torch.no_grad():
-            z, status, stats = problem.solve(inverse=inverse)
+            r = problem.solve(inverse=self.init == "shine")
+        z, status, stats = r.z, r.status, r.stats
         z_leaf = z.detach().requires_grad_()
         with torch.enable_grad():
             fz = problem.call(z_leaf)
@@ -126,7 +123,7 @@ class ImplicitBackward(AbstractBackward):
             # Nothing f depends on requires grad: plain values, no graph kept.
             return problem.finish(z, status, stats, fz=fz, z_leaf=z_leaf)
         holder = BackwardStats()
-        factors = (inverse["U"], inverse["V"]) if inverse else None
+        factors = r.inverse
         coupled = not problem.independent
         value = _ImplicitFunction.apply(fz, z_leaf, z, self, holder, factors, coupled)
         return problem.finish(value, status, stats, backward=holder, fz=fz, z_leaf=z_leaf)
@@ -192,9 +189,9 @@ class _ImplicitFunction(torch.autograd.Function):
         # The vjp runs on the full batch (one recorded graph), so samples are not independent
         # for the driver; converged samples are still frozen unless f couples the samples (then
         # Jᵀ does too, and the batch converges as a whole).
-        g, status, st = driver_solve(
-            h, g0, rule.solver, layout_of(v), (), False, "return", False, coupled=ctx.coupled
-        )
+        opts = DriverOptions(independent=False, nonfinite="return", coupled=ctx.coupled)
+        r = driver_solve(h, g0, rule.solver, layout_of(v), (), opts)
+        g, status, st = r.z, r.status, r.stats
         v_norm = safe_norm(v, 1)
         diverged = st.nonfinite | (st.abs_residual > v_norm)
         nfe = st.nfe

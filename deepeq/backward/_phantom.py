@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .._solution import Status
-from ..solvers._base import _check_int
+from ..solvers._base import _check_int, check_damping
 from ._base import AbstractBackward
 
 
@@ -39,13 +39,12 @@ class PhantomBackward(AbstractBackward):
 
     def __post_init__(self) -> None:
         _check_int("PhantomBackward", "steps", self.steps, 1)
-        d = self.damping
-        if isinstance(d, bool) or not isinstance(d, int | float) or not 0.0 <= d < 1.0:
-            raise ValueError(f"PhantomBackward.damping must be a float in [0, 1); got {d!r}.")
+        check_damping("PhantomBackward", "damping", self.damping)
 
     def apply(self, problem):
         with torch.no_grad():
-            z, status, stats = problem.solve()
+            r = problem.solve()
+        z, status, stats = r.z, r.status, r.stats
         bad = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
         with torch.enable_grad():
             for i in range(self.steps):

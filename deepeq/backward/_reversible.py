@@ -106,9 +106,9 @@ class ReversibleBackward(AbstractBackward):
 
     def apply(self, problem):
         self.check_forward_solver(problem.solver)
-        final: dict = {"every": self.checkpoint_every or 0}
         with torch.no_grad():
-            z, status, stats = problem.solve(final=final, min_steps=1)
+            r = problem.solve(final=True, snapshot_every=self.checkpoint_every or 0, min_steps=1)
+        z, status, stats, final = r.z, r.status, r.stats, r.final
         # One tracked call of f finds what f closes over (the parameters to return gradients
         # for), on one sample when samples are independent; its graph is not kept.
         idx = torch.zeros(1, dtype=torch.long, device=z.device) if problem.independent else None
@@ -130,8 +130,8 @@ class ReversibleBackward(AbstractBackward):
             with torch.no_grad():
                 run.replay = not torch.equal(_call(problem, z1, idx, problem.args), fz.detach())
         del fz, z_leaf
-        y, zc = final["state"]  # both chains at each sample's last step (chain dtype)
-        snaps = final.get("snapshots", [])
+        y, zc = final.state  # both chains at each sample's last step (chain dtype)
+        snaps = final.snapshots
         run.snap_steps = [k for k, _, _ in snaps]
         flat = [t for _, rows, (ys, zs) in snaps for t in (rows, ys, zs)]
         run.n_inputs = len(grad_args) + len(params)
@@ -195,7 +195,7 @@ class _Reversal:
 
     def __init__(self, rule, problem, final, holder, arg_leaves, n_grad_args, params):
         self.rule, self.problem, self.holder = rule, problem, holder
-        self.steps, self.bad = final["steps"], final["nonfinite"]
+        self.steps, self.bad = final.steps, final.nonfinite
         self.arg_leaves, self.n_grad_args, self.params = arg_leaves, n_grad_args, params
         self.autocast = _autocast_state(problem.layout.device.type)
         self.replay = True  # set by ReversibleBackward.apply

@@ -28,5 +28,6 @@ class UnrolledBackward(AbstractBackward):
 
     def apply(self, problem):
         with torch.enable_grad():
-            z, status, stats = problem.solve(min_steps=1, track_z0=True)
+            r = problem.solve(min_steps=1, track_z0=True)
+        z, status, stats = r.z, r.status, r.stats
         return problem.finish(z, status, stats)
