@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deepeq.models import create_model  # noqa: E402
-from deepeq.train import load_config  # noqa: E402
+from deepeq.train import load_run_config  # noqa: E402
 
 RUNS = [
     ("T=100", "runs/copy_memory_t100_deq", "CPU (2 cores)"),
@@ -41,7 +41,7 @@ def main() -> None:
             continue
         with p.open() as fh:
             rows = list(csv.DictReader(fh))
-        cfg = load_config(ROOT / run / "config.toml")
+        cfg = load_run_config(ROOT / run)
         ev = [r for r in rows if r.get("test_loss")]
         last = ev[-1] if ev else None
         best = min(float(r["test_loss"]) for r in ev) if ev else float("nan")

@@ -228,7 +228,7 @@ def interleaved_step_s(
 
 def time_runs(runs: list[Path], rounds: int, threads: int) -> None:
     """Print the interleaved time per training step of existing runs and their ratios."""
-    from deepeq.train.config import load_config
+    from deepeq.train.config import load_run_config
 
     for run in runs:
         if not (run / "checkpoints" / "latest.pt").exists():
@@ -237,7 +237,7 @@ def time_runs(runs: list[Path], rounds: int, threads: int) -> None:
     parts: dict = {}
     counts: dict = {}
     inter = interleaved_step_s(labels, rounds, threads, parts, counts)
-    cfgs = {label: load_config(run / "config.toml") for label, run in labels.items()}
+    cfgs = {label: load_run_config(run) for label, run in labels.items()}
     gflop = {
         label: sum(c[0] * c[1] for (name, _), c in counts.items() if name == label)
         for label in labels

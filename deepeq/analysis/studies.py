@@ -206,6 +206,7 @@ def gradient_accuracy(
     is the capped settings' backward start (``"shine"``: the forward Broyden solver's inverse
     estimate; see ``deepeq.ImplicitBackward``), and a backward cap of 0 makes no backward
     iterations (the start is the gradient; its backward residual is then NaN: not measured)."""
+    from ..train.metrics import solution_metrics
     from ..train.tasks import LanguageModelTask
 
     if equilibrium_layer(model) is None:
@@ -252,20 +253,16 @@ def gradient_accuracy(
                 for p, q in zip(params, grads, strict=True)
             ]
         )
+        m = solution_metrics(sols)  # the training loop's statistics of these solves
         return {
             "f_cap": f_cap,
             "b_cap": b_cap,
             "loss": loss.item(),
-            "fwd_rel_residual": max(s.stats.rel_residual.max().item() for s in sols),
-            "bwd_rel_residual": max(
-                s.backward.rel_residual.max().item()
-                if s.backward.rel_residual is not None
-                else float("nan")
-                for s in sols
-            ),
+            "fwd_rel_residual": m["fwd_res_max"],
+            "bwd_rel_residual": m.get("bwd_res_max", float("nan")),  # NaN: no iterations
             "b_init": init,
-            "fwd_nfe": sum(s.stats.nfe for s in sols),
-            "bwd_nfe": sum(s.backward.nfe for s in sols),
+            "fwd_nfe": m["fwd_nfe"],
+            "bwd_nfe": m.get("bwd_nfe", 0),
             "seconds": seconds,
             "_g": g,
         }

@@ -66,14 +66,18 @@ class AbstractSolver(abc.ABC):
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name}.{field} must be finite and >= 0; got {v!r}.")
         _check_int(name, "max_steps", self.max_steps, 1)
-        damping = getattr(self, "damping", 0.0)
-        if isinstance(damping, bool) or not isinstance(damping, int | float):
-            raise TypeError(f"{name}.damping must be a float in [0, 1); got {damping!r}.")
-        if not 0.0 <= damping < 1.0:
-            raise ValueError(
-                f"{name}.damping must be in [0, 1) (z <- (1-damping)*f(z) + damping*z, "
-                f"0 = no damping); got {damping!r}."
-            )
+        check_damping(name, "damping", getattr(self, "damping", 0.0))
+
+
+def check_damping(name: str, field: str, d: object) -> None:
+    """The one check of a damping factor (solvers, the phantom gradient, the implicit backward's
+    fallback): a float in [0, 1), meaning ``z <- (1 - d) f(z) + d z``."""
+    if isinstance(d, bool) or not isinstance(d, int | float):
+        raise TypeError(f"{name}.{field} must be a float in [0, 1); got {d!r}.")
+    if not 0.0 <= d < 1.0:
+        raise ValueError(
+            f"{name}.{field} must be in [0, 1) (z <- (1-d)*f(z) + d*z, 0 = no damping); got {d!r}."
+        )
 
 
 def _check_int(name: str, field: str, v: object, minimum: int) -> None:
