@@ -129,10 +129,8 @@ _TINY = dict(
 )
 # Penn Treebank at CPU scale (configs/ptb_*.toml): 0.26M non-embedding parameters, tied 10k
 # embedding/softmax; segments of 70 tokens with a memory of 70. Solver caps 12 forward / 12
-# backward (Anderson). Cheaper caps were measured (docs/results/ptb.md): in 600-step PTB trials
-# 12/4 (297.0 valid vs 301.9) and 8/4 (301.4) looked free, but over the 5,000 steps of
-# configs/ptb_deq_transformer.toml 8/4 broke down (forward residual 84% by step 600) and 12/4
-# ended 7% behind 12/12 (valid 134.5 vs 125.2, its backward solves falling back late in training).
+# backward (Anderson): cheaper caps that looked free in 600-step trials broke down or fell behind
+# over the 5,000 steps of configs/ptb_deq_transformer.toml (docs/results/ptb.md).
 _SMALL = dict(
     vocab_size=10000,
     d_embed=128,

@@ -312,8 +312,8 @@ def _make(defaults: dict, overrides: dict) -> MDEQ:
 
 # MNIST at CPU scale: a stride-2 stem takes 28x28 to 14x14, then 2 resolutions (14, 7), channels
 # (16, 32). Against the first version (no stem, 28/14 with channels 8/16): the same convolution cost
-# per f call, half the state (D = 4,704), so half the solver work; 2x faster per training step on
-# one CPU thread (0.31 vs 0.61 s at batch 64, Broyden 6/6) and better accuracy after 400 steps.
+# per f call, half the state (D = 4,704), so half the solver work (about 2x faster per training
+# step on a CPU).
 _TINY = dict(
     in_channels=1, image_size=28, downsample_input=1, channels=(16, 32), head_channels=(16, 32),
     final_channels=64, head_pool=2, num_groups=4,

@@ -93,10 +93,9 @@ _TINY = dict(
 # Penn Treebank at CPU scale: state [h, c] of 2 x 128, kernel 2, tied 10k embedding/softmax. Solved
 # by Picard iteration in subsequences of 14 positions (the original DEQ repository, note 2). A
 # kernel-2 layer moves information one position per iteration, so a 70-position segment needs ~70
-# iterations however contractive f is; Anderson (history 6) and Broyden stall on this strongly
-# non-normal Jacobian long before that (measured after 150 training steps, one batch: Anderson 20
-# steps rel. residual 0.42, 200 steps 1e-3 at 109; Broyden 60 steps 0.09; Picard 1e-3 at 72),
-# whereas Picard on 14-position chunks reaches 1e-3 in ~17-22 steps per chunk.
+# iterations however contractive f is; Anderson and Broyden stall on this strongly non-normal
+# Jacobian long before that, whereas Picard on 14-position chunks reaches 1e-3 within ~20 steps
+# per chunk (measurements: docs/guide/models.md).
 _SMALL = dict(
     vocab_size=10000,
     d_embed=128,
