@@ -114,48 +114,6 @@ class _Evaluator:
         return flatten(out, self.layout).to(self.layout.dtype)[ids]
 
 
-def _record_inverse(inverse: dict, solver, state, idx: Tensor, ids: Tensor) -> None:
-    factors = solver.inverse_factors(state, idx)
-    if factors is not None:
-        inverse.setdefault("_parts", []).append((ids, *(t.detach() for t in factors)))
-
-
-def _record_final(final: dict, solver, state, idx: Tensor, ids: Tensor) -> None:
-    parts = solver.final_state(state, idx)
-    if parts is not None:
-        final.setdefault("_parts", []).append((ids, tuple(t.detach() for t in parts)))
-
-
-def _assemble_final(final: dict, B: int, z: Tensor, steps: Tensor, nonfinite: Tensor) -> None:
-    """The recorded per-row solver state at each row's last step as full ``(B, D)`` tensors,
-    with the rows' step counts and non-finite flags (before any per-sample aggregation)."""
-    parts = final.pop("_parts", None)
-    final["steps"], final["nonfinite"] = steps.clone(), nonfinite.clone()
-    if parts is None:
-        final["state"] = None
-        return
-    out = tuple(t.new_zeros(B, t.shape[1]) for t in parts[0][1])
-    for ids, ts in parts:
-        for o, t in zip(out, ts, strict=True):
-            o[ids] = t
-    final["state"] = out
-
-
-def _assemble_inverse(inverse: dict, B: int, z: Tensor) -> None:
-    """The recorded per-sample factors as full-batch ``(B, n, D)`` tensors, n the most slots any
-    sample used (fewer slots are zero: they add nothing to the low-rank sum)."""
-    parts = inverse.pop("_parts", None)
-    if parts is None:
-        return
-    n = max(U.shape[1] for _, U, _ in parts)
-    U_all = z.new_zeros(B, n, z.shape[1])
-    V_all = z.new_zeros(B, n, z.shape[1])
-    for ids, U, V in parts:
-        U_all[ids, : U.shape[1]] = U
-        V_all[ids, : V.shape[1]] = V
-    inverse["U"], inverse["V"] = U_all, V_all
-
-
 def _norms(z: Tensor, fz: Tensor) -> Tensor:
     """``(2, b)``: row 0 ``||f(z) - z||``, row 1 ``||f(z)||``, in float64 (scale-safe)."""
     return safe_norm(torch.stack((fz - z, fz)), 2)
@@ -237,6 +195,11 @@ class DriverResult:
 def solve(f, z, solver, layout, args, options: DriverOptions = DriverOptions()) -> DriverResult:
     """The driver loop on flat ``z`` (B, D) under ``options`` (``DriverOptions``).
 
+    Each step the solver moves the active rows; ``_StoppingRule`` decides which rows stop,
+    ``_BestIterate`` keeps the iterate each row will return, ``_Outputs`` receives a row's
+    results when it stops, ``_Extras`` what the options ask for beyond z*, and ``_drop``
+    compacts stopped rows out of the solver's arrays.
+
     Causal solving (``options.positions``, see ``deepeq.fixed_point``): a row stops only when it
     meets the tolerance and every earlier row of its sample has stopped (the frozen rows form a
     growing prefix, whose values no later step changes), and each row returns its last finite
@@ -253,28 +216,11 @@ def solve(f, z, solver, layout, args, options: DriverOptions = DriverOptions()) 
         raise ValueError(
             "causal solving evaluates f on the full batch: independent=False, coupled=False"
         )
-    inverse = {} if o.inverse else None
-    final = {"every": o.snapshot_every} if o.final else None
-    iterates = {s: None for s in o.keep} if o.keep else None
     autocast = _autocast_state(layout.device.type)
-    run = (f, z, solver, layout, args, o.independent, o.nonfinite, o.trace, inverse, coupled,
-           o.min_steps, o.positions, iterates, final, autocast, o.compaction)  # fmt: skip
     if autocast is None:
-        z, status, stats = _solve(*run)
-    else:
-        with torch.autocast(layout.device.type, enabled=False):
-            z, status, stats = _solve(*run)
-    return DriverResult(
-        z=z,
-        status=status,
-        stats=stats,
-        inverse=(inverse["U"], inverse["V"]) if inverse else None,
-        final=None
-        if final is None
-        else FinalState(final["state"], final["steps"], final["nonfinite"],
-                        final.get("snapshots", [])),
-        iterates=iterates,
-    )  # fmt: skip
+        return _solve(f, z, solver, layout, args, o, coupled, autocast)
+    with torch.autocast(layout.device.type, enabled=False):
+        return _solve(f, z, solver, layout, args, o, coupled, autocast)
 
 
 def _prefix(meet: Tensor, sample: Tensor) -> Tensor:
@@ -288,118 +234,215 @@ def _prefix(meet: Tensor, sample: Tensor) -> Tensor:
     return meet & (before == before[first][group])
 
 
-def _solve(
-    f, z, solver, layout, args, independent, nonfinite, trace, inverse, coupled, min_steps,
-    positions, iterates, final, autocast, compaction,
-):  # fmt: skip
-    t0 = time.perf_counter()
-    B, dev = layout.batch, layout.device
-    grad = torch.is_grad_enabled()
-    finite0 = torch.isfinite(z).all(1)
-    if not bool(finite0.all()):
-        bad = (~finite0).nonzero().flatten().tolist()
-        raise ValueError(f"z0 contains non-finite values (inf/nan) for samples {bad[:10]}.")
-    ev = _Evaluator(f, layout, args, independent, z, autocast, positions)
-    fz = ev(z)
-    norms = _norms(z.detach(), fz.detach())  # (2, b): residual, ||f(z)||
-    atol, rtol, max_steps = solver.atol, solver.rtol, solver.max_steps
+class _StoppingRule:
+    """The rule ``res <= atol + rtol ||f(z)||`` as ``key(norms) <= threshold``, with as few
+    tensor ops as possible (per-op overhead dominates the loop when f is cheap). The key also
+    ranks a row's iterates: the returned one minimises it. Coupled: every row's key is the
+    batch's worst. Causal (``positions`` > 0): a row stops only with every earlier row of its
+    sample (``restrict``)."""
 
-    # The stopping rule res <= atol + rtol*||f(z)|| as "key <= threshold", with as few tensor
-    # ops as possible (per-op overhead dominates the loop when f is cheap). The key also ranks a
-    # sample's iterates: the returned one minimises it.
-    if rtol == 0:
-        threshold = atol
+    def __init__(self, atol: float, rtol: float, coupled: bool, positions: int, dtype):
+        self.positions = positions
+        if rtol == 0:
+            self.threshold = atol
 
-        def sample_key(norms: Tensor) -> Tensor:
-            return norms[0]
-    elif atol == 0:
-        threshold = rtol
+            def key(norms: Tensor) -> Tensor:
+                return norms[0]
+        elif atol == 0:
+            self.threshold = rtol
+            tiny = torch.finfo(dtype).tiny
 
-        tiny = torch.finfo(norms.dtype).tiny
+            def key(norms: Tensor) -> Tensor:  # 0/0 (z = f(z) = 0) is converged, not NaN
+                return norms[0] / norms[1].clamp_min(tiny)
+        else:
+            self.threshold = 1.0
 
-        def sample_key(norms: Tensor) -> Tensor:  # 0/0 (z = f(z) = 0) is converged, not NaN
-            return norms[0] / norms[1].clamp_min(tiny)
-    else:
-        threshold = 1.0
+            def key(norms: Tensor) -> Tensor:
+                return norms[0] / (norms[1] * rtol + atol)
 
-        def sample_key(norms: Tensor) -> Tensor:
-            return norms[0] / (norms[1] * rtol + atol)
+        if coupled:
 
-    if coupled:
+            def worst(norms: Tensor) -> Tensor:  # the batch is one problem: its worst sample
+                k = key(norms)
+                return k.amax().expand_as(k)
 
-        def key_of(norms: Tensor) -> Tensor:  # the batch is one problem: its worst sample
-            key = sample_key(norms)
-            return key.amax().expand_as(key)
-    else:
-        key_of = sample_key
+            self.key = worst
+        else:
+            self.key = key
 
-    causal = positions > 0
-    last = causal or solver.returns_last  # return each row's last finite iterate
+    def restrict(self, meet: Tensor, active: Tensor) -> Tensor:
+        """``meet`` cut to each sample's leading run of rows (causal solving), else itself."""
+        return _prefix(meet, active // self.positions) if self.positions else meet
 
-    def stop_rule(meet: Tensor) -> Tensor:
-        return _prefix(meet, ev.active // positions) if causal else meet
+    def candidates(self, key: Tensor, frozen: Tensor | None, active: Tensor) -> Tensor:
+        """Rows that may stop at this step. NaN/inf keys count as stopping (mapped to 0): the
+        exact reason is sorted out by the caller, only on the (rare) steps where a row stops,
+        so this costs one host synchronisation per step."""
+        stop = torch.nan_to_num(key, 0.0, 0.0) <= self.threshold
+        if self.positions:  # frozen rows count as met; NaN rows (0 here) are inspected anyway
+            met = stop if frozen is None else stop | frozen
+            stop = self.restrict(met, active) | torch.isnan(key)
+        if frozen is not None:
+            stop &= ~frozen
+        return stop
 
-    # Full-batch outputs, written when a sample leaves the active set.
-    out_z = torch.empty_like(z)
-    out_norms = torch.empty_like(norms)
-    out_steps = torch.zeros(B, dtype=torch.long, device=dev)
-    out_best = torch.zeros(B, dtype=torch.long, device=dev)
-    out_nonfinite = torch.zeros(B, dtype=torch.bool, device=dev)
-    if trace:
-        tr = torch.full((2, B, max_steps + 1), float("nan"), dtype=norms.dtype, device=dev)
 
-    # Best-so-far of the active rows (compacted together with the solver state).
-    key = key_of(norms)
-    best_z, best_norms, best_key = z, norms, key
-    if min_steps > 0:  # step 0 is never returned: the first step replaces it
-        best_key = torch.full_like(key, float("inf"))
-    best_step = torch.zeros(B, dtype=torch.long, device=dev)
-    state = solver.init(ev, z, fz)
-    buffer_bytes = sum(t.numel() * t.element_size() for t in state if isinstance(t, Tensor))
+class _BestIterate:
+    """Per active row, the iterate it would return now, with its norms, key and step: the
+    lowest key so far, or with ``last`` the last finite iterate (causal solving: another step's
+    iterate of a row saw other values of the rows before it, so its recorded residual would
+    not be that of the returned state; solvers whose state must match the returned iterate,
+    like Reversible). Compacted together with the solver state."""
 
-    on_cpu = dev.type == "cpu"
-    lazy = independent and (not on_cpu if compaction == "auto" else compaction == "lazy")
-    # Causal solving never compacts: the solver's per-row arithmetic then runs on tensors of
-    # one shape whatever the other rows do (a row count that changes with later positions
-    # would change kernels, float rounding, and so the earlier outputs).
-    frozen: Tensor | None = None  # stopped rows not yet compacted away (lazy mode)
-    every = final.get("every", 0) if final is not None else 0
-    k = 0
-    while True:
-        if trace:
-            tr[:, ev.active, k] = norms
-        if iterates is not None and k in iterates:
-            moving = ev.active if frozen is None else ev.active[~frozen]
+    def __init__(self, z: Tensor, norms: Tensor, key: Tensor, min_steps: int, last: bool):
+        self.z, self.norms, self.key = z, norms, key
+        if min_steps > 0:  # step 0 is never returned: the first step replaces it
+            self.key = torch.full_like(key, float("inf"))
+        self.step = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+        self.last, self.on_cpu = last, z.device.type == "cpu"
+
+    def update(self, k: int, z: Tensor, norms: Tensor, key: Tensor) -> None:
+        better = torch.isfinite(key) if self.last else key < self.key  # NaN never improves
+        if self.on_cpu and bool(better.all()):
+            # Common case, cheap to detect on CPU (no device to wait for): no masking needed.
+            self.z, self.norms, self.key = z, norms, key
+            self.step = self.step.fill_(k)
+        else:
+            self.z = torch.where(better.unsqueeze(1), z, self.z)
+            self.norms = torch.where(better, norms, self.norms)
+            self.key = torch.where(better, key, self.key)
+            self.step = torch.where(better, k, self.step)
+
+    def compact(self, keep: Tensor) -> None:
+        self.z, self.norms = self.z[keep], self.norms[:, keep]
+        self.key, self.step = self.key[keep], self.step[keep]
+
+
+class _Outputs:
+    """Full-batch results, written when a row leaves the active set, and the residual trace."""
+
+    def __init__(self, z: Tensor, norms: Tensor, max_steps: int, trace: bool):
+        B, dev = z.shape[0], z.device
+        self.z, self.norms = torch.empty_like(z), torch.empty_like(norms)
+        self.steps = torch.zeros(B, dtype=torch.long, device=dev)
+        self.best = torch.zeros(B, dtype=torch.long, device=dev)
+        self.nonfinite = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.trace = (
+            torch.full((2, B, max_steps + 1), float("nan"), dtype=norms.dtype, device=dev)
+            if trace
+            else None
+        )
+
+    def record(self, idx: Tensor, ids: Tensor, best: _BestIterate, k: int, bad: Tensor) -> None:
+        """Active rows ``idx`` (batch rows ``ids``) stop at step ``k``."""
+        self.z[ids] = best.z[idx]
+        self.norms[:, ids] = best.norms[:, idx].detach()
+        self.best[ids] = best.step[idx]
+        self.steps[ids] = k
+        self.nonfinite[ids] = bad[idx]
+
+
+class _Extras:
+    """What the options ask for beyond z*: the iterates at the ``keep`` steps, the solver's
+    inverse estimate and final state of each row at its last step, and state snapshots."""
+
+    def __init__(self, o: DriverOptions):
+        self.iterates = {s: None for s in o.keep} if o.keep else None
+        self.inverse = [] if o.inverse else None  # (ids, U, V) per stopping step
+        self.final = [] if o.final else None  # (ids, state) per stopping step
+        self.every = o.snapshot_every if o.final else 0
+        self.snapshots: list = []
+
+    def step(self, k, z, frozen, active, solver, state, out_z) -> None:
+        if self.iterates is not None and k in self.iterates:
+            moving = active if frozen is None else active[~frozen]
             now = z if frozen is None else z[~frozen]
-            iterates[k] = out_z.detach().index_copy(0, moving, now.detach())
-        if every and k > 0 and k % every == 0:  # snapshots of the solver state (Reversible)
+            self.iterates[k] = out_z.detach().index_copy(0, moving, now.detach())
+        if self.every and k > 0 and k % self.every == 0:  # solver-state snapshots (Reversible)
             rows = (
-                torch.arange(z.shape[0], device=dev)
+                torch.arange(z.shape[0], device=z.device)
                 if frozen is None
                 else (~frozen).nonzero()[:, 0]
             )
             parts = solver.final_state(state, rows)
             if parts is not None:
                 snap = tuple(t.detach().clone() for t in parts)
-                final.setdefault("snapshots", []).append((k, ev.active[rows].clone(), snap))
-        # NaN/inf keys map to 0, i.e. "done": the exact reason is sorted out below, only on the
-        # (rare) steps where some sample stops. One host synchronisation per step.
-        stop = torch.nan_to_num(key, 0.0, 0.0) <= threshold
-        if causal:  # frozen rows count as met; NaN rows (0 here) are inspected below anyway
-            met = stop if frozen is None else stop | frozen
-            stop = stop_rule(met) | torch.isnan(key)
-        if frozen is not None:
-            stop &= ~frozen
-        if k >= max_steps or (k >= min_steps and bool(stop.any())):
+                self.snapshots.append((k, active[rows].clone(), snap))
+
+    def stop(self, solver, state, idx: Tensor, ids: Tensor) -> None:
+        if self.inverse is not None:
+            factors = solver.inverse_factors(state, idx)
+            if factors is not None:
+                self.inverse.append((ids, *(t.detach() for t in factors)))
+        if self.final is not None:
+            parts = solver.final_state(state, idx)
+            if parts is not None:
+                self.final.append((ids, tuple(t.detach() for t in parts)))
+
+    def results(self, out: _Outputs):
+        """``(inverse, final, iterates)`` as ``DriverResult`` holds them."""
+        B = out.z.shape[0]
+        inverse = None
+        if self.inverse:  # (B, n, D), n the most slots any row used (unused slots zero)
+            n = max(U.shape[1] for _, U, _ in self.inverse)
+            U_all = out.z.new_zeros(B, n, out.z.shape[1])
+            V_all = out.z.new_zeros(B, n, out.z.shape[1])
+            for ids, U, V in self.inverse:
+                U_all[ids, : U.shape[1]] = U
+                V_all[ids, : V.shape[1]] = V
+            inverse = (U_all, V_all)
+        final = None
+        if self.final is not None:  # per row, before any per-sample aggregation
+            state = None
+            if self.final:
+                state = tuple(t.new_zeros(B, t.shape[1]) for t in self.final[0][1])
+                for ids, ts in self.final:
+                    for o, t in zip(state, ts, strict=True):
+                        o[ids] = t
+            final = FinalState(state, out.steps.clone(), out.nonfinite.clone(), self.snapshots)
+        if self.iterates is not None:
+            for s in self.iterates:
+                if self.iterates[s] is None:  # the solve stopped before this step
+                    self.iterates[s] = out.z.detach()
+        return inverse, final, self.iterates
+
+
+def _solve(f, z, solver, layout, args, o: DriverOptions, coupled: bool, autocast) -> DriverResult:
+    t0 = time.perf_counter()
+    finite0 = torch.isfinite(z).all(1)
+    if not bool(finite0.all()):
+        bad = (~finite0).nonzero().flatten().tolist()
+        raise ValueError(f"z0 contains non-finite values (inf/nan) for samples {bad[:10]}.")
+    grad, max_steps, causal = torch.is_grad_enabled(), solver.max_steps, o.positions > 0
+    ev = _Evaluator(f, layout, args, o.independent, z, autocast, o.positions)
+    fz = ev(z)
+    norms = _norms(z.detach(), fz.detach())  # (2, b): residual, ||f(z)||
+    rule = _StoppingRule(solver.atol, solver.rtol, coupled, o.positions, norms.dtype)
+    key = rule.key(norms)
+    best = _BestIterate(z, norms, key, o.min_steps, last=causal or solver.returns_last)
+    out, extras = _Outputs(z, norms, max_steps, o.trace), _Extras(o)
+    state = solver.init(ev, z, fz)
+    buffer_bytes = sum(t.numel() * t.element_size() for t in state if isinstance(t, Tensor))
+    lazy = o.independent and (
+        layout.device.type != "cpu" if o.compaction == "auto" else o.compaction == "lazy"
+    )
+    frozen: Tensor | None = None  # stopped rows not yet compacted away (lazy mode, causal)
+    k = 0
+    while True:
+        if out.trace is not None:
+            out.trace[:, ev.active, k] = norms
+        extras.step(k, z, frozen, ev.active, solver, state, out.z)
+        stop = rule.candidates(key, frozen, ev.active)
+        if k >= max_steps or (k >= o.min_steps and bool(stop.any())):
             bad = ~torch.isfinite(norms).all(0)
-            met = (best_key <= threshold) | bad
-            done = bad | stop_rule(met if frozen is None else met | frozen)
+            met = (best.key <= rule.threshold) | bad
+            done = bad | rule.restrict(met if frozen is None else met | frozen, ev.active)
             if k >= max_steps:
                 done = torch.ones_like(done)
             if frozen is not None:  # already recorded; they only await compaction
                 bad &= ~frozen
                 done &= ~frozen
-            if nonfinite == "raise" and bool(bad.any()):
+            if o.nonfinite == "raise" and bool(bad.any()):
                 ids = ev.active[bad].tolist()
                 raise FloatingPointError(
                     f"f produced non-finite values (inf/nan) at step {k} for sample(s) {ids[:10]}"
@@ -409,103 +452,82 @@ def _solve(
                 )
             idx = done.nonzero().squeeze(1)
             ids = ev.active[idx]
-            out_z[ids] = best_z[idx]
-            out_norms[:, ids] = best_norms[:, idx].detach()
-            out_best[ids] = best_step[idx]
-            out_steps[ids] = k
-            out_nonfinite[ids] = bad[idx]
-            if inverse is not None:
-                _record_inverse(inverse, solver, state, idx, ids)
-            if final is not None:
-                _record_final(final, solver, state, idx, ids)
+            out.record(idx, ids, best, k, bad)
+            extras.stop(solver, state, idx, ids)
             if ev.full_z is not None:
-                ev.full_z = ev.full_z.index_copy(0, ids, best_z[idx])
+                ev.full_z = ev.full_z.index_copy(0, ids, best.z[idx])
             gone = done if frozen is None else done | frozen
-            keep = (~gone).nonzero().squeeze(1)
-            if keep.numel() == 0:
+            if not bool((~gone).any()):
                 break
-            # Drop stopped samples from the active set. On an accelerator, where every gather is
-            # a kernel launch and compute does not fall with fewer rows until many are gone,
-            # stopped rows are only marked (their results are already recorded above) until a
-            # quarter of the rows have stopped.
-            if not causal and (not lazy or keep.numel() <= 0.75 * gone.numel()):
-                z, fz = z[keep], fz[keep]
-                best_z, best_norms = best_z[keep], best_norms[:, keep]
-                best_key, best_step = best_key[keep], best_step[keep]
-                state = solver.compact(state, keep)
-                ev.set_active(keep)
-                frozen = None
-            else:
-                frozen = gone
-                if causal:
-                    ev.hold = gone
+            z, fz, state, frozen = _drop(gone, z, fz, state, frozen, solver, ev, best,
+                                         lazy=lazy, causal=causal)  # fmt: skip
         k += 1
         z, fz, state = solver.step(ev, z, fz, state)
         norms = _norms(z.detach(), fz.detach()) if grad else _norms(z, fz)
-        key = key_of(norms)
-        # NaN never improves, so the best iterate stays finite. Causal solving returns each row's
-        # last finite iterate: another step's iterate of a row saw other values of the rows
-        # before it, so its recorded residual would not be that of the returned state.
-        # The same for solvers whose state must match the returned iterate (Reversible).
-        better = torch.isfinite(key) if last else key < best_key
-        if on_cpu and bool(better.all()):
-            # Common case, cheap to detect on CPU (no device to wait for): no masking needed.
-            best_z, best_norms, best_key = z, norms, key
-            best_step = best_step.fill_(k)
-        else:
-            best_z = torch.where(better.unsqueeze(1), z, best_z)
-            best_norms = torch.where(better, norms, best_norms)
-            best_key = torch.where(better, key, best_key)
-            best_step = torch.where(better, k, best_step)
+        key = rule.key(norms)
+        best.update(k, z, norms, key)
+    inverse, final, iterates = extras.results(out)
+    status, stats = _summarise(out, ev, solver, o.positions, t0, buffer_bytes)
+    return DriverResult(out.z, status, stats, inverse=inverse, final=final, iterates=iterates)
 
-    if inverse is not None:
-        _assemble_inverse(inverse, B, z)
-    if final is not None:
-        _assemble_final(final, B, z, out_steps, out_nonfinite)
-    if iterates is not None:
-        for s in iterates:
-            if iterates[s] is None:  # the solve stopped before this step
-                iterates[s] = out_z.detach()
-    rows_converged, row_steps = None, out_steps
-    if causal:  # per (sample, position) rows -> per sample
-        rows_converged = (out_norms[0] <= atol + rtol * out_norms[1]) & torch.isfinite(
-            out_norms
-        ).all(0)
+
+def _drop(gone, z, fz, state, frozen, solver, ev, best, *, lazy: bool, causal: bool):
+    """Stopped rows leave the active set: compacted out of every per-row array at once, or
+    (on an accelerator, where every gather is a kernel launch and compute does not fall with
+    fewer rows until many are gone) only marked frozen, their results already recorded, until
+    a quarter of the rows have stopped. Causal solving never compacts: the solver's per-row
+    arithmetic then runs on tensors of one shape whatever the other rows do (a row count that
+    changes with later positions would change kernels, float rounding, and so the earlier
+    outputs). Returns ``(z, fz, state, frozen)``."""
+    keep = (~gone).nonzero().squeeze(1)
+    if not causal and (not lazy or keep.numel() <= 0.75 * gone.numel()):
+        best.compact(keep)
+        ev.set_active(keep)
+        return z[keep], fz[keep], solver.compact(state, keep), None
+    if causal:
+        ev.hold = gone
+    return z, fz, state, gone
+
+
+def _summarise(out: _Outputs, ev: _Evaluator, solver, positions: int, t0: float, buffer_bytes):
+    """The status and ``Stats`` of a finished solve, per sample (causal rows aggregated)."""
+    atol, rtol = solver.atol, solver.rtol
+    norms, steps, best, nonfinite = out.norms, out.steps, out.best, out.nonfinite
+    B, dev = out.z.shape[0], out.z.device
+    converged = (norms[0] <= atol + rtol * norms[1]) & torch.isfinite(norms).all(0)
+    if positions:  # per (sample, position) row -> per sample: every position met the rule
         n = B // positions
-        out_norms = safe_norm(out_norms.view(2, n, positions), 2)
-        out_steps = out_steps.view(n, positions).amax(1)
-        out_best = out_best.view(n, positions).amax(1)
-        out_nonfinite = out_nonfinite.view(n, positions).any(1)
-        rows_converged = rows_converged.view(n, positions)
-    out_res, out_fnorm = out_norms[0], out_norms[1]
-    converged = (out_res <= atol + rtol * out_fnorm) & torch.isfinite(out_norms).all(0)
-    if rows_converged is not None:  # every position met the rule (rows, not their sum)
-        converged = rows_converged.all(1)
-    if bool(out_nonfinite.any()):
+        converged = converged.view(n, positions).all(1)
+        norms = safe_norm(norms.view(2, n, positions), 2)
+        steps = steps.view(n, positions).amax(1)
+        best = best.view(n, positions).amax(1)
+        nonfinite = nonfinite.view(n, positions).any(1)
+    if bool(nonfinite.any()):
         status = Status.NONFINITE
     elif bool(converged.all()):
         status = Status.CONVERGED
     else:
         status = Status.MAX_STEPS
     trace_abs = trace_rel = None
-    if trace:
-        S = int(out_steps.max())
+    if out.trace is not None:
+        S = int(steps.max())
         cols = torch.arange(S + 1, device=dev).unsqueeze(0)
-        fill = torch.minimum(cols, row_steps.unsqueeze(1))  # repeat the last value after a stop
-        filled = tr[:, :, : S + 1].gather(2, fill.expand(2, -1, -1))
-        if causal:
+        fill = torch.minimum(cols, out.steps.unsqueeze(1))  # repeat the last value after a stop
+        filled = out.trace[:, :, : S + 1].gather(2, fill.expand(2, -1, -1))
+        if positions:
             filled = safe_norm(filled.view(2, B // positions, positions, S + 1), 2)
         trace_abs = filled[0]
         trace_rel = torch.where(filled[0] == 0, 0.0, filled[0] / filled[1])
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+    res, fnorm = norms[0], norms[1]
     stats = Stats(
-        abs_residual=out_res,
-        rel_residual=torch.where(out_res == 0, 0.0, out_res / out_fnorm),  # 0/0: f(z) = z = 0
-        num_steps=out_steps,
-        best_step=out_best,
+        abs_residual=res,
+        rel_residual=torch.where(res == 0, 0.0, res / fnorm),  # 0/0: f(z) = z = 0
+        num_steps=steps,
+        best_step=best,
         converged=converged,
-        nonfinite=out_nonfinite,
+        nonfinite=nonfinite,
         nfe=ev.nfe,
         sample_evals=ev.sample_evals // max(positions, 1),
         wall_time=time.perf_counter() - t0,
@@ -513,4 +535,4 @@ def _solve(
         trace=trace_abs,
         rel_trace=trace_rel,
     )
-    return out_z, status, stats
+    return status, stats
