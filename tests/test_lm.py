@@ -20,7 +20,7 @@ from deepeq.data.text import (
 )
 from deepeq.models import create_model
 from deepeq.nn.adaptive import AdaptiveEmbedding, AdaptiveSoftmax
-from deepeq.train import load_config, train
+from deepeq.train import load_config, load_run, train
 from deepeq.train.tasks import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,6 +285,24 @@ def test_tiny_ptb_training_lowers_validation_perplexity(tmp_path):
     assert rows[0].split(",")[-6:] == [
         "valid_loss", "valid_ppl", "test_loss", "test_ppl", "jac_fro", "spectral_radius",
     ]  # fmt: skip
+    # The trained model computes through its equilibrium (a DEQ that returned z0, or skipped
+    # the solve, would still lower the perplexity by learning the unigram distribution in the
+    # head): at the model's default eval settings z* is a fixed point of f and not z0 = 0, and
+    # the predictions depend on the context through it.
+    _, model, _ = load_run(tmp_path / "b", checkpoint="latest")
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(4, model.config.vocab_size, (4, 24), generator=g)
+    b = a.clone()
+    b[:, :3] = torch.randint(4, model.config.vocab_size, (4, 3), generator=g)
+    with torch.no_grad():
+        la, _, sols = model(a)
+        lb, _, _ = model(b)
+    sol = sols[0]
+    tol = model.deq.eval_solver.rtol
+    assert sol.stats.rel_residual.max() <= tol, sol.stats  # converged at the default eval cap
+    assert sol.value.flatten(1).norm(dim=1).min() > 0.1 * math.sqrt(sol.value[0].numel())
+    assert (la[:, 10:] - lb[:, 10:]).abs().amax() > 1e-2  # earlier tokens reach later outputs
 
 
 def test_lm_configs_parse_and_build():
