@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ._driver import check_args
-from ._flatten import _describe, layout_of, unflatten
+from ._flatten import _describe, layout_of
 from ._problem import Problem
 from ._solution import Solution
 from ._types import FixedPointFn, State
@@ -167,12 +166,7 @@ def fixed_point(
     if not grad:
         r = problem.solve()
         return problem.finish(r.z, r.status, r.stats)
-    sol = backward.apply(problem)
-    if keep:
-        with torch.enable_grad():
-            traj = tuple(unflatten(problem.call(problem.keep[s]), layout) for s in keep)
-        sol = dataclasses.replace(sol, trajectory=traj, trajectory_steps=keep)
-    return sol
+    return backward.apply(problem)
 
 
 def _check_keep(steps) -> tuple[int, ...]:

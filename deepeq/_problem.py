@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ._driver import DriverOptions, DriverResult, solve
@@ -22,8 +23,8 @@ class Problem:
 
     ``iterate_f``: what the forward solver calls (default f; f under autocast for
     ``solve_dtype``); ``positions`` > 0: causal solving over this many positions (dim 1 of z0);
-    ``keep``: solver steps whose iterates the solve records in ``self.keep`` (a dict, filled by
-    ``solve``; None when there are none)."""
+    ``keep``: solver steps whose iterates the solve returns (``DriverResult.iterates``) and
+    ``finish`` turns into the solution's fixed-point-correction trajectory."""
 
     def __init__(
         self, *, f: FixedPointFn, z0, solver, layout: Layout, args: tuple, independent: bool,
@@ -39,7 +40,7 @@ class Problem:
         self.z0_tracked = flatten(z0, layout)  # for UnrolledBackward: gradients reach z0
         self.iterate_f = f if iterate_f is None else iterate_f
         self.positions, self.compaction = positions, compaction
-        self.keep: dict | None = {s: None for s in keep} if keep else None
+        self.keep: tuple[int, ...] = tuple(keep)
 
     def solve(
         self,
@@ -54,19 +55,17 @@ class Problem:
         z*, status, stats; ``inverse``: the solver's inverse-Jacobian estimate, if it keeps one;
         ``final``: the solver state, step count and non-finite flag of every row at its last
         step, rows being samples or (sample, position) pairs in causal solving, with snapshots
-        every ``snapshot_every`` steps). The kept iterates go to ``self.keep``.
+        every ``snapshot_every`` steps; ``iterates``: the ``keep`` steps' iterates).
         ``min_steps``: no sample stops before this step; ``track_z0``: start from z0 as given
         (not detached), so that a recorded graph reaches it."""
         z0 = self.z0_tracked if track_z0 else self.z0
         opts = DriverOptions(
             independent=self.independent, nonfinite=self.nonfinite, trace=self.trace,
-            min_steps=min_steps, keep=tuple(self.keep or ()), inverse=inverse, final=final,
+            min_steps=min_steps, keep=self.keep, inverse=inverse, final=final,
             snapshot_every=snapshot_every, compaction=self.compaction,
         )  # fmt: skip
         if not self.positions:
-            r = solve(self.iterate_f, z0, self.solver, self.layout, self.args, opts)
-            self.keep = r.iterates
-            return r
+            return solve(self.iterate_f, z0, self.solver, self.layout, self.args, opts)
         # Causal solving: the driver sees one row per (sample, position); f runs on the batch.
         B, T, layout, f, args = (
             self.layout.batch,
@@ -87,7 +86,6 @@ class Problem:
         r = solve(f_rows, z0.reshape(B * T, d), self.solver, rows, (), opts)
         if r.iterates:
             r.iterates = {s: v.reshape(B, T * d) for s, v in r.iterates.items()}
-        self.keep = r.iterates
         r.z = r.z.reshape(B, T * d)
         return r
 
@@ -97,8 +95,18 @@ class Problem:
         check_output(out, self.layout, self.layout.batch)
         return flatten(out, self.layout).to(self.layout.dtype)
 
-    def finish(self, value: Tensor, status: Status, stats: Stats, **extra: Any) -> Solution:
+    def finish(
+        self, value: Tensor, status: Status, stats: Stats, *,
+        iterates: dict[int, Tensor] | None = None, **extra: Any,
+    ) -> Solution:  # fmt: skip
+        """The ``Solution`` of flat ``value``; with ``keep`` steps, ``iterates`` (the solve's
+        ``DriverResult.iterates``) become its trajectory: ``f(z_s)`` for each kept step s, one
+        tracked call of f each (a one-step gradient from the detached iterate)."""
         sol = Solution(value=unflatten(value, self.layout), status=status, stats=stats, **extra)
         if self.throw and status is Status.MAX_STEPS:
             sol.raise_for_status()
+        if self.keep and iterates:
+            with torch.enable_grad():
+                traj = tuple(unflatten(self.call(iterates[s]), self.layout) for s in self.keep)
+            sol = dataclasses.replace(sol, trajectory=traj, trajectory_steps=self.keep)
         return sol

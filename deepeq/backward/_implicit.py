@@ -121,12 +121,14 @@ class ImplicitBackward(AbstractBackward):
             fz = problem.call(z_leaf)
         if not _reaches_other_leaves(fz, z_leaf):
             # Nothing f depends on requires grad: plain values, no graph kept.
-            return problem.finish(z, status, stats, fz=fz, z_leaf=z_leaf)
+            return problem.finish(z, status, stats, fz=fz, z_leaf=z_leaf, iterates=r.iterates)
         holder = BackwardStats()
         factors = r.inverse
         coupled = not problem.independent
         value = _ImplicitFunction.apply(fz, z_leaf, z, self, holder, factors, coupled)
-        return problem.finish(value, status, stats, backward=holder, fz=fz, z_leaf=z_leaf)
+        return problem.finish(
+            value, status, stats, backward=holder, fz=fz, z_leaf=z_leaf, iterates=r.iterates
+        )
 
 
 def _reaches_other_leaves(fz: Tensor, z_leaf: Tensor) -> bool:

@@ -62,4 +62,4 @@ class PhantomBackward(AbstractBackward):
             stats = dataclasses.replace(stats, nonfinite=stats.nonfinite | bad,
                                         converged=stats.converged & ~bad)  # fmt: skip
             status = Status.NONFINITE
-        return problem.finish(z, status, stats)
+        return problem.finish(z, status, stats, iterates=r.iterates)

@@ -121,7 +121,7 @@ class ReversibleBackward(AbstractBackward):
         z0 = problem.z0_tracked
         grad_args = [a for a in arg_leaves if a.requires_grad]
         if not params and not grad_args and not z0.requires_grad:
-            return problem.finish(z, status, stats)
+            return problem.finish(z, status, stats, iterates=r.iterates)
         holder = BackwardStats()
         run = _Reversal(self, problem, final, holder, arg_leaves, len(grad_args), params)
         if problem.iterate_f is problem.f and run.autocast is None:
@@ -136,7 +136,7 @@ class ReversibleBackward(AbstractBackward):
         flat = [t for _, rows, (ys, zs) in snaps for t in (rows, ys, zs)]
         run.n_inputs = len(grad_args) + len(params)
         value = _ReversibleFunction.apply(run, z, y, zc, z0, len(flat), *flat, *grad_args, *params)
-        return problem.finish(value, status, stats, backward=holder)
+        return problem.finish(value, status, stats, backward=holder, iterates=r.iterates)
 
 
 def _call(problem, x: Tensor, idx: Tensor | None, args, f=None) -> Tensor:

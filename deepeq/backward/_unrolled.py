@@ -30,4 +30,4 @@ class UnrolledBackward(AbstractBackward):
         with torch.enable_grad():
             r = problem.solve(min_steps=1, track_z0=True)
         z, status, stats = r.z, r.status, r.stats
-        return problem.finish(z, status, stats)
+        return problem.finish(z, status, stats, iterates=r.iterates)
