@@ -12,7 +12,7 @@ bytes saved for backward for one batch of 64 (deterministic) and peak RSS; and, 
 test accuracy and mean relative residual against the eval solver cap (1 ... 50). "NFE to
 tolerance" is the mean forward NFE with the cap at 50 and the configured tolerance (rtol 1e-3),
 per batch of 500 (a batch runs until its slowest sample stops) and per sample (each stops on its
-own). Seed 003's claim is that JR reaches the same accuracy with fewer NFE (CIFAR-10: 17 -> 6).
+own). Bai et al. 2021 report that JR reaches the same accuracy with fewer NFE (CIFAR-10: 17 -> 6).
 """
 
 from __future__ import annotations

@@ -366,11 +366,12 @@ def mdeq_small(**overrides) -> MDEQ:
 
 @register_model
 def mdeq_cifar(**overrides) -> MDEQ:
-    """Seed 003's CIFAR-10 MDEQ (4 resolutions, [28, 56, 112, 224]); GPU configuration."""
+    """The CIFAR-10 MDEQ of Bai et al. 2021, Table 4 (4 resolutions, [28, 56, 112, 224]); GPU."""
     return _make(_CIFAR, overrides)
 
 
 @register_model
 def mdeq_imagenet(**overrides) -> MDEQ:
-    """Seed 003's ImageNet MDEQ (4 resolutions [32, 64, 128, 256], input downsampled twice); GPU."""
+    """The ImageNet MDEQ of Bai et al. 2021, Table 4 (4 resolutions [32, 64, 128, 256], input
+    downsampled twice); GPU."""
     return _make(_IMAGENET, overrides)
