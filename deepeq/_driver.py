@@ -352,6 +352,7 @@ class _Extras:
         self.final = [] if o.final else None  # (ids, state) per stopping step
         self.every = o.snapshot_every if o.final else 0
         self.snapshots: list = []
+        self.per_step = self.iterates is not None or self.every > 0  # anything for ``step``
 
     def step(self, k, z, frozen, active, solver, state, out_z) -> None:
         if self.iterates is not None and k in self.iterates:
@@ -431,7 +432,8 @@ def _solve(f, z, solver, layout, args, o: DriverOptions, coupled: bool, autocast
     while True:
         if out.trace is not None:
             out.trace[:, ev.active, k] = norms
-        extras.step(k, z, frozen, ev.active, solver, state, out.z)
+        if extras.per_step:
+            extras.step(k, z, frozen, ev.active, solver, state, out.z)
         stop = rule.candidates(key, frozen, ev.active)
         if k >= max_steps or (k >= o.min_steps and bool(stop.any())):
             bad = ~torch.isfinite(norms).all(0)
@@ -457,9 +459,10 @@ def _solve(f, z, solver, layout, args, o: DriverOptions, coupled: bool, autocast
             if ev.full_z is not None:
                 ev.full_z = ev.full_z.index_copy(0, ids, best.z[idx])
             gone = done if frozen is None else done | frozen
-            if not bool((~gone).any()):
+            keep = (~gone).nonzero().squeeze(1)
+            if keep.numel() == 0:
                 break
-            z, fz, state, frozen = _drop(gone, z, fz, state, frozen, solver, ev, best,
+            z, fz, state, frozen = _drop(keep, gone, z, fz, state, solver, ev, best,
                                          lazy=lazy, causal=causal)  # fmt: skip
         k += 1
         z, fz, state = solver.step(ev, z, fz, state)
@@ -471,15 +474,15 @@ def _solve(f, z, solver, layout, args, o: DriverOptions, coupled: bool, autocast
     return DriverResult(out.z, status, stats, inverse=inverse, final=final, iterates=iterates)
 
 
-def _drop(gone, z, fz, state, frozen, solver, ev, best, *, lazy: bool, causal: bool):
+def _drop(keep, gone, z, fz, state, solver, ev, best, *, lazy: bool, causal: bool):
     """Stopped rows leave the active set: compacted out of every per-row array at once, or
     (on an accelerator, where every gather is a kernel launch and compute does not fall with
     fewer rows until many are gone) only marked frozen, their results already recorded, until
     a quarter of the rows have stopped. Causal solving never compacts: the solver's per-row
     arithmetic then runs on tensors of one shape whatever the other rows do (a row count that
     changes with later positions would change kernels, float rounding, and so the earlier
-    outputs). Returns ``(z, fz, state, frozen)``."""
-    keep = (~gone).nonzero().squeeze(1)
+    outputs). ``keep``: the indices of the rows not ``gone``. Returns
+    ``(z, fz, state, frozen)``."""
     if not causal and (not lazy or keep.numel() <= 0.75 * gone.numel()):
         best.compact(keep)
         ev.set_active(keep)
