@@ -65,22 +65,35 @@ def problems():
         return torch.tanh(torch.einsum("ts,bsd->btd", mask, z) @ Wc.T + x)
 
     return {
-        "forced": (lambda z, x: z @ A.T + x, x, dict(rtol=0.0, atol=0.0, max_steps=100), {}),
+        # name: (f, x, z0, solver hyper-parameters, fixed_point options)
+        "forced": (
+            lambda z, x: z @ A.T + x,
+            x,
+            torch.zeros_like(x),
+            dict(rtol=0.0, atol=0.0, max_steps=100),
+            {},
+        ),
         "stops": (
             lambda z, x: torch.tanh(x[:, -1:] * (z @ W.T) + x[:, :-1]),
             u,
+            torch.zeros(32, D),
             dict(rtol=1e-5, max_steps=100),
             {},
         ),
-        "causal": (causal_f, xc, dict(rtol=1e-5, max_steps=100), dict(causal=True)),
+        "causal": (
+            causal_f,
+            xc,
+            torch.zeros_like(xc),
+            dict(rtol=1e-5, max_steps=100),
+            dict(causal=True),
+        ),
     }
 
 
-def run_once(lib, name, solver, case):
-    f, x, kw, extra = case
+def run_once(lib, solver, case):
+    f, x, z0, kw, extra = case
     s = lib.make_solver(solver, **kw)
     t0 = time.perf_counter()
-    z0 = torch.zeros_like(x if name == "causal" else x[:, : x.shape[1] - (name == "stops")])
     out = lib.fixed_point(f, z0, solver=s, args=(x,), **extra)
     return time.perf_counter() - t0, out.stats.nfe
 
@@ -108,11 +121,11 @@ def main(argv=None):
         for _ in range(2):  # warm-up
             for c, s in rows:
                 for lib in libs.values():
-                    run_once(lib, c, s, cases[c])
+                    run_once(lib, s, cases[c])
         for _ in range(args.rounds):
             for c, s in rows:
                 for name, lib in libs.items():
-                    dt, n = run_once(lib, c, s, cases[c])
+                    dt, n = run_once(lib, s, cases[c])
                     times[(c, s), name].append(dt)
                     nfe[(c, s), name] = n
     print(
