@@ -282,8 +282,10 @@ def test_tiny_ptb_training_lowers_validation_perplexity(tmp_path):
     assert math.isclose(after["valid_ppl"], math.exp(after["valid_loss"]), rel_tol=1e-9)
     assert after["test_ppl"] > 1 and after["fwd_nfe"] >= 1 and after["peak_rss_mib"] > 0
     rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
-    assert rows[0].split(",")[-6:] == [
-        "valid_loss", "valid_ppl", "test_loss", "test_ppl", "jac_fro", "spectral_radius",
+    assert rows[0].split(",")[-12:] == [
+        "valid_loss", "valid_ppl", "test_loss", "test_ppl", "valid_fwd_converged",
+        "valid_fwd_res_max", "valid_fwd_nfe", "test_fwd_converged", "test_fwd_res_max",
+        "test_fwd_nfe", "jac_fro", "spectral_radius",
     ]  # fmt: skip
     # The trained model computes through its equilibrium (a DEQ that returned z0, or skipped
     # the solve, would still lower the perplexity by learning the unigram distribution in the
@@ -301,6 +303,9 @@ def test_tiny_ptb_training_lowers_validation_perplexity(tmp_path):
     sol = sols[0]
     tol = model.deq.eval_solver.rtol
     assert sol.stats.rel_residual.max() <= tol, sol.stats  # converged at the default eval cap
+    # ... and so are the evaluation solves on the validation stream, as the run reports them
+    assert after["valid_fwd_converged"] == 1.0 and after["valid_fwd_res_max"] <= tol
+    assert 1 <= after["valid_fwd_nfe"] <= model.deq.eval_solver.max_steps + 1
     assert sol.value.flatten(1).norm(dim=1).min() > 0.1 * math.sqrt(sol.value[0].numel())
     assert (la[:, 10:] - lb[:, 10:]).abs().amax() > 1e-2  # earlier tokens reach later outputs
 

@@ -628,3 +628,26 @@ def test_final_summary_reports_convergence(tmp_path, capsys):
 
     final = json.loads((tmp_path / "final.json").read_text())
     assert final["fwd_converged_steps"] == 0.0 and final["steps_per_epoch"] == 4
+    # the evaluation solves are reported too (default eval cap 20 here): the share of test
+    # samples whose solve met the tolerance, against the solutions recorded by a hook
+    from deepeq.train.checkpoint import load_run
+
+    _, model, task = load_run(tmp_path, "latest")
+    for cap, rtol in ((1, 1e-9), (200, 1e-2), (4, 1e-2)):
+        twin = model.with_solve(
+            dataclasses.replace(model.config.solve, eval_max_steps=cap, eval_rtol=rtol)
+        )
+        seen = []
+        twin.deq.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o[1].stats))
+        got = task.evaluate(twin)
+        conv = torch.cat([st.converged for st in seen])
+        assert len(conv) == 16  # one solve per test sample
+        assert got["test_fwd_converged"] == conv.float().mean().item()
+        assert got["test_fwd_res_max"] == max(st.rel_residual.max().item() for st in seen)
+        assert got["test_fwd_nfe"] == sum(st.nfe for st in seen) / len(seen)
+        if cap == 1:
+            assert got["test_fwd_converged"] == 0.0
+        if cap == 200:
+            assert got["test_fwd_converged"] == 1.0 and got["test_fwd_res_max"] <= 1e-2
+    assert "evaluation solves that met their tolerance: test " in out
+    assert f"test {100 * final['test_fwd_converged']:.1f}% (max residual" in out

@@ -64,6 +64,14 @@ def convergence_line(final: dict) -> str | None:
             f"; backward {100 * final['bwd_converged_steps']:.0f}% ({100 * b_last:.0f}% in the "
             f"last epoch)"
         )
+    evals = [
+        f"{split} {100 * final[f'{split}_fwd_converged']:.1f}% (max residual "
+        f"{final[f'{split}_fwd_res_max']:.3g}, {final[f'{split}_fwd_nfe']:.1f} NFE)"
+        for split in ("valid", "test")
+        if f"{split}_fwd_converged" in final
+    ]
+    if evals:
+        text += "\nevaluation solves that met their tolerance: " + ", ".join(evals)
     if last < CONVERGED_SHARE_WARNING:
         text += (
             f"\nwarning: in the last epoch only {100 * last:.0f}% of the forward solves met their "

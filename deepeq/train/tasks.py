@@ -6,7 +6,8 @@ Every task exposes the same small surface, so ``train(cfg)`` is one loop for all
 * ``train_batch(step, rank, world)`` -> ``(inputs, targets, fresh)``: a pure function of the step
   (exact resume without a data-loader state); ``fresh`` says the model's memory starts anew;
 * ``loss(net, inputs, targets, state)`` -> ``(mean loss, new state, solutions)``;
-* ``evaluate(model, splits)`` -> metrics named ``<split>_<metric>`` (``eval_fields`` lists them);
+* ``evaluate(model, splits)`` -> metrics named ``<split>_<metric>`` (``eval_fields`` lists them),
+  and for equilibrium models the convergence of the evaluation solves (``SOLVE_FIELDS``);
 * ``select``: the metric minimised for the best checkpoint; ``final_splits``: evaluated at the end.
 """
 
@@ -29,6 +30,45 @@ def batch_indices(cfg: TrainConfig, n: int, step: int) -> Tensor:
     epoch, pos = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
     return perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
+
+
+#: Per split, the evaluation solves of an equilibrium model: the share of solved samples that met
+#: the evaluation tolerance (a sequence sample: every position of a segment; an image: the
+#: whole multi-resolution state), the largest relative residual and the mean NFE per batch.
+SOLVE_FIELDS = ("fwd_converged", "fwd_res_max", "fwd_nfe")
+
+
+class SolveTally:
+    """Accumulates the forward solves of an evaluation pass (``add(sols)`` per model call)."""
+
+    def __init__(self):
+        self.samples = self.converged = self.calls = self.nfe = 0
+        self.res_max = 0.0
+
+    def add(self, sols) -> None:
+        if not sols:
+            return
+        self.calls += 1
+        for s in sols:
+            st = s.stats
+            self.samples += st.converged.numel()
+            self.converged += int(st.converged.sum())
+            self.res_max = max(self.res_max, float(st.rel_residual.max()))
+            self.nfe += st.nfe
+
+    def metrics(self, split: str) -> dict:
+        """``<split>_fwd_converged`` / ``_fwd_res_max`` / ``_fwd_nfe``; empty without solves."""
+        if not self.samples:
+            return {}
+        return {
+            f"{split}_fwd_converged": self.converged / self.samples,
+            f"{split}_fwd_res_max": self.res_max,
+            f"{split}_fwd_nfe": self.nfe / self.calls,
+        }
+
+
+def solve_fields(splits: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f"{s}_{m}" for s in splits for m in SOLVE_FIELDS)
 
 
 class Task:
@@ -87,7 +127,7 @@ class CopyMemoryTask(Task):
     """Copy memory (Bai et al. 2019, appendix F); test loss over all positions, accuracy on the
     last 10."""
 
-    eval_fields = ("test_loss", "test_acc")
+    eval_fields = ("test_loss", "test_acc", *solve_fields(("test",)))
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
@@ -107,17 +147,19 @@ class CopyMemoryTask(Task):
 
     def _evaluate(self, model, splits) -> dict:
         cfg, (x, y) = self.cfg, (self.xte, self.yte)
-        total, correct, count = 0.0, 0, 0
+        total, correct, count, tally = 0.0, 0, 0, SolveTally()
         for i in range(0, x.shape[0], cfg.eval_batch_size):
             xb = x[i : i + cfg.eval_batch_size].to(cfg.device)
             yb = y[i : i + cfg.eval_batch_size].to(cfg.device)
-            logits, _, _ = model(xb)
+            logits, _, sols = model(xb)
+            tally.add(sols)
             total += F.cross_entropy(
                 logits.reshape(-1, self.vocab), yb.reshape(-1), reduction="sum"
             ).item()
             correct += (logits[:, -10:].argmax(-1) == yb[:, -10:]).sum().item()
             count += yb.numel()
-        return {"test_loss": total / count, "test_acc": correct / (x.shape[0] * 10)}
+        out = {"test_loss": total / count, "test_acc": correct / (x.shape[0] * 10)}
+        return {**out, **tally.metrics("test")}
 
 
 class LanguageModelTask(Task):
@@ -155,6 +197,7 @@ class LanguageModelTask(Task):
         self.metric = "test_bpc" if self.char else "test_ppl"
         units = ("bpc",) if self.char else ("ppl", "word_ppl", "bpc") if self.bpe else ("ppl",)
         self.eval_fields = tuple(f"{s}_{m}" for s in ("valid", "test") for m in ("loss", *units))
+        self.eval_fields += solve_fields(("valid", "test"))
         self.rows = batchify(self.corpus.train, cfg.batch_size)
         self.segments = (self.rows.shape[1] - 1) // d.seq_len
         if self.segments < 1:
@@ -197,11 +240,12 @@ class LanguageModelTask(Task):
             if cfg.data.eval_limit:
                 stream = stream[: cfg.data.eval_limit]
             x, y = eval_rows(stream, cfg.eval_batch_size)
-            total, count, state = 0.0, 0, None
+            total, count, state, tally = 0.0, 0, None, SolveTally()
             for s in range(0, x.shape[1], T):
                 xb = x[:, s : s + T].to(cfg.device)
                 yb = y[:, s : s + T].to(cfg.device)
-                nll, state, _ = model(xb, state, targets=yb)
+                nll, state, sols = model(xb, state, targets=yb)
+                tally.add(sols)
                 total += nll.double().sum().item()
                 count += int((yb != -100).sum())
             loss = total / count
@@ -211,6 +255,7 @@ class LanguageModelTask(Task):
             else:
                 out[f"{split}_ppl"] = math.exp(min(loss, 700.0))
             out[f"{split}_tokens"] = count
+            out.update(tally.metrics(split))
             words, chars = self.corpus.counts(split)
             if self.bpe and words:
                 # the split's words / characters predicted, in proportion (eval_limit: a prefix)
@@ -258,6 +303,7 @@ class ImageTask(Task):
         self.final_splits = self.periodic_splits
         self.select = "valid_loss" if d.n_valid else "test_loss"
         self.eval_fields = tuple(f"{s}_{m}" for s in self.periodic_splits for m in ("loss", "acc"))
+        self.eval_fields += solve_fields(self.periodic_splits)
 
     def model_kwargs(self) -> dict:
         return {
@@ -286,14 +332,16 @@ class ImageTask(Task):
         out = {}
         for split in splits:
             x, y = (self.xva, self.yva) if split == "valid" else (self.xte, self.yte)
-            total, correct = 0.0, 0
+            total, correct, tally = 0.0, 0, SolveTally()
             for i in range(0, x.shape[0], cfg.eval_batch_size):
                 xb = self.prepare(x[i : i + cfg.eval_batch_size]).to(cfg.device)
                 yb = y[i : i + cfg.eval_batch_size].to(cfg.device)
-                logits, _, _ = model(xb)
+                logits, _, sols = model(xb)
+                tally.add(sols)
                 total += F.cross_entropy(logits, yb, reduction="sum").item()
                 correct += (logits.argmax(-1) == yb).sum().item()
             out[f"{split}_loss"], out[f"{split}_acc"] = total / x.shape[0], correct / x.shape[0]
+            out.update(tally.metrics(split))
         return out
 
     def analysis_inputs(self, n: int) -> Tensor:
