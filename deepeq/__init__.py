@@ -19,6 +19,7 @@ from .regularization import JacobianSchedule as JacobianSchedule
 from .regularization import jacobian_penalty as jacobian_penalty
 from .regularization import spectral_norm as spectral_norm
 from .regularization import spectral_radius as spectral_radius
+from .regularization import unconverged_mask as unconverged_mask
 from .regularization import weight_norm as weight_norm
 from .solvers import SOLVERS as SOLVERS
 from .solvers import AbstractSolver as AbstractSolver

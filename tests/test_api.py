@@ -29,7 +29,8 @@ def test_version_and_public_names():
         "FixedPointCorrection", "ImplicitBackward", "JacobianSchedule", "PhantomBackward",
         "Picard", "Reversible", "ReversibleBackward", "SOLVERS", "Solution", "Stats", "Status",
         "UnrolledBackward", "fixed_point",
-        "jacobian_penalty", "make_solver", "spectral_norm", "spectral_radius", "weight_norm",
+        "jacobian_penalty", "make_solver", "spectral_norm", "spectral_radius", "unconverged_mask",
+        "weight_norm",
     }  # fmt: skip
     for name in public:  # each is documented
         assert getattr(deepeq, name).__doc__, name

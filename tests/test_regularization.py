@@ -268,3 +268,74 @@ def test_synthetic1d_smoke(tmp_path):
     data = synthetic1d.make_data(synthetic1d.Config(n_train=5000, n_val=96))
     x, y = data[0], data[1]
     assert x.min() >= -2 and x.max() <= 2 and (y - synthetic1d.target(x)).std() < 0.06
+
+
+def test_masked_penalty_estimates_the_selected_rows(gen):
+    W, x, z = _layer(gen)
+    J = _exact_jacobians(W, x, z).detach()
+    rows = J.pow(2).sum(2)  # (B, D): ||J_b[i, :]||²
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[0, [1, 3]] = True
+    mask[2, :] = True  # sample 1: nothing selected
+    zl = z.clone().requires_grad_()
+    fz = torch.tanh(zl @ W.T + x)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    est = jacobian_penalty(fz, zl, num_samples=20000, generator=g(), mask=mask, reduction="none")
+    exact = torch.stack([rows[b][mask[b]].sum() / max(1, int(mask[b].sum())) for b in range(3)])
+    assert est[1] == 0 and exact[1] == 0
+    torch.testing.assert_close(est, exact, rtol=0.05, atol=0)
+    mean = jacobian_penalty(fz, zl, num_samples=20000, generator=g(), mask=mask)
+    torch.testing.assert_close(mean, rows[mask].mean(), rtol=0.05, atol=0)
+    # every entry selected: the unmasked estimate, probe for probe
+    full = torch.ones(3, 1, dtype=torch.bool)  # broadcast over the features
+    torch.testing.assert_close(
+        jacobian_penalty(fz, zl, num_samples=3, generator=g(), mask=full),
+        jacobian_penalty(fz, zl, num_samples=3, generator=g()),
+    )
+    with pytest.raises(ValueError, match="broadcastable to fz's shape"):
+        jacobian_penalty(fz, zl, mask=torch.ones(2, dtype=torch.bool))
+
+
+class _PerPosition(nn.Module):
+    """f(z, x) = a_t z + x per position t (B, T, d): a_t = 0 converges in one step, |a_t| > 1
+    never does, and J_f is diagonal, so the rows of J at position t have norm² a_t²."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = nn.Parameter(torch.as_tensor(a, dtype=F64))
+
+    def forward(self, z, x):
+        return self.a.view(1, -1, 1) * z + x
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_unconverged_penalty_targets_the_positions_that_missed_the_tolerance(causal, gen):
+    from deepeq.train.step import unconverged_penalty
+
+    B, T, d = 4, 6, 8
+    f = _PerPosition([0.0, 0.0, 0.0, 1.2, 0.0, 0.0])
+    deq = DEQ(f, solver=deepeq.Picard(max_steps=5, rtol=1e-6), causal=causal)
+    x = torch.randn(B, T, d, generator=gen, dtype=F64)
+    _, sol = deq(x)
+    mask = deepeq.unconverged_mask(sol, 1e-6, causal=causal).reshape(B, T, d)
+    # causal: exactly position 3 of every sample; otherwise every sample as a whole
+    expect = torch.zeros(B, T, d, dtype=torch.bool)
+    if causal:
+        expect[:, 3] = True
+    else:
+        expect[:] = True
+    assert torch.equal(mask, expect)
+    torch.manual_seed(0)
+    pen = unconverged_penalty(deq, [sol], num_samples=400)
+    # mean over the selected rows of ||J_row||²: 1.2² at position 3, 0 elsewhere
+    want = 1.44 if causal else 1.44 / T
+    torch.testing.assert_close(pen.detach(), torch.tensor(want, dtype=F64), rtol=0.06, atol=0)
+    (grad,) = torch.autograd.grad(pen, f.a)
+    if causal:  # only the unconverged position's map is regularised
+        assert grad[3] > 0 and (grad[[0, 1, 2, 4, 5]] == 0).all()
+    # every position converged: no penalty
+    f0 = _PerPosition([0.0] * T)
+    deq0 = DEQ(f0, solver=deepeq.Picard(max_steps=5, rtol=1e-6), causal=causal)
+    _, sol0 = deq0(x)
+    assert deepeq.unconverged_mask(sol0, 1e-6, causal=causal) is None
+    assert unconverged_penalty(deq0, [sol0]) is None

@@ -651,3 +651,26 @@ def test_final_summary_reports_convergence(tmp_path, capsys):
             assert got["test_fwd_converged"] == 1.0 and got["test_fwd_res_max"] <= 1e-2
     assert "evaluation solves that met their tolerance: test " in out
     assert f"test {100 * final['test_fwd_converged']:.1f}% (max residual" in out
+
+
+def test_unconverged_jacobian_penalty_in_training(tmp_path):
+    import csv
+
+    cfg = str(ROOT / "configs/copy_memory_tiny.toml")
+    args = [*SMALL, "--no-progress", "--jac.unconverged_weight=0.5"]
+    # cap 1: every step has unconverged outputs, each pays the penalty (logged per step)
+    assert main(["train", cfg, *args, "--model.overrides.solve.f_max_steps=1",
+                 f"--out_dir={tmp_path / 'a'}"]) == 0  # fmt: skip
+    rows = list(csv.DictReader((tmp_path / "a" / "metrics.csv").read_text().splitlines()))
+    assert rows and all(float(r["jac_unconverged"]) > 0 for r in rows)
+    assert all(r["jac_penalty"] == "" for r in rows)  # the scheduled penalty stays off
+    # a loose tolerance that every solve meets: nothing to penalise, nothing logged
+    assert main(["train", cfg, *args, "--model.overrides.solve.f_rtol=0.5",
+                 f"--out_dir={tmp_path / 'b'}"]) == 0  # fmt: skip
+    rows = list(csv.DictReader((tmp_path / "b" / "metrics.csv").read_text().splitlines()))
+    assert rows and all(r["jac_unconverged"] == "" for r in rows)
+    assert all(float(r["fwd_converged"]) == 1.0 for r in rows)
+    with pytest.raises(ConfigError, match="unconverged_weight"):
+        load_config(cfg, ["--jac.unconverged_weight=1", "--model.overrides.solve.backward=phantom"])
+    with pytest.raises(ConfigError, match="unconverged_weight must be a float >= 0"):
+        load_config(cfg, ["--jac.unconverged_weight=-1"])

@@ -3,6 +3,7 @@
 from .correction import FixedPointCorrection as FixedPointCorrection
 from .jacobian import jacobian_penalty as jacobian_penalty
 from .jacobian import spectral_radius as spectral_radius
+from .jacobian import unconverged_mask as unconverged_mask
 from .norm import spectral_norm as spectral_norm
 from .norm import weight_norm as weight_norm
 from .schedule import JacobianSchedule as JacobianSchedule

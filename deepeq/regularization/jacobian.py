@@ -52,6 +52,7 @@ def jacobian_penalty(
     num_samples: int = 1,
     generator: torch.Generator | None = None,
     reduction: Literal["mean", "none"] = "mean",
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Hutchinson estimate of ``||J_f(z)||_F² / d``, ``J_f = ∂f/∂z``, ``d = numel(z) / B``.
 
@@ -68,6 +69,11 @@ def jacobian_penalty(
         num_samples: M, number of probes averaged.
         generator: optional generator for the probes (reproducibility).
         reduction: ``"mean"`` over the batch (a scalar) or ``"none"`` (shape ``(B,)``).
+        mask: bool, broadcastable to ``fz``: penalise only the selected outputs' rows of J
+            (e.g. the positions whose solve did not converge): the probes are zero elsewhere,
+            and the estimate is ``Σ_selected rows ||J_row||² / (number selected)`` — over the
+            whole batch for ``"mean"`` (the unmasked value when every entry is selected), per
+            sample for ``"none"`` (0 for a sample with nothing selected).
 
     Returns:
         The penalty, differentiable with respect to whatever ``fz`` depends on.
@@ -87,14 +93,74 @@ def jacobian_penalty(
             f"jacobian_penalty: reduction must be 'mean' or 'none'; got {reduction!r}."
         )
     B = fz.shape[0]
-    d = fz[0].numel()
+    if mask is not None:
+        try:
+            mask = torch.broadcast_to(mask.to(device=fz.device, dtype=torch.bool), fz.shape)
+        except (RuntimeError, AttributeError):
+            raise ValueError(
+                f"jacobian_penalty: mask must be a bool tensor broadcastable to fz's shape "
+                f"{tuple(fz.shape)}; got {getattr(mask, 'shape', type(mask).__name__)}."
+            ) from None
+        count = mask.reshape(B, -1).sum(1).to(fz.dtype)  # selected rows per sample
+    else:
+        count = fz.new_full((B,), fz[0].numel())
     total = fz.new_zeros(B)
     for _ in range(num_samples):
         eps = _randn(fz.shape, generator, fz.dtype, fz.device)
+        if mask is not None:
+            eps = eps * mask
         vjp = _vjp(fz, z, eps, "jacobian_penalty", create_graph=True)
         total = total + vjp.reshape(B, -1).pow(2).sum(1)
-    per_sample = total / (num_samples * d)
-    return per_sample.mean() if reduction == "mean" else per_sample
+    if reduction == "mean":
+        return total.sum() / (num_samples * count.sum().clamp_min(1))
+    return total / (num_samples * count.clamp_min(1))
+
+
+def unconverged_mask(sol, rtol: float, atol: float = 0.0, *, causal: bool = False) -> Tensor | None:
+    """Which outputs of a training solve missed ``||f(z) - z|| <= atol + rtol ||f(z)||`` at the
+    returned iterate: a bool mask over ``sol.fz`` (flat ``(B, D)``), per position (dim 1 of
+    the state, as a causal solve checks it) when ``causal``, per sample otherwise; None when
+    every output met it. With ``jacobian_penalty(sol.fz, sol.z_leaf, mask=...)`` it regularises
+    f where its equilibrium was not reached and nowhere else.
+
+    Args:
+        sol: a ``Solution`` from a solve made with grad enabled and ``ImplicitBackward``
+            (``sol.fz`` and ``sol.z_leaf`` set); ``causal`` needs a state ``(B, T, ...)``.
+        rtol, atol: the tolerance (usually the training solver's ``rtol`` / ``atol``).
+        causal: check each position on its own.
+
+    Examples:
+        >>> import torch, deepeq
+        >>> a = torch.tensor([0.0, 1.5, 0.0]).view(1, 3, 1)  # position 1 never converges
+        >>> x = torch.ones(2, 3, 4, requires_grad=True)
+        >>> sol = deepeq.fixed_point(lambda z, x: a * z + x, torch.zeros(2, 3, 4),
+        ...                          deepeq.Picard(max_steps=4), args=(x,), causal=True)
+        >>> deepeq.unconverged_mask(sol, rtol=1e-3, causal=True).view(2, 3, 4)[0, :, 0]
+        tensor([False,  True, False])
+    """
+    if sol.fz is None or sol.z_leaf is None:
+        raise ValueError(
+            "unconverged_mask: sol.fz is None; solve with grad enabled and ImplicitBackward "
+            "(the tracked call at z* is what the mask is computed from)."
+        )
+    fz, z = sol.fz.detach(), sol.z_leaf.detach()
+    B = fz.shape[0]
+    if causal:
+        value = sol.value
+        if not isinstance(value, Tensor) or value.dim() < 2:
+            raise ValueError(
+                "unconverged_mask: causal=True needs a state (B, T, ...) with the positions "
+                f"along dim 1; got {type(value).__name__}."
+            )
+        T = value.shape[1]
+    else:
+        T = 1
+    shape = (B, T, -1)
+    diff = (fz - z).reshape(shape).double().norm(dim=-1)
+    bad = diff > atol + rtol * fz.reshape(shape).double().norm(dim=-1)
+    if not bool(bad.any()):
+        return None
+    return bad.unsqueeze(-1).expand(B, T, fz[0].numel() // T).reshape(B, -1)
 
 
 def spectral_radius(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -91,6 +92,10 @@ class JacobianConfig:
     ramp_end: int = 0
     probability: float = 1.0  # p
     num_samples: int = 1  # Hutchinson probes M
+    # γ_u of a penalty on the rows of J_f at the outputs whose training solve missed its
+    # tolerance (per position for causal solves, per sample otherwise), on every step where
+    # some did: regularises where the equilibrium is not reached, and nowhere else (0: off)
+    unconverged_weight: float = 0.0
     monitor_every: int = 0  # log ||J||_F estimate and spectral radius every N steps (0: never)
 
 
@@ -263,11 +268,19 @@ def _load(tree: dict, overrides: list[str] | tuple) -> TrainConfig:
         raise ConfigError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
     mc = check_model(cfg.model)
     backward = getattr(getattr(mc, "solve", None), "backward", None)
-    if max(cfg.jac.weight, cfg.jac.final_weight or 0.0) > 0 and backward not in (None, "implicit"):
+    j = cfg.jac
+    if not (math.isfinite(j.unconverged_weight) and j.unconverged_weight >= 0):
         raise ConfigError(
-            f"jac.weight = {cfg.jac.weight:g} differentiates f(z*) tracked at the equilibrium, "
-            f"which only the implicit backward records; model.overrides.solve.backward is "
-            f"{backward!r}. Set model.overrides.solve.backward = 'implicit' or jac.weight = 0."
+            f"jac.unconverged_weight must be a float >= 0; got {j.unconverged_weight!r}."
+        )
+    if max(j.weight, j.final_weight or 0.0, j.unconverged_weight) > 0 and backward not in (
+        None, "implicit",
+    ):  # fmt: skip
+        raise ConfigError(
+            f"jac.weight = {j.weight:g} / jac.unconverged_weight = {j.unconverged_weight:g} "
+            f"differentiate f(z*) tracked at the equilibrium, which only the implicit backward "
+            f"records; model.overrides.solve.backward is {backward!r}. Set "
+            f"model.overrides.solve.backward = 'implicit' or both weights to 0."
         )
     if cfg.fp_cache and getattr(mc, "core", None) != "deq":
         raise ConfigError(

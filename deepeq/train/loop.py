@@ -181,6 +181,7 @@ def _row(result: StepResult, run: RunState, task: Task, opt, x, world: int, seco
         row["grad_norm"] = result.grad_norm
     row.update(
         loss=result.loss, task_loss=result.task_loss, jac_penalty=result.jac_penalty,
+        jac_unconverged=result.jac_unconverged,
         fpc_loss=result.fpc_loss, lr=opt.param_groups[0]["lr"], skipped=run.skipped_total,
     )  # fmt: skip
     n_items = x.numel() if task.throughput == "tokens_per_s" else x.shape[0]
@@ -215,10 +216,11 @@ def _check_jacobian(cfg: TrainConfig, model) -> None:
     """Jacobian regularisation differentiates f(z*) as tracked by the implicit backward only
     (``load_config`` checks the same on the config; this covers configs built in Python)."""
     j, deq = cfg.jac, equilibrium_layer(model)
-    on = max(j.weight, j.final_weight or 0.0) > 0
+    on = max(j.weight, j.final_weight or 0.0, j.unconverged_weight) > 0
     if on and deq is not None and not isinstance(deq.backward_rule, ImplicitBackward):
         raise ValueError(
-            f"jac.weight = {j.weight:g} needs f(z*) tracked at the equilibrium, which only "
+            f"jac.weight = {j.weight:g} / jac.unconverged_weight = {j.unconverged_weight:g} "
+            f"needs f(z*) tracked at the equilibrium, which only "
             f"the implicit backward records; this model's backward is "
             f"{type(deq.backward_rule).__name__}. Set model.overrides.solve.backward = "
             f"'implicit' or jac.weight = 0."

@@ -13,7 +13,7 @@ from .tasks import Task
 logger = logging.getLogger("deepeq")
 
 BASE_FIELDS = [
-    "step", "loss", "task_loss", "jac_penalty", "fpc_loss", "lr", "grad_norm", "fwd_nfe", "bwd_nfe",
+    "step", "loss", "task_loss", "jac_penalty", "jac_unconverged", "fpc_loss", "lr", "grad_norm", "fwd_nfe", "bwd_nfe",
     "fwd_res_max", "fwd_res_mean", "fwd_converged", "bwd_res_max", "bwd_converged", "bwd_fallbacks",
     "cache_hits", "skipped",
 ]  # fmt: skip

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .._solution import Solution, Status
-from ..regularization import jacobian_penalty, spectral_radius
+from ..models._protocol import equilibrium_layer
+from ..regularization import jacobian_penalty, spectral_radius, unconverged_mask
 from .config import TrainConfig
 
 
@@ -27,6 +28,7 @@ class StepResult:
     skipped: str | None
     solutions: list[Solution] = field(default_factory=list)
     monitor: dict = field(default_factory=dict)
+    jac_unconverged: float | None = None  # the penalty on the unconverged rows (None: none)
 
     @property
     def applied(self) -> bool:
@@ -98,6 +100,20 @@ def correction_loss(model, sols: list, targets: torch.Tensor) -> torch.Tensor | 
     return fpc.loss(losses)
 
 
+def unconverged_penalty(deq, sols, num_samples: int = 1):
+    """``jacobian_penalty`` restricted to the rows of J_f at the outputs that missed the
+    training solver's tolerance (``deepeq.unconverged_mask``) in ``deq``'s solves ``sols``, averaged over the
+    solves that have any; None when every output met it."""
+    terms = []
+    for s in sols:
+        if s.fz is None:
+            continue
+        mask = unconverged_mask(s, deq.solver.rtol, deq.solver.atol, causal=deq.causal)
+        if mask is not None:
+            terms.append(jacobian_penalty(s.fz, s.z_leaf, num_samples=num_samples, mask=mask))
+    return sum(terms) / len(terms) if terms else None
+
+
 def train_step(
     cfg: TrainConfig, model, net, task, opt, batch, state, *, step: int, jac_weight: float,
     cache_keys=None, world: int = 1,
@@ -117,6 +133,11 @@ def train_step(
             jacobian_penalty(s.fz, s.z_leaf, num_samples=cfg.jac.num_samples) for s in sols
         ) / len(sols)
         loss = loss + jac_weight * pen
+    pen_u = None
+    if cfg.jac.unconverged_weight > 0 and sols:
+        pen_u = unconverged_penalty(equilibrium_layer(model), sols, cfg.jac.num_samples)
+        if pen_u is not None:
+            loss = loss + cfg.jac.unconverged_weight * pen_u
     monitor = {}
     every = cfg.jac.monitor_every
     if every and (step + 1) % every == 0 and sols and sols[0].fz is not None:
@@ -145,6 +166,7 @@ def train_step(
         loss=loss.item(),
         task_loss=task_loss.item(),
         jac_penalty=None if pen is None else pen.item(),
+        jac_unconverged=None if pen_u is None else pen_u.item(),
         fpc_loss=None if fpc is None else fpc.item(),
         grad_norm=grad_norm,
         skipped=skipped,
