@@ -136,11 +136,12 @@ def run_name(label: str) -> str:
     return label.replace("[", "__").replace("]", "").replace("=", "-").replace(",", "_")
 
 
-def _train_step(model, x, y, state, weight: float, probes: int) -> list:
+def _train_step(model, x, y, state, weight: float, probes: int, weight_u: float = 0.0) -> list:
     """The training loop's step without the optimiser: forward, fixed-point correction, Jacobian
-    penalty, backward."""
+    penalty (scheduled, and on the unconverged outputs: ``jac.unconverged_weight``), backward."""
+    from deepeq.models._protocol import equilibrium_layer
     from deepeq.regularization import jacobian_penalty
-    from deepeq.train.step import correction_loss
+    from deepeq.train.step import correction_loss, unconverged_penalty
 
     nll, _, sols = model(x, state, targets=y)
     loss = nll.mean()
@@ -150,6 +151,10 @@ def _train_step(model, x, y, state, weight: float, probes: int) -> list:
     if weight > 0:
         pen = sum(jacobian_penalty(s.fz, s.z_leaf, num_samples=probes) for s in sols)
         loss = loss + weight * pen / len(sols)
+    if weight_u > 0 and sols:
+        pen_u = unconverged_penalty(equilibrium_layer(model), sols, probes)
+        if pen_u is not None:
+            loss = loss + weight_u * pen_u
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sols
@@ -196,16 +201,18 @@ def interleaved_step_s(
         kinds = (
             [(0.0, 1.0)] if weight <= 0 else [(0.0, 1 - jac.probability), (weight, jac.probability)]
         )
-        models[name] = (model, x, y, state, kinds, jac.num_samples, cfg.flush_denormal)
+        models[name] = (
+            model, x, y, state, kinds, jac.num_samples, cfg.flush_denormal, jac.unconverged_weight
+        )  # fmt: skip
     times = {(name, w): [] for name, m in models.items() for w, _ in m[4]}
     for r in range(rounds + 2):
-        for name, (model, x, y, state, kinds, probes, flush) in models.items():
+        for name, (model, x, y, state, kinds, probes, flush, w_u) in models.items():
             set_flush_denormal(flush)  # as the run trained (config flush_denormal), all threads
             for w, share in kinds:
                 torch.manual_seed(r)
                 if r == 0 and counts is not None:  # warm-up round: count FLOPs and NFE once
                     with FlopCounterMode(display=False) as fc:
-                        sols = _train_step(model, x, y, state, w, probes)
+                        sols = _train_step(model, x, y, state, w, probes, w_u)
                     counts[name, w] = (
                         share,
                         fc.get_total_flops() / 1e9,
@@ -214,7 +221,7 @@ def interleaved_step_s(
                     )
                     continue
                 t = time.perf_counter()
-                _train_step(model, x, y, state, w, probes)
+                _train_step(model, x, y, state, w, probes, w_u)
                 if r >= 2:  # two warm-up rounds
                     times[name, w].append(time.perf_counter() - t)
     set_flush_denormal(False)
@@ -260,6 +267,8 @@ def time_runs(runs: list[Path], rounds: int, threads: int) -> None:
     for label, cfg in cfgs.items():
         j = cfg.jac
         jr = "-" if j.weight <= 0 else f"{j.final_weight or j.weight:g} / {j.probability:g}"
+        if j.unconverged_weight > 0:  # the targeted penalty, on steps with unconverged outputs
+            jr += f" + unconverged {j.unconverged_weight:g}"
         ratio = lambda d, k=label: "-" if untied is None else f"{d[k] / d[untied]:.2f}"  # noqa: E731
         split = " / ".join(f"{t:.3f}" for (name, _), t in parts.items() if name == label)
         nfe = next(c for (name, _), c in counts.items() if name == label)

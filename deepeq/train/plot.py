@@ -10,7 +10,7 @@ PANELS = [
     ("metric", ["valid_ppl", "test_ppl", "valid_bpc", "test_bpc", "valid_acc", "test_acc"], False),
     ("nfe", ["fwd_nfe", "bwd_nfe"], False),
     ("residual", ["fwd_res_max", "fwd_res_mean", "bwd_res_max"], True),
-    ("jacobian", ["jac_penalty", "jac_fro", "spectral_radius"], False),
+    ("jacobian", ["jac_penalty", "jac_unconverged", "jac_fro", "spectral_radius"], False),
 ]
 
 
