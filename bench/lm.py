@@ -285,6 +285,12 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--families", default="transformer,trellisnet")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument(
+        "--config",
+        default=None,
+        help="train every family from this config instead of its own (e.g. "
+        "configs/ptb_deq_transformer_capped.toml: the DEQs with capped, unconverged solves)",
+    )
     p.add_argument("--out", default="runs/bench_lm")
     p.add_argument("--reuse", action="store_true", help="report existing runs without training")
     p.add_argument("--rounds", type=int, default=20, help="rounds of the interleaved timing")
@@ -322,6 +328,7 @@ def main(argv=None) -> None:
     print("|---" * 18 + "|")
     for fam in args.families.split(","):
         config, models = FAMILIES[fam]
+        config = args.config or config
         rows = [(name, name, {}) for name in models]  # (label, model, overrides)
         for v in args.variant:
             ov = parse_overrides(v)

@@ -347,3 +347,20 @@ def test_lm_resume_is_bit_identical_with_memory(tmp_path):
     assert a["state"] is not None and a["state"].shape[1] == 8  # a real memory was carried
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+
+
+@pytest.mark.slow
+def test_readme_job_solves_converge_at_its_settings(tmp_path):
+    """The README's main job (configs/ptb_quick.toml) at its own solve and regularisation
+    settings, on real PTB, for its first 150 steps (through the warm-up's peak learning rate):
+    its training solves meet their tolerance, and so do its evaluation solves (a tighter one)."""
+    cfg = load_config(
+        ROOT / "configs/ptb_quick.toml",
+        ["--steps=150", "--eval_every=150", "--data.eval_limit=3000", f"--out_dir={tmp_path}"],
+    )
+    final = train(cfg, progress=False)
+    _, model, _ = load_run(tmp_path, checkpoint="latest")
+    assert model.deq.solver.rtol == 1e-2 and model.deq.eval_solver.rtol == 1e-3
+    assert final["fwd_converged_steps"] >= 0.95, final
+    assert final["valid_fwd_converged"] >= 0.95 and final["test_fwd_converged"] >= 0.95, final
+    assert final["valid_ppl"] < 1000  # it learns (uniform over the 10,000 words: 10,000)
