@@ -148,7 +148,7 @@ def _train_step(model, x, y, state, weight: float, probes: int, weight_u: float 
     fpc = correction_loss(model, sols, y)
     if fpc is not None:
         loss = loss + fpc
-    if weight > 0:
+    if weight > 0 and sols:
         pen = sum(jacobian_penalty(s.fz, s.z_leaf, num_samples=probes) for s in sols)
         loss = loss + weight * pen / len(sols)
     if weight_u > 0 and sols:
@@ -181,6 +181,7 @@ def interleaved_step_s(
 
     from torch.utils.flop_counter import FlopCounterMode
 
+    from deepeq.models._protocol import equilibrium_layer
     from deepeq.train import load_run
     from deepeq.train._denormal import set_flush_denormal
 
@@ -198,6 +199,8 @@ def interleaved_step_s(
                 _, state, _ = model(x, state, targets=y)
         x, y, _ = task.train_batch(100, 0, 1)
         weight = jac.final_weight if jac.final_weight is not None else jac.weight
+        if equilibrium_layer(model) is None:  # an explicit twin: no solve, no penalty
+            weight = 0.0
         kinds = (
             [(0.0, 1.0)] if weight <= 0 else [(0.0, 1 - jac.probability), (weight, jac.probability)]
         )
@@ -266,8 +269,17 @@ def time_runs(runs: list[Path], rounds: int, threads: int) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for label, cfg in cfgs.items():
         j = cfg.jac
-        jr = "-" if j.weight <= 0 else f"{j.final_weight or j.weight:g} / {j.probability:g}"
-        if j.unconverged_weight > 0:  # the targeted penalty, on steps with unconverged outputs
+        with torch.device("meta"):
+            explicit = create_model(cfg.model.name, vocab_size=10000, **cfg.model.overrides)
+        explicit = explicit.config.core != "deq"
+        jr = (
+            "-"
+            if j.weight <= 0 or explicit
+            else f"{j.final_weight or j.weight:g} / {j.probability:g}"
+        )
+        if (
+            j.unconverged_weight > 0 and not explicit
+        ):  # the targeted penalty, on steps with unconverged outputs
             jr += f" + unconverged {j.unconverged_weight:g}"
         ratio = lambda d, k=label: "-" if untied is None else f"{d[k] / d[untied]:.2f}"  # noqa: E731
         split = " / ".join(f"{t:.3f}" for (name, _), t in parts.items() if name == label)
