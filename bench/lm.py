@@ -252,12 +252,13 @@ def time_runs(runs: list[Path], rounds: int, threads: int) -> None:
         label: sum(c[0] * c[1] for (name, _), c in counts.items() if name == label)
         for label in labels
     }
-    untied = None
+    cores = {}
     for label, cfg in cfgs.items():
         with torch.device("meta"):
-            m = create_model(cfg.model.name, vocab_size=10000, **cfg.model.overrides)
-        if m.config.core == "untied" and untied is None:
-            untied = label
+            cores[label] = create_model(
+                cfg.model.name, vocab_size=10000, **cfg.model.overrides
+            ).config.core
+    untied = next((label for label, core in cores.items() if core == "untied"), None)
     print(
         f"# bench/lm.py --time  torch {torch.__version__}  threads "
         f"{threads or torch.get_num_threads()}  rounds {rounds}"
@@ -269,17 +270,9 @@ def time_runs(runs: list[Path], rounds: int, threads: int) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for label, cfg in cfgs.items():
         j = cfg.jac
-        with torch.device("meta"):
-            explicit = create_model(cfg.model.name, vocab_size=10000, **cfg.model.overrides)
-        explicit = explicit.config.core != "deq"
-        jr = (
-            "-"
-            if j.weight <= 0 or explicit
-            else f"{j.final_weight or j.weight:g} / {j.probability:g}"
-        )
-        if (
-            j.unconverged_weight > 0 and not explicit
-        ):  # the targeted penalty, on steps with unconverged outputs
+        deq = cores[label] == "deq"  # explicit twins take no penalty
+        jr = f"{j.final_weight or j.weight:g} / {j.probability:g}" if deq and j.weight > 0 else "-"
+        if deq and j.unconverged_weight > 0:  # the targeted penalty
             jr += f" + unconverged {j.unconverged_weight:g}"
         ratio = lambda d, k=label: "-" if untied is None else f"{d[k] / d[untied]:.2f}"  # noqa: E731
         split = " / ".join(f"{t:.3f}" for (name, _), t in parts.items() if name == label)

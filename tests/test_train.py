@@ -664,6 +664,9 @@ def test_unconverged_jacobian_penalty_in_training(tmp_path):
     rows = list(csv.DictReader((tmp_path / "a" / "metrics.csv").read_text().splitlines()))
     assert rows and all(float(r["jac_unconverged"]) > 0 for r in rows)
     assert all(r["jac_penalty"] == "" for r in rows)  # the scheduled penalty stays off
+    for r in rows:  # ... and the logged penalty is part of the loss, at its weight
+        want = float(r["task_loss"]) + 0.5 * float(r["jac_unconverged"])
+        assert abs(float(r["loss"]) - want) <= 1e-5 * abs(want)
     # a loose tolerance that every solve meets: nothing to penalise, nothing logged
     assert main(["train", cfg, *args, "--model.overrides.solve.f_rtol=0.5",
                  f"--out_dir={tmp_path / 'b'}"]) == 0  # fmt: skip

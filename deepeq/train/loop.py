@@ -223,7 +223,7 @@ def _check_jacobian(cfg: TrainConfig, model) -> None:
             f"needs f(z*) tracked at the equilibrium, which only "
             f"the implicit backward records; this model's backward is "
             f"{type(deq.backward_rule).__name__}. Set model.overrides.solve.backward = "
-            f"'implicit' or jac.weight = 0."
+            f"'implicit' or both weights to 0."
         )
 
 

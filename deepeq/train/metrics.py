@@ -13,8 +13,8 @@ from .tasks import Task
 logger = logging.getLogger("deepeq")
 
 BASE_FIELDS = [
-    "step", "loss", "task_loss", "jac_penalty", "jac_unconverged", "fpc_loss", "lr", "grad_norm", "fwd_nfe", "bwd_nfe",
-    "fwd_res_max", "fwd_res_mean", "fwd_converged", "bwd_res_max", "bwd_converged", "bwd_fallbacks",
+    "step", "loss", "task_loss", "jac_penalty", "jac_unconverged", "fpc_loss", "lr", "grad_norm",
+    "fwd_nfe", "bwd_nfe", "fwd_res_max", "fwd_res_mean", "fwd_converged", "bwd_res_max", "bwd_converged", "bwd_fallbacks",
     "cache_hits", "skipped",
 ]  # fmt: skip
 MONITOR_FIELDS = ["jac_fro", "spectral_radius"]

@@ -102,8 +102,8 @@ def correction_loss(model, sols: list, targets: torch.Tensor) -> torch.Tensor | 
 
 def unconverged_penalty(deq, sols, num_samples: int = 1):
     """``jacobian_penalty`` restricted to the rows of J_f at the outputs that missed the
-    training solver's tolerance (``deepeq.unconverged_mask``) in ``deq``'s solves ``sols``, averaged over the
-    solves that have any; None when every output met it."""
+    training solver's tolerance (``deepeq.unconverged_mask``) in ``deq``'s solves ``sols``,
+    averaged over the solves that have any; None when every output met it."""
     terms = []
     for s in sols:
         if s.fz is None:
