@@ -314,9 +314,9 @@ def test_paper_size_parameter_counts_on_meta():
         wt = create_model("deq_transformer_wt103_medium")
     total = sum(p.numel() for p in ptb.parameters())
     assert 22e6 < total < 26e6  # the paper's PTB DEQ-TrellisNet has 24M
-    # non-embedding: injection 400*4000+4000, conv 1000*4000*2+4000
+    # non-embedding: injection conv 400*4000*2+4000, conv 1000*4000*2+4000
     # weight norm adds one gain per output channel of the injection and of the conv
-    assert ptb.non_embedding_parameters() == (400 * 4000 + 4000 + 4000) + (
+    assert ptb.non_embedding_parameters() == (400 * 4000 * 2 + 4000 + 4000) + (
         1000 * 4000 * 2 + 4000 + 4000
     )
     d, ff = 700, 4000

@@ -169,8 +169,9 @@ class SequenceModel(EquilibriumModel):
         """Width of one context (memory) position; by default the state width."""
         return self.state_dim(size)
 
-    def context_entry(self, z: Tensor, inj: Tensor) -> Tensor:
-        """What a solved position contributes to the context of later positions."""
+    def context_entry(self, z: Tensor, inj: Tensor, x: Tensor) -> Tensor:
+        """What a solved position contributes to the context of later positions, given its state
+        ``z``, its injection ``inj`` and its embedding ``x``."""
         return z
 
     def layer_input(self, f: nn.Module, inj: Tensor, ctx: Tensor) -> Any:
@@ -339,7 +340,7 @@ class SequenceModel(EquilibriumModel):
                 else:
                     f, inject = self.f, self.inject
                 inj = inject(x, ctx)
-                new_state.append(self.next_context(ctx, self.context_entry(z, inj)))
+                new_state.append(self.next_context(ctx, self.context_entry(z, inj, x)))
                 z = f(z, self.layer_input(f, inj, ctx))
             return z, new_state, sols
         if isinstance(state, list):  # leaving pretraining mode: the last layer's memory
@@ -347,11 +348,11 @@ class SequenceModel(EquilibriumModel):
         ctx = state if state is not None else self.initial_context(B, self.size, x.device, x.dtype)
         inj = self.inject(x, ctx)
         if self.config.subseq_len and self.config.subseq_len < T:
-            z, sols = self.solve_in_chunks(inj, ctx, start, cache_keys)
+            z, sols = self.solve_in_chunks(inj, x, ctx, start, cache_keys)
         else:
             z, sol = self.deq(self.layer_input(self.f, inj, ctx), z0=start, cache_keys=cache_keys)
             sols.append(sol)
-        return z, self.next_context(ctx, self.context_entry(z, inj)), sols
+        return z, self.next_context(ctx, self.context_entry(z, inj, x)), sols
 
     def _head_input(self, z: Tensor) -> Tensor:
         h = self.readout(z)
@@ -401,21 +402,22 @@ class SequenceModel(EquilibriumModel):
         return torch.cat([ctx, entry], dim=1)[:, -keep:].detach() if keep else ctx[:, :0]
 
     def solve_in_chunks(
-        self, inj: Tensor, ctx: Tensor, z0: Tensor, cache_keys: Tensor | None = None
+        self, inj: Tensor, x: Tensor, ctx: Tensor, z0: Tensor, cache_keys: Tensor | None = None
     ) -> tuple[Tensor, list[Solution]]:
         """Subsequence solving: chunk c is solved with the context and the equilibria of chunks
         before it as fixed context. By causality this equals the whole-segment equilibrium (to
         the solver tolerance); gradients flow into earlier chunks through the context (not
-        detached), so the backward pass is the full implicit gradient too."""
+        detached), so the backward pass is the full implicit gradient too. ``x``: the segment's
+        embeddings (``inj`` was computed from them)."""
         S = self.config.subseq_len
         zs, outs, sols = [], [], []
         chunks = -(-inj.shape[1] // S)
         for c, s in enumerate(range(0, inj.shape[1], S)):
             context = torch.cat([ctx, *zs], dim=1)
-            x = self.layer_input(self.f, inj[:, s : s + S], context)
+            args = self.layer_input(self.f, inj[:, s : s + S], context)
             keys = None if cache_keys is None else cache_keys * chunks + c  # one id per chunk
-            z, sol = self.deq(x, z0=z0[:, s : s + S], cache_keys=keys)
-            zs.append(self.context_entry(z, inj[:, s : s + S]))
+            z, sol = self.deq(args, z0=z0[:, s : s + S], cache_keys=keys)
+            zs.append(self.context_entry(z, inj[:, s : s + S], x[:, s : s + S]))
             outs.append(z)
             sols.append(sol)
         return torch.cat(outs, dim=1), sols

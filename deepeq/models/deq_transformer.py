@@ -104,7 +104,7 @@ class DEQTransformer(SequenceModel):
     def context_dim(self, size: Any) -> int:
         return 4 * size[0]
 
-    def context_entry(self, z: Tensor, inj: Tensor) -> Tensor:
+    def context_entry(self, z: Tensor, inj: Tensor, x: Tensor) -> Tensor:
         return torch.cat([z, inj], dim=-1)
 
     def layer_input(self, f: nn.Module, inj: Tensor, ctx: Tensor) -> Any:

@@ -4,7 +4,7 @@ gating and input injection, solved for its equilibrium; and its explicit twins."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -18,13 +18,22 @@ from ._sequence import SequenceConfig, SequenceModel
 @dataclass(frozen=True, kw_only=True)
 class DEQTrellisNetConfig(SequenceConfig):
     kernel_size: int = 2
+    # How the input enters the gates: "conv" x̃ = Conv1D(x; W_x), causal with the layer's kernel
+    # (TrellisNet; Bai et al. 2019 §3.3), or "pointwise" x̃_t = W_x x_t.
+    injection: Literal["conv", "pointwise"] = "conv"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.injection not in ("conv", "pointwise"):
+            raise ValueError(f"injection must be 'conv' or 'pointwise'; got {self.injection!r}.")
 
 
 class TrellisLayer(nn.Module):
     """``f(z, (x̃, ctx))`` with state ``z = [h, c]`` ``(B, T, 2D)``:
     ``[i, f, o, g] = Conv1D([u, h]; W_z) + x̃`` (causal, kernel k, the ``k-1`` positions ``u`` before
     the segment taken from ctx), ``c' = σ(f) ⊙ c_{t-1} + σ(i) ⊙ tanh(g)``, ``h' = σ(o) ⊙ tanh(c')``
-    (the LSTM-style activation ψ of TrellisNet, Bai et al. 2019b)."""
+    (the LSTM-style activation ψ of TrellisNet, Bai et al. 2019b). A context position holds
+    ``[h, c]`` (then, with the convolutional injection, the embedding)."""
 
     def __init__(self, d_model: int, kernel_size: int, dropout: float):
         super().__init__()
@@ -39,13 +48,29 @@ class TrellisLayer(nn.Module):
         left = ctx[:, ctx.shape[1] - (self.k - 1) :, :D]  # (B, k-1, D)
         pre = causal_conv1d(self.drop(h), self.conv.weight, self.conv.bias, left) + inj
         i, f, o, g = pre.chunk(4, dim=-1)
-        c_prev = torch.cat([ctx[:, -1:, D:], c[:, :-1]], dim=1)
+        c_prev = torch.cat([ctx[:, -1:, D : 2 * D], c[:, :-1]], dim=1)
         c_new = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
         return torch.cat([torch.sigmoid(o) * torch.tanh(c_new), c_new], dim=-1)
 
 
 class TrellisInjection(nn.Module):
-    """x̃ = W_x x: the embedding projected to the four gates ``(B, T, 4D)`` (pointwise)."""
+    """x̃ = Conv1D(x; W_x): the embeddings of positions ``t-k+1 .. t`` mapped to the four gates
+    ``(B, T, 4D)`` by a causal kernel-k convolution, as the hidden state is (TrellisNet: input and
+    hidden state enter one convolution); the ``k-1`` embeddings before the segment come from the
+    context (its last ``d_embed`` columns; zeros at the start of a stream)."""
+
+    def __init__(self, d_embed: int, d_model: int, kernel_size: int):
+        super().__init__()
+        self.k = kernel_size
+        self.conv = nn.Conv1d(d_embed, 4 * d_model, kernel_size)
+
+    def forward(self, x: Tensor, ctx: Tensor) -> Tensor:
+        left = ctx[:, ctx.shape[1] - (self.k - 1) :, ctx.shape[2] - x.shape[2] :]  # (B, k-1, E)
+        return causal_conv1d(x, self.conv.weight, self.conv.bias, left)
+
+
+class PointwiseInjection(nn.Module):
+    """x̃_t = W_x x_t: each position's embedding projected to the four gates ``(B, T, 4D)``."""
 
     def __init__(self, d_embed: int, d_model: int):
         super().__init__()
@@ -66,10 +91,20 @@ class DEQTrellisNet(SequenceModel):
         return TrellisLayer(size, self.config.kernel_size, self.config.dropout)
 
     def make_injection(self, size: Any) -> nn.Module:
-        return TrellisInjection(self.config.d_embed, size)
+        c = self.config
+        if c.injection == "pointwise":
+            return PointwiseInjection(c.d_embed, size)
+        return TrellisInjection(c.d_embed, size, c.kernel_size)
 
     def state_dim(self, size: Any) -> int:
         return 2 * size
+
+    def context_dim(self, size: Any) -> int:
+        """``[h, c]``, then the embedding when the injection is a convolution over positions."""
+        return 2 * size + (self.config.d_embed if self.config.injection == "conv" else 0)
+
+    def context_entry(self, z: Tensor, inj: Tensor, x: Tensor) -> Tensor:
+        return torch.cat([z, x], dim=-1) if self.config.injection == "conv" else z
 
     def readout(self, z: Tensor) -> Tensor:
         return z[..., : z.shape[-1] // 2]
