@@ -13,6 +13,7 @@ One argparse tree (``build_parser``); each command is a function of its parsed a
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from .train.checkpoint import CheckpointError
@@ -22,6 +23,18 @@ from .train.config import ConfigError
 def _train(args: argparse.Namespace) -> int:
     from .train import load_config, train
 
+    if args.help_config is not None:
+        from .train.config_help import help_config
+
+        if args.config is None and args.help_config.endswith(".toml"):  # --help-config X.toml
+            args.config, args.help_config = args.help_config, "all"
+        print(help_config(load_config(args.config, args.rest), args.help_config))
+        return 0
+    if args.config is None:
+        raise ConfigError(
+            "deepeq train needs a config file: deepeq train CONFIG.toml [--section.key=value ...] "
+            "(configs/*.toml; deepeq train --help-config lists every key)."
+        )
     cfg = load_config(
         args.config, args.rest
     )  # unknown keys / wrong types fail here, before any work
@@ -44,7 +57,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     from .train.convergence import convergence_line
 
-    line = convergence_line(metrics)
+    line = convergence_line(metrics, cfg)
     if line:
         print(line)
     if metrics.get("loss_exploded_at") is not None:
@@ -229,9 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="train a model: deepeq train CONFIG.toml [--section.key=value ...] [--resume]",
-        description="Train a model; overrides are --section.key=value.",
+        description="Train a model; overrides are --section.key=value (every key, its type, "
+        "default and meaning: deepeq train --help-config).",
     )
-    t.add_argument("config", help="TOML file listing what differs from the defaults")
+    t.add_argument("config", nargs="?", help="TOML file listing what differs from the defaults")
+    t.add_argument(
+        "--help-config",
+        nargs="?",
+        const="all",
+        metavar="SECTION",
+        help="print every config key with its type, default (or this config's value) and "
+        "meaning, then exit; SECTION: top, model, data, optim or jac (model: the keys of "
+        "--model.name=NAME or of the config's model)",
+    )
     t.add_argument(
         "--resume",
         action="store_true",
@@ -333,8 +356,29 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError)
 
 
+class _Stderr(logging.Handler):
+    """The ``deepeq`` logger on the current ``sys.stderr``: information as it is, warnings and
+    errors prefixed with their level."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            msg = f"{record.levelname.lower()}: {msg}"
+        print(msg, file=sys.stderr)
+
+
+def _log_to_stderr() -> None:
+    """Show the ``deepeq`` logger's information (data and model sizes, resumes) and warnings."""
+    log = logging.getLogger("deepeq")
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        log.addHandler(_Stderr())
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _log_to_stderr()
     parser = build_parser()
     args, args.rest = parser.parse_known_args(argv)  # train's --section.key=value overrides
     if args.rest and not getattr(args, "takes_overrides", False):

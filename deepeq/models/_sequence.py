@@ -32,16 +32,16 @@ from ._solve import SolveSpec
 class SequenceConfig:
     """Fields shared by the sequence families (each family adds its own)."""
 
-    vocab_size: int = 10
-    d_embed: int = 32
-    d_model: int = 32
+    vocab_size: int = 10  # tokens of the vocabulary
+    d_embed: int = 32  # width of the token embedding
+    d_model: int = 32  # width of the equilibrium state z (per position)
     core: Literal["deq", "tied", "untied"] = (
         "deq"  # equilibrium, weight-tied L layers, untied L layers
     )
     depth: int | None = None  # L of the explicit twins (default: solve.f_max_steps)
     mem_len: int = 0  # positions of memory carried to the next segment
     dropout: float = 0.0  # variational dropout inside f (one mask per forward)
-    weight_norm: bool = False
+    weight_norm: bool = False  # weight normalisation of the linear/conv layers of f
     tie_weights: bool = (
         False  # output head shares the embedding matrix (needs d_embed == head input)
     )
@@ -55,8 +55,8 @@ class SequenceConfig:
     # Adaptive input embedding + adaptive softmax (large vocabularies; seeds: WikiText-103 with
     # cut-offs 20000, 40000, 200000). Words must be ordered by decreasing frequency.
     adaptive: bool = False
-    cutoffs: tuple[int, ...] = ()
-    div_value: float = 4.0
+    cutoffs: tuple[int, ...] = ()  # adaptive: token ids where each cluster begins
+    div_value: float = 4.0  # adaptive: cluster i has width d_embed / div_value**i
 
     def validate(self) -> None:
         if self.core == "deq":

@@ -46,7 +46,7 @@ class SolveSpec:
 
     Args:
         solver: forward solver by name (``deepeq.SOLVERS``), in training and evaluation.
-        f_max_steps, f_rtol: its cap and relative tolerance in training.
+        f_max_steps, f_rtol: the forward solver's cap and relative tolerance in training.
         eval_max_steps, eval_rtol: the same at evaluation (``eval_rtol`` None: ``f_rtol``).
         beta: β of ``solver="reversible"`` (each of its steps costs two calls of f).
         backward: ``"implicit"`` (the implicit-function gradient, solved by ``b_solver`` to
@@ -56,6 +56,9 @@ class SolveSpec:
             gradient, ``"shine"`` SHINE), ``"phantom"`` (``phantom_steps`` differentiable
             applications of f from z*, Geng et al. 2021) or ``"reversible"`` (the exact gradient
             of the iterate ``solver="reversible"`` returns).
+        b_solver, b_max_steps, b_rtol, b_init: the implicit backward's solver (by name), cap,
+            relative tolerance and start (see ``backward``).
+        phantom_steps: k of ``backward="phantom"``.
         dtype: run f in this autocast dtype during the training solves' iterations (the tracked
             call at z*, the backward and evaluation stay in full precision).
         causal: per-position stopping, freezing and solver mixing (``fixed_point(causal=True)``),

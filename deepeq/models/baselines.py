@@ -13,11 +13,11 @@ from ._registry import build_config, register_model
 
 @dataclass(frozen=True, kw_only=True)
 class BaselineConfig:
-    vocab_size: int = 10
-    d_embed: int = 16
-    hidden: int = 50
-    num_layers: int = 1
-    dropout: float = 0.0
+    vocab_size: int = 10  # tokens of the vocabulary
+    d_embed: int = 16  # width of the token embedding
+    hidden: int = 50  # RNN hidden size / TCN channels
+    num_layers: int = 1  # stacked RNN layers
+    dropout: float = 0.0  # dropout between layers
     mem_len: int = 0  # unused by RNNs (their state is the hidden state); kept for a uniform API
     kernel_size: int = 6  # TCN only
     levels: int = 6  # TCN only

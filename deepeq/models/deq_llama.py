@@ -18,9 +18,9 @@ from ._sequence import SequenceConfig, SequenceModel
 
 @dataclass(frozen=True, kw_only=True)
 class DEQLlamaConfig(SequenceConfig):
-    n_heads: int = 4
+    n_heads: int = 4  # attention heads (d_model / n_heads must be even)
     d_ff: int = 64  # SwiGLU hidden width
-    rope_base: float = 10000.0
+    rope_base: float = 10000.0  # base of the rotary position embedding's frequencies
 
 
 def rotate(x: Tensor, pos: Tensor, base: float) -> Tensor:

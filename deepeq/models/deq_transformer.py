@@ -17,8 +17,8 @@ from ._sequence import SequenceConfig, SequenceModel
 
 @dataclass(frozen=True, kw_only=True)
 class DEQTransformerConfig(SequenceConfig):
-    n_heads: int = 4
-    d_ff: int = 64
+    n_heads: int = 4  # attention heads (d_model must be divisible by it)
+    d_ff: int = 64  # hidden width of the position-wise feed-forward layer
     pre_ln: bool = False  # Bai et al. 2021 Table 5 compares Post-LN and Pre-LN
     dropatt: float = 0.0  # dropout on attention weights (one mask per forward)
 

@@ -38,23 +38,23 @@ from ._solve import SolveSpec
 
 @dataclass(frozen=True, kw_only=True)
 class MDEQConfig:
-    in_channels: int = 1
-    num_classes: int = 10
+    in_channels: int = 1  # image channels
+    num_classes: int = 10  # classes of the classifier
     image_size: int = 28  # must halve exactly (len(channels) - 1 + downsample_input) times
     channels: tuple[int, ...] = (8, 16)  # per resolution, highest first
     num_groups: int = 4  # GroupNorm groups (each channel count must be divisible)
     downsample_input: int = 0  # stride-2 stem convolutions before the injection (ImageNet: 2)
-    head_channels: tuple[int, ...] = (8, 16)
-    final_channels: int = 64
+    head_channels: tuple[int, ...] = (8, 16)  # classification head, per resolution
+    final_channels: int = 64  # channels of the head's last 1x1 convolution
     head_pool: int = 1  # pooled grid before the classifier: 1 = global average pooling (paper)
     dropout: float = 0.0  # variational dropout inside f (one mask per forward)
-    weight_norm: bool = True
+    weight_norm: bool = True  # weight normalisation of f's convolutions
     init_std: float = 0.01  # std of f's convolution weights at initialisation
     # Where the input is injected: "all" resolutions (the stem's output, downsampled by stride-2
     # convolutions, enters every resolution's block) or only the "highest" (Bai et al. 2021's MDEQ).
     injection: Literal["all", "highest"] = "all"
     fusion_scale: float = 0.1  # initial scale (GroupNorm weight) of every cross-resolution path
-    core: Literal["deq", "tied"] = "deq"
+    core: Literal["deq", "tied"] = "deq"  # equilibrium, or the weight-tied L-layer twin
     depth: int | None = None  # L of the tied twin (default: solve.f_max_steps)
     # Equilibrium solving (deepeq.models.SolveSpec): Broyden both ways; Bai et al. 2021 evaluates
     # at the training threshold (Table 4)

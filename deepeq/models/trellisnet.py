@@ -17,7 +17,7 @@ from ._sequence import SequenceConfig, SequenceModel
 
 @dataclass(frozen=True, kw_only=True)
 class DEQTrellisNetConfig(SequenceConfig):
-    kernel_size: int = 2
+    kernel_size: int = 2  # k of the causal convolution over positions
     # How the input enters the gates: "conv" x̃ = Conv1D(x; W_x), causal with the layer's kernel
     # (TrellisNet; Bai et al. 2019 §3.3), or "pointwise" x̃_t = W_x x_t.
     injection: Literal["conv", "pointwise"] = "conv"

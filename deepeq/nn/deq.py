@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._fixed_point import _solve_dtype, check_causal_solver, fixed_point
-from .._flatten import flatten, layout_of, unflatten
+from .._flatten import _describe, flatten, layout_of, unflatten
 from .._solution import Solution
 from .._types import State
 from ..backward import AbstractBackward, ImplicitBackward
@@ -148,6 +148,7 @@ class DEQ(nn.Module):
         self.solve_dtype, self.eval_solve_dtype = solve_dtype, eval_solve_dtype
         self._last: State | None = None
         self._last_sig: tuple | None = None
+        self._z0_from = ""
 
     def reset_warm_start(self) -> None:
         """Forget the stored equilibrium (warm start begins from the default z0 again)."""
@@ -155,13 +156,17 @@ class DEQ(nn.Module):
         self._last_sig = None
 
     def _initial_state(self, x: Any, z0: State | None) -> State:
+        self._z0_from = "the z0 argument"  # named by the error of a failing first call of f
         if z0 is not None:
             return z0
         if self.warm_start and self._last is not None and self._last_sig == _signature(x):
+            self._z0_from = "the previous call's equilibrium (warm_start)"
             return self._last
         init = getattr(self.f, "init_state", None)
         if callable(init):
+            self._z0_from = "f.init_state(x)"
             return init(x)
+        self._z0_from = "zeros_like(x): without z0= or f.init_state(x), z has the shape of x"
         if not isinstance(x, Tensor):
             raise TypeError(
                 f"DEQ cannot build a default z0 for x of type {type(x).__name__}: pass z0=..., "
@@ -201,19 +206,28 @@ class DEQ(nn.Module):
                 if parametrize.is_parametrized(m):
                     for name in m.parametrizations:
                         getattr(m, name)
-            sol = fixed_point(
-                self.f,
-                z_init,
-                solver,
-                args=(x,),
-                backward=self.backward_rule,
-                independent=self.independent,
-                nonfinite=self.nonfinite,
-                trace=self.trace,
-                solve_dtype=self.solve_dtype if self.training else self.eval_solve_dtype,
-                causal=self.causal,
-                keep_iterates=keep,
-            )
+            first = _FirstCall(self.f)
+            try:
+                sol = fixed_point(
+                    self.f,
+                    z_init,
+                    solver,
+                    args=(x,),
+                    backward=self.backward_rule,
+                    independent=self.independent,
+                    nonfinite=self.nonfinite,
+                    trace=self.trace,
+                    solve_dtype=self.solve_dtype if self.training else self.eval_solve_dtype,
+                    causal=self.causal,
+                    keep_iterates=keep,
+                )
+            except Exception as e:
+                err = _first_call_error(e, z_init, x, self._z0_from) if first.failed else None
+                if err is None:  # a failure after f has worked once is f's own: untouched
+                    raise
+                raise err from e
+            finally:
+                first.remove()
         if use_cache:
             self.cache.update(cache_keys, flatten(sol.value, layout))
         if self.warm_start:
@@ -235,3 +249,45 @@ def _signature(x: Any) -> tuple:
     """Shapes, dtypes and devices of the tensors in x: warm start requires an identical one."""
     parts = [x] if isinstance(x, Tensor) else list(x) if isinstance(x, tuple | list) else []
     return tuple((tuple(p.shape), p.dtype, p.device) for p in parts if isinstance(p, Tensor))
+
+
+class _FirstCall:
+    """Hooks on ``f`` that tell whether its first call in a solve raised (``failed``): started
+    and never finished. Both hooks remove themselves once they have fired, so later calls of f
+    run without them."""
+
+    def __init__(self, f: nn.Module):
+        self.started = self.finished = False
+        self._pre = f.register_forward_pre_hook(self._on_start)
+        self._post = f.register_forward_hook(self._on_finish)
+
+    def _on_start(self, module, args) -> None:
+        self.started = True
+        self._pre.remove()
+
+    def _on_finish(self, module, args, output) -> None:
+        self.finished = True
+        self._post.remove()
+
+    @property
+    def failed(self) -> bool:
+        return self.started and not self.finished
+
+    def remove(self) -> None:
+        self._pre.remove()
+        self._post.remove()
+
+
+def _first_call_error(e: Exception, z0: State, x: Any, source: str) -> Exception | None:
+    """An exception of ``e``'s type whose message adds what f received on its first call; None
+    when that type's constructor does not take a message."""
+    msg = (
+        f"f(z, x) failed on its first call, with z0 {_describe(z0)} (from {source}) and x "
+        f"{_describe(x)}: {type(e).__name__}: {e}. Check that f accepts these shapes (e.g. the "
+        f"input features of its first layers), or pass z0= / define f.init_state(x) for a "
+        f"state of another shape."
+    )
+    try:
+        return type(e)(msg)
+    except Exception:  # an exception type whose constructor takes other arguments
+        return None

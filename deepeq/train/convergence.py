@@ -4,6 +4,7 @@ their tolerance, by epoch, and the residuals of its last epoch (from ``metrics.c
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 #: A run whose last epoch has fewer forward solves meeting the tolerance than this is flagged.
 CONVERGED_SHARE_WARNING = 0.5
@@ -46,9 +47,10 @@ def convergence_summary(rows: list[dict], steps_per_epoch: int) -> dict:
     return out
 
 
-def convergence_line(final: dict) -> str | None:
+def convergence_line(final: dict, cfg: Any = None) -> str | None:
     """One summary line (with a warning when the last epoch's forward solves stopped meeting
-    their tolerance), or None for runs without solves."""
+    their tolerance, whose advice follows the run's settings ``cfg``, a ``TrainConfig``), or
+    None for runs without solves."""
     if "fwd_converged_steps" not in final:
         return None
     last = final["fwd_converged_steps_by_epoch"][-1]
@@ -76,7 +78,53 @@ def convergence_line(final: dict) -> str | None:
         text += (
             f"\nwarning: in the last epoch only {100 * last:.0f}% of the forward solves met their "
             f"tolerance: the model is trained as a capped weight-tied network, not at its "
-            f"equilibrium (raise f_max_steps, or add Jacobian regularisation / fixed-point "
-            f"correction; see deepeq plot RUN_DIR)."
+            f"equilibrium. {convergence_advice(cfg)}"
         )
     return text
+
+
+def convergence_advice(cfg: Any = None) -> str:
+    """What to change when a run's training solves stop meeting their tolerance, given its
+    settings (``cfg``, a ``TrainConfig``; None: the keys without their values)."""
+    if cfg is None:
+        return (
+            "Raise model.overrides.solve.f_max_steps or f_rtol, add or raise Jacobian "
+            "regularisation (jac.weight, jac.unconverged_weight) or fixed-point correction "
+            "(solve.correction_steps); check the trained model with deepeq eval RUN_DIR "
+            "--max-steps 40,80,160 and deepeq plot RUN_DIR."
+        )
+    from .config import check_model
+
+    spec = getattr(check_model(cfg.model), "solve", None)
+    j, tips = cfg.jac, []
+    if spec is not None:
+        tips.append(
+            f"raise the cap (model.overrides.solve.f_max_steps = {spec.f_max_steps}) or loosen "
+            f"the tolerance (solve.f_rtol = {spec.f_rtol:g})"
+        )
+    if max(j.weight, j.final_weight or 0.0, j.unconverged_weight) > 0:
+        now = f"jac.weight = {j.weight:g}"
+        now += f" -> jac.final_weight = {j.final_weight:g}" if j.final_weight is not None else ""
+        now += f", jac.probability = {j.probability:g}, jac.unconverged_weight = "
+        now += f"{j.unconverged_weight:g}"
+        more = ["jac.weight" if j.final_weight is None else "jac.final_weight"]
+        more += ["jac.probability"] if j.probability < 1 else []
+        more += ["jac.unconverged_weight" if j.unconverged_weight else "add jac.unconverged_weight"]
+        tips.append(f"strengthen the Jacobian regularisation ({now}): raise {' / '.join(more)}")
+    else:
+        tips.append(
+            "add Jacobian regularisation (jac.weight, e.g. 0.1-0.5 with jac.probability 0.35, "
+            "and/or jac.unconverged_weight on the outputs whose solve missed the tolerance; "
+            "both are 0 in this run)"
+        )
+    if spec is not None and not spec.correction_steps:
+        tips.append("add fixed-point correction (solve.correction_steps = 2)")
+    caps = "40,80,160"
+    if spec is not None:
+        e = spec.eval_max_steps
+        caps = f"{e},{2 * e},{4 * e}"
+    return (
+        f"To converge: {'; '.join(tips)}. Whether the trained model reaches its equilibrium with "
+        f"more steps: deepeq eval {cfg.out_dir} --max-steps {caps}; by epoch: deepeq plot "
+        f"{cfg.out_dir}."
+    )

@@ -86,6 +86,8 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
     task = make_task(cfg)
     model = create_model(cfg.model.name, **task.model_kwargs(), **cfg.model.overrides)
     model = model.to(cfg.device)
+    if main:
+        task.report(model)  # data and model sizes; a vocabulary that dominates the model
     _check_jacobian(cfg, model)
     net = _distributed(model, cfg) if world > 1 else model
     cache = _make_cache(cfg, model, rank)

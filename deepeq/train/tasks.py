@@ -13,6 +13,7 @@ Every task exposes the same small surface, so ``train(cfg)`` is one loop for all
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -21,6 +22,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import TrainConfig
+
+logger = logging.getLogger("deepeq")
+
+#: A language-model run warns when the parameters of its vocabulary (embedding and softmax: the
+#: model's parameters outside ``non_embedding_parameters()``) exceed this multiple of the others.
+#: The README job (PTB, 10k words, DEQ-Transformer small) has 4.9x, every shipped config <= 6.5x;
+#: a 111k-word vocabulary on the same model 54x (about 4x the time per step).
+VOCAB_PARAMETER_RATIO = 20.0
 
 
 def batch_indices(cfg: TrainConfig, n: int, step: int) -> Tensor:
@@ -89,6 +98,10 @@ class Task:
 
     def model_kwargs(self) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def report(self, model) -> None:
+        """Log what the run trains (called once, by the process that logs, before training)."""
+        logger.info("model: %s", _size(model))
 
     def train_batch(self, step: int, rank: int, world: int) -> tuple[Tensor, Tensor, bool]:
         raise NotImplementedError  # pragma: no cover
@@ -212,6 +225,25 @@ class LanguageModelTask(Task):
 
     def model_kwargs(self) -> dict:
         return {"vocab_size": self.corpus.vocab_size}
+
+    def report(self, model) -> None:
+        """Log the corpus and vocabulary sizes and the model's; warn when the vocabulary's
+        parameters dominate the model (``VOCAB_PARAMETER_RATIO``)."""
+        c, d = self.corpus, self.cfg.data
+        n = [c.split(s).numel() for s in ("train", "valid", "test")]
+        rule = ""
+        if c.level == "word" and d.corpus == "text":
+            rule = f" (data.max_vocab = {d.max_vocab}" + (
+                ": every word of the training split)" if not d.max_vocab else ")"
+            )
+        logger.info(
+            "data: %s corpus %r (%s level): %s train / %s valid / %s test tokens, vocabulary %s%s",
+            d.corpus, c.name, c.level, *(f"{k:,}" for k in n), f"{c.vocab_size:,}", rule,
+        )  # fmt: skip
+        super().report(model)
+        warning = vocabulary_warning(model, c.vocab_size, d.corpus, c.level)
+        if warning:
+            logger.warning(warning)
 
     def train_batch(self, step, rank, world):
         T = self.cfg.data.seq_len
@@ -346,6 +378,40 @@ class ImageTask(Task):
 
     def analysis_inputs(self, n: int) -> Tensor:
         return self.prepare(self.xte[:n])
+
+
+def _size(model) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    text = f"{type(model).__name__}, {total:,} parameters"
+    count = getattr(model, "non_embedding_parameters", None)
+    return text + (f" ({count():,} non-embedding)" if callable(count) else "")
+
+
+def vocabulary_warning(model, vocab_size: int, corpus: str, level: str) -> str | None:
+    """A warning when the vocabulary's parameters (embedding and softmax: those outside the
+    model's ``non_embedding_parameters()``) exceed ``VOCAB_PARAMETER_RATIO`` times the others,
+    naming the keys that shrink it; None otherwise (or for models that do not count them)."""
+    count = getattr(model, "non_embedding_parameters", None)
+    if not callable(count) or (body := count()) <= 0:
+        return None
+    vocab = sum(p.numel() for p in model.parameters()) - body
+    ratio = vocab / body
+    if ratio <= VOCAB_PARAMETER_RATIO:
+        return None
+    # the vocabulary whose parameters would be 5x the others' (the README job's proportion)
+    target = float(f"{5 * body * vocab_size / vocab:.2g}")
+    keys = []
+    if corpus == "text" and level == "word":
+        keys.append(f"data.max_vocab (e.g. {int(target):,}: rarer words become <unk>)")
+    if level != "bpe" or int(target) < vocab_size:
+        keys.append(f"data.level = 'bpe' with data.bpe_vocab (e.g. {max(300, int(target)):,})")
+    keys.append("an adaptive softmax (model.overrides.adaptive = true, model.overrides.cutoffs)")
+    return (
+        f"the vocabulary has {vocab_size:,} tokens: its embedding and softmax hold {vocab:,} "
+        f"parameters, {ratio:.0f}x the model's {body:,} others (warned above "
+        f"{VOCAB_PARAMETER_RATIO:g}x), so they dominate the time per step and the memory. To "
+        f"shrink it use " + ", or ".join(keys) + "."
+    )
 
 
 TASKS = {"copy_memory": CopyMemoryTask, "lm": LanguageModelTask, "image": ImageTask}
