@@ -41,6 +41,8 @@ def _train(args: argparse.Namespace) -> int:
     metrics = train(
         cfg, resume=args.resume, progress=not args.no_progress, until_step=args.until_step
     )
+    if not _rank_zero():  # under torchrun only rank 0 reports (the others lack the evaluation)
+        return 0
     print(
         f"run {cfg.out_dir}: "
         + ", ".join(
@@ -66,6 +68,13 @@ def _train(args: argparse.Namespace) -> int:
             f"log); this result is probably useless."
         )
     return 0
+
+
+def _rank_zero() -> bool:
+    """False in the processes other than rank 0 of a ``torchrun`` launch (``RANK`` set)."""
+    import os
+
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def _eval(args: argparse.Namespace) -> int:

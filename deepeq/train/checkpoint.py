@@ -7,10 +7,13 @@ A checkpoint is a dict with ``"format": FORMAT``; the run's config is stored as 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import math
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -24,11 +27,118 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, unsafe to load, or not one deepeq wrote."""
 
 
-def save(obj: dict, path: Path) -> None:
-    """Write ``obj`` (plus the format tag) atomically: a crash leaves the previous file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": FORMAT, **obj}, tmp)
-    os.replace(tmp, path)
+class WriteError(CheckpointError):
+    """A run directory that cannot be written (disk full, read-only file system, no
+    permission); the message names the file and says what is intact."""
+
+
+def pending(path: Path) -> Path:
+    """Where ``save(..., commit=False)`` leaves a checkpoint until ``commit_pending(path)``."""
+    return path.with_suffix(path.suffix + ".tmp")
+
+
+def save(obj: dict, path: Path, *, commit: bool = True) -> None:
+    """Write ``obj`` (plus the format tag) atomically: a crash leaves the previous file. With
+    ``commit=False`` the new checkpoint stays in ``pending(path)`` until ``commit_pending(path)``
+    (or ``discard_pending(path)``). A failed write removes its temporary file and raises ``WriteError``."""
+    tmp = pending(path)
+    try:
+        with open(tmp, "wb") as fh:  # a Python file: a full disk raises OSError(ENOSPC)
+            torch.save({"format": FORMAT, **obj}, fh)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(e, path) from None
+    if commit:
+        commit_pending(path)
+
+
+def commit_pending(path: Path) -> bool:
+    """Replace ``path`` by its pending checkpoint, if there is one (atomic)."""
+    tmp = pending(path)
+    if not tmp.exists():
+        return False
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(e, path) from None
+    return True
+
+
+def discard_pending(path: Path) -> bool:
+    """Delete the pending checkpoint of ``path`` (if any): ``path`` keeps what it held."""
+    tmp = pending(path)
+    existed = tmp.exists()
+    tmp.unlink(missing_ok=True)
+    return existed
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def write_error(e: BaseException, path: Path) -> WriteError:
+    """One message for a failed write of ``path`` (a checkpoint or another file of a run):
+    what failed, how much space is left, and what is intact."""
+    path = Path(path)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        what = f"no space left on device (the file system at {_mount(path)} has {_free(path)} free)"
+    elif isinstance(e, OSError) and e.strerror:
+        what = e.strerror[0].lower() + e.strerror[1:]
+    else:  # torch's writer: "[enforce fail at inline_container.cc:...] ..."
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        what = (
+            f"the write failed ({first}; the file system at {_mount(path)} has {_free(path)} free)"
+        )
+    if path.suffix == ".pt":
+        intact = (
+            f"the previous {path.name} (step {step}) is intact"
+            if (step := _readable_step(path)) is not None
+            else f"no earlier readable {path.name} exists"
+        )
+        return WriteError(
+            f"{what} while writing {path}; {intact}. Free space or make the directory writable, "
+            f"then continue with --resume."
+        )
+    return WriteError(f"{what} while writing {path}. Free space or make the directory writable.")
+
+
+@contextlib.contextmanager
+def writes_to(out: Path):
+    """Inside the block, an OSError of a write under ``out`` (disk full, read-only, no
+    permission) becomes one ``WriteError``; anything else passes unchanged."""
+    try:
+        yield
+    except OSError as e:
+        name = e.filename
+        inside = name is not None and Path(os.path.abspath(name)).is_relative_to(
+            os.path.abspath(out)
+        )
+        if e.errno not in WRITE_ERRNOS or not inside:
+            raise
+        raise write_error(e, Path(name)) from None
+
+
+def remove_stale(ckdir: Path) -> list[Path]:
+    """Delete the temporary files (``*.pt.tmp``) an interrupted run left in ``ckdir``."""
+    stale = sorted(ckdir.glob("*.pt.tmp")) if ckdir.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _mount(path: Path) -> str:
+    p = Path(os.path.abspath(path)).parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return str(p)
+
+
+def _free(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(_mount(path)).free / 2**20:.0f} MiB"
+    except OSError:
+        return "unknown space"
 
 
 def load(path: str | Path, map_location: Any = None, required: tuple[str, ...] = ()) -> dict:
@@ -99,7 +209,10 @@ def parameters_finite(model: torch.nn.Module) -> list[str]:
 def describe_latest(path: Path) -> str:
     """'resume from PATH (step N)' for an existing checkpoint, or a sentence saying there is none."""
     if not path.exists():
-        return f"no checkpoint was written yet ({path} does not exist): start the run again"
+        return (
+            f"no checkpoint was written yet ({path} does not exist): start the run again with "
+            f"--resume (a run directory without a checkpoint restarts from step 0)"
+        )
     try:
         step = load(path, map_location="cpu").get("step")
     except CheckpointError:
@@ -126,8 +239,12 @@ class RunState:
 TRAINING_KEYS = ("model", "optimizer", "step", "best", "rng", "skipped_total")
 
 
-def save_latest(path: Path, model, opt, run: RunState, config: dict) -> None:
-    """The resumable checkpoint: weights, optimiser, RNG, run state and config (plain data)."""
+def save_latest(
+    path: Path, model, opt, run: RunState, config: dict, *, commit: bool = True
+) -> None:
+    """The resumable checkpoint: weights, optimiser, RNG, run state and config (plain data).
+    ``commit=False``: left pending (``commit_pending``) until a step at these weights is
+    applied."""
     check_finite(model, run.step, path)
     save(
         {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": run.step,
@@ -136,26 +253,44 @@ def save_latest(path: Path, model, opt, run: RunState, config: dict) -> None:
          "state": _to(run.memory, "cpu"), "loss_start": run.loss_start,
          "loss_recent": list(run.loss_recent), "loss_exploded_at": run.loss_exploded_at},
         path,
+        commit=commit,
     )  # fmt: skip
 
 
-def save_best(path: Path, model, step: int, select: str, value: float, latest: Path) -> None:
-    """The best weights by the task's selection metric."""
+def save_best(
+    path: Path, model, step: int, select: str, value: float, latest: Path, *, commit: bool = True
+) -> None:
+    """The best weights by the task's selection metric (``commit`` as in ``save_latest``)."""
     check_finite(model, step, latest)
-    save({"model": model.state_dict(), "step": step, select: value}, path)
+    save({"model": model.state_dict(), "step": step, select: value}, path, commit=commit)
 
 
 def resume(path: Path, model, opt, device: str) -> RunState:
     """Load ``latest.pt`` into ``model`` and ``opt`` and the RNG; return the run state.
 
     Raises:
-        FileNotFoundError: no checkpoint at ``path`` (start without --resume).
+        FileNotFoundError: no checkpoint at ``path`` (the training loop starts such a run
+            again from step 0 instead).
+        CheckpointError: an unreadable ``latest.pt``; the message names an intact ``best.pt``.
     """
     if not path.exists():
-        raise FileNotFoundError(
-            f"--resume: no checkpoint at {path}; start the run without --resume."
-        )
-    ck = load(path, required=TRAINING_KEYS)
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}.")
+    try:
+        ck = load(path, required=TRAINING_KEYS)
+    except CheckpointError as e:
+        run, best = path.parent.parent, path.with_name("best.pt")
+        step = _readable_step(best)
+        if step is None:
+            raise CheckpointError(
+                f"{e} The run cannot be resumed and it has no other readable checkpoint; start "
+                f"a new run with another --out_dir (without --resume)."
+            ) from None
+        raise CheckpointError(
+            f"{e} The run cannot be resumed from it. {best} (step {step}) is intact: evaluate it "
+            f"with `deepeq eval {run} --checkpoint best`; it holds the weights only (no optimiser "
+            f"or schedule state), so to train again start a new run with another --out_dir "
+            f"(without --resume)."
+        ) from None
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     torch.set_rng_state(ck["rng"])
@@ -201,10 +336,31 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None =
     ck_path = run / "checkpoints" / f"{checkpoint}.pt"
     if not ck_path.exists():
         raise FileNotFoundError(f"No checkpoint {ck_path}; train the run first (deepeq train ...).")
+    try:
+        ck = load(ck_path, map_location=device, required=("model",))
+    except CheckpointError as e:
+        other = "latest" if checkpoint == "best" else "best"
+        step = _readable_step(run / "checkpoints" / f"{other}.pt")
+        if step is not None:
+            raise CheckpointError(
+                f"{e} {run / 'checkpoints' / other}.pt (step {step}) is intact: use it with "
+                f"--checkpoint {other} (e.g. `deepeq eval {run} --checkpoint {other}`)."
+            ) from None
+        raise
     task = make_task(cfg)
     model = create_model(cfg.model.name, **task.model_kwargs(), **cfg.model.overrides).to(device)
-    model.load_state_dict(load(ck_path, map_location=device, required=("model",))["model"])
+    model.load_state_dict(ck["model"])
     return cfg, model, task
+
+
+def _readable_step(path: Path) -> int | None:
+    """The step of a checkpoint that loads, else None (missing or unreadable)."""
+    if not path.exists():
+        return None
+    try:
+        return load(path, map_location="cpu").get("step")
+    except CheckpointError:
+        return None
 
 
 def _to(state: Any, device: str) -> Any:

@@ -248,6 +248,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     Settings that load but cannot do what they say are logged as warnings (``deepeq`` logger):
     a Jacobian-weight ramp that ends after the last step."""
     cfg = _load(_read_toml(path) if path is not None else {}, overrides)
+    cfg = _own_run_directory(path, cfg, overrides)
     j = cfg.jac
     if j.final_weight is not None and j.ramp_end > cfg.steps:
         reached = j.weight + (j.final_weight - j.weight) * max(
@@ -259,6 +260,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             j.ramp_end, cfg.steps, reached, j.final_weight,
         )  # fmt: skip
     return cfg
+
+
+def _own_run_directory(path: str | Path | None, cfg: TrainConfig, overrides) -> TrainConfig:
+    """A run's own ``config.toml`` (its directory holds ``metrics.csv`` or ``checkpoints/``)
+    trains that directory, whatever ``out_dir`` it stores: a copied or moved run resumes itself,
+    never the original. An explicit ``--out_dir=`` override is obeyed."""
+    if path is None or Path(path).name != "config.toml":
+        return cfg
+    run = Path(path).parent
+    if any(o.startswith("--out_dir=") for o in overrides) or not (
+        (run / "metrics.csv").exists() or (run / "checkpoints").is_dir()
+    ):
+        return cfg
+    if Path(cfg.out_dir).resolve() == run.resolve():
+        return cfg
+    logging.getLogger("deepeq").warning(
+        "%s is the config of the run directory %s but names out_dir = %r (the run was copied or "
+        "moved): training %s. Pass --out_dir=%s to train that directory instead.",
+        path, run, cfg.out_dir, run, cfg.out_dir,
+    )  # fmt: skip
+    return dataclasses.replace(cfg, out_dir=str(run))
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:

@@ -49,7 +49,13 @@ def train(
     and ``checkpoints/latest.pt`` / ``best.pt`` (atomic writes). ``resume=True`` continues from
     ``latest.pt``; on CPU the continued run is bit-identical to an uninterrupted one.
     ``until_step`` stops (with a checkpoint) once that step is reached, for time-boxed runs;
-    ``--resume`` later continues the same schedule.
+    ``--resume`` later continues the same schedule. A directory without ``latest.pt`` (a run
+    that stopped before its first checkpoint) starts again from step 0 under ``resume=True``.
+
+    A checkpoint is written as ``*.pt.tmp`` and replaces ``latest.pt`` / ``best.pt`` once the
+    next step, taken at its weights, was applied (the run's last one at once): a state the
+    non-finite guard rejects never overwrites the last good checkpoint. A failed write under
+    ``out_dir`` (disk full, read-only) raises ``checkpoint.WriteError`` naming the file.
 
     With ``cfg.flush_denormal`` (default) subnormal floats are flushed to zero for the duration
     of the call, on the calling thread and on torch's intra-op worker threads
@@ -57,7 +63,8 @@ def train(
     """
     if cfg.threads:  # before the flush, which sets every thread of the pool
         torch.set_num_threads(cfg.threads)
-    with flush_denormal(cfg.flush_denormal):
+    # a write under out_dir that fails (disk full, read-only): one WriteError naming the file
+    with flush_denormal(cfg.flush_denormal), _ck.writes_to(Path(cfg.out_dir)):
         return _train(cfg, resume=resume, progress=progress, until_step=until_step)
 
 
@@ -95,15 +102,7 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
     j = cfg.jac
     jac = JacobianSchedule(weight=j.weight, final_weight=j.final_weight, ramp_start=j.ramp_start,
                            ramp_end=j.ramp_end, probability=j.probability, seed=cfg.seed)  # fmt: skip
-    if resume:
-        run = _ck.resume(latest, model, opt, cfg.device)
-        logger.info("resumed %s at step %d", out, run.step)
-    elif (out / "metrics.csv").exists():
-        raise FileExistsError(
-            f"{out} already holds a run; pass --resume to continue it or choose another out_dir."
-        )
-    else:
-        run = RunState()
+    run = _start(out, latest, resume, model, opt, cfg.device)
     guard = LossGuard(cfg.max_loss_ratio, start=run.loss_start, recent=run.loss_recent,
                       exploded_at=run.loss_exploded_at)  # fmt: skip
     if world > 1:
@@ -111,6 +110,8 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
     cols, log = fields(task), None
     if main:
         ckdir.mkdir(parents=True, exist_ok=True)
+        for p in _ck.remove_stale(ckdir):
+            logger.info("removed %s (a checkpoint an interrupted run left unfinished)", p)
         dump_config(cfg, out / "config.toml")
         (out / "git.txt").write_text(git_commit() + "\n")
         log = RunLog(out, cols, cfg.steps, run.step, progress)
@@ -131,6 +132,9 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
         result, run.memory = train_step(cfg, model, net, task, opt, batch, run.memory, step=step,
                                         jac_weight=jac(step), cache_keys=keys, world=world)  # fmt: skip
         run.step += 1
+        if main and result.applied:  # a step at the checkpointed weights was applied: keep them
+            _ck.commit_pending(ckdir / "best.pt")
+            _ck.commit_pending(latest)
         run.skipped_in_row = 0 if result.applied else run.skipped_in_row + 1
         run.skipped_total += 0 if result.applied else 1
         if not result.applied:
@@ -148,6 +152,10 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
         if run.skipped_in_row >= cfg.max_nonfinite:
             if main:
                 append_row(out / "metrics.csv", row, cols)  # the stop step's row is kept
+                for p in (ckdir / "best.pt", latest):  # states every later step rejected
+                    if _ck.discard_pending(p):
+                        logger.warning("%s keeps its previous state: no step taken at the "
+                                       "weights since was applied", p)  # fmt: skip
             raise FloatingPointError(
                 f"{run.skipped_in_row} consecutive steps were skipped (last at step {run.step}: "
                 f"{result.skipped}); stopping. Lower optim.lr, enable optim.clip, add Jacobian "
@@ -160,13 +168,17 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
             row.update({k: v for k, v in task.evaluate(model, splits).items() if k in cols})
             if row[task.select] < run.best:
                 run.best = row[task.select]
-                _ck.save_best(ckdir / "best.pt", model, run.step, task.select, run.best, latest)
+                _ck.save_best(ckdir / "best.pt", model, run.step, task.select, run.best, latest,
+                              commit=run.step == stop)  # fmt: skip
         log.write(row, run.step, cfg.log_every, task.throughput)
         if run.step % cfg.ckpt_every == 0 or run.step == stop:
             run.loss_start, run.loss_recent, run.loss_exploded_at = (
                 guard.start, guard.recent, guard.exploded_at,
             )  # fmt: skip
-            _ck.save_latest(latest, model, opt, run, dataclasses.asdict(cfg))
+            # pending until the next step, taken at these weights, is applied (an exploded state
+            # never replaces the last good checkpoint); the run's last state is kept at once
+            _ck.save_latest(latest, model, opt, run, dataclasses.asdict(cfg),
+                            commit=run.step == stop)  # fmt: skip
     if log is not None:
         log.close()
     if world > 1:
@@ -174,6 +186,40 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
         if created:
             torch.distributed.destroy_process_group()
     return _finish(cfg, task, model, run, guard, row, main)
+
+
+def _start(out: Path, latest: Path, resume: bool, model, opt, device: str) -> RunState:
+    """The run state to start from: ``latest.pt`` with ``resume``; step 0 for a new directory,
+    or, with ``resume``, for one whose run stopped before its first checkpoint."""
+    if resume and not latest.exists():
+        if (out / "final.json").exists():
+            raise FileNotFoundError(
+                f"--resume: {out} holds a finished run (final.json) but no {latest}; there is "
+                f"nothing to continue. Choose another out_dir for a new run."
+            )
+        if (out / "metrics.csv").exists():
+            logger.warning(
+                "--resume: %s holds no checkpoint (%s does not exist: the run stopped before "
+                "its first one); starting it again from step 0 (its metrics.csv is rewritten, "
+                "a best.pt of the stopped attempt is replaced at the first evaluation).",
+                out, latest,
+            )  # fmt: skip
+        return RunState()
+    if resume:
+        run = _ck.resume(latest, model, opt, device)
+        logger.info("resumed %s at step %d", out, run.step)
+        return run
+    if (out / "metrics.csv").exists():
+        if not latest.exists() and not (out / "final.json").exists():
+            raise FileExistsError(
+                f"{out} holds a run but no checkpoint ({latest} does not exist: the run stopped "
+                f"before its first one); pass --resume to start it again from step 0, or choose "
+                f"another out_dir."
+            )
+        raise FileExistsError(
+            f"{out} already holds a run; pass --resume to continue it or choose another out_dir."
+        )
+    return RunState()
 
 
 def _row(result: StepResult, run: RunState, task: Task, opt, x, world: int, seconds: float) -> dict:
