@@ -120,10 +120,15 @@ def _error_line(err: str) -> str:
     return lines[0]
 
 
-def _full_disk(monkeypatch, exc: Exception):
-    """torch.save writes a few bytes, then fails as on a full disk."""
+def _full_disk(monkeypatch, exc: Exception, after: int = 0):
+    """After ``after`` good calls, torch.save writes a few bytes, then fails as on a full
+    disk."""
+    real, calls = torch.save, []
 
     def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= after:
+            return real(obj, f, *args, **kwargs)
         if hasattr(f, "write"):
             f.write(b"PK\x03\x04partial")
         else:
@@ -153,10 +158,10 @@ def test_a_full_disk_gives_one_message_and_keeps_the_previous_checkpoint(
     intact = latest.read_bytes()
     capsys.readouterr()
     with monkeypatch.context() as m:
-        _full_disk(m, exc)
+        _full_disk(m, exc, after=1)  # step 3: best.pt is written (pending), latest.pt fails
         assert main([*args, "--resume"]) == 2  # one line, no traceback
     err = _error_line(capsys.readouterr().err)
-    assert "while writing" in err and "checkpoints/" in err and "intact" in err
+    assert f"while writing {latest}; the previous latest.pt (step 2) is intact" in err
     if isinstance(exc, OSError):
         assert "no space left on device" in err
     assert latest.read_bytes() == intact and _step(latest) == 2

@@ -41,15 +41,37 @@ def save(obj: dict, path: Path, *, commit: bool = True) -> None:
     """Write ``obj`` (plus the format tag) atomically: a crash leaves the previous file. With
     ``commit=False`` the new checkpoint stays in ``pending(path)`` until ``commit_pending(path)``
     (or ``discard_pending(path)``). A failed write removes its temporary file and raises ``WriteError``."""
-    tmp = pending(path)
+    tmp, out = pending(path), _Recorder()
     try:
-        with open(tmp, "wb") as fh:  # a Python file: a full disk raises OSError(ENOSPC)
-            torch.save({"format": FORMAT, **obj}, fh)
+        with open(tmp, "wb") as out.fh:
+            torch.save({"format": FORMAT, **obj}, out)
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
-        raise write_error(e, path) from None
+        raise write_error(out.error or e, path) from None
     if commit:
         commit_pending(path)
+
+
+class _Recorder:
+    """A file for ``torch.save`` that keeps the first OSError of a write: torch's writer
+    reports a failed write (ENOSPC) as ``RuntimeError: [enforce fail ...] unexpected pos``."""
+
+    def __init__(self):
+        self.fh, self.error = None, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.fh.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
 
 
 def commit_pending(path: Path) -> bool:
@@ -77,28 +99,29 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 
 def write_error(e: BaseException, path: Path) -> WriteError:
     """One message for a failed write of ``path`` (a checkpoint or another file of a run):
-    what failed, how much space is left, and what is intact."""
-    path = Path(path)
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        what = f"no space left on device (the file system at {_mount(path)} has {_free(path)} free)"
+    what failed, how much space is left, what is intact and what to do."""
+    path, mount = Path(path), _mount(path)
+    code = e.errno if isinstance(e, OSError) else None
+    if code == errno.ENOSPC:
+        what = f"no space left on device (the file system at {mount} has {_free(path)} free)"
     elif isinstance(e, OSError) and e.strerror:
         what = e.strerror[0].lower() + e.strerror[1:]
     else:  # torch's writer: "[enforce fail at inline_container.cc:...] ..."
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        what = (
-            f"the write failed ({first}; the file system at {_mount(path)} has {_free(path)} free)"
-        )
-    if path.suffix == ".pt":
-        intact = (
-            f"the previous {path.name} (step {step}) is intact"
-            if (step := _readable_step(path)) is not None
-            else f"no earlier readable {path.name} exists"
-        )
-        return WriteError(
-            f"{what} while writing {path}; {intact}. Free space or make the directory writable, "
-            f"then continue with --resume."
-        )
-    return WriteError(f"{what} while writing {path}. Free space or make the directory writable.")
+        what = f"the write failed ({first}; the file system at {mount} has {_free(path)} free)"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = f"Make {path.parent} writable (or choose another out_dir)"
+    else:
+        fix = f"Free space on the file system at {mount}"
+    if path.suffix != ".pt":
+        return WriteError(f"{what} while writing {path}. {fix}.")
+    step = _readable_step(path)
+    intact = (
+        f"the previous {path.name} (step {step}) is intact"
+        if step is not None
+        else f"no earlier readable {path.name} exists"
+    )
+    return WriteError(f"{what} while writing {path}; {intact}. {fix}, then continue with --resume.")
 
 
 @contextlib.contextmanager
@@ -136,7 +159,7 @@ def _mount(path: Path) -> str:
 
 def _free(path: Path) -> str:
     try:
-        return f"{shutil.disk_usage(_mount(path)).free / 2**20:.0f} MiB"
+        return f"{shutil.disk_usage(_mount(path)).free / 2**20:.1f} MiB"
     except OSError:
         return "unknown space"
 

@@ -63,9 +63,14 @@ def train(
     """
     if cfg.threads:  # before the flush, which sets every thread of the pool
         torch.set_num_threads(cfg.threads)
-    # a write under out_dir that fails (disk full, read-only): one WriteError naming the file
-    with flush_denormal(cfg.flush_denormal), _ck.writes_to(Path(cfg.out_dir)):
-        return _train(cfg, resume=resume, progress=progress, until_step=until_step)
+    try:
+        # a write under out_dir that fails (disk full, read-only): one WriteError naming the file
+        with flush_denormal(cfg.flush_denormal), _ck.writes_to(Path(cfg.out_dir)):
+            return _train(cfg, resume=resume, progress=progress, until_step=until_step)
+    except BaseException:
+        if int(os.environ.get("RANK", "0") or 0) == 0:  # the process that writes checkpoints
+            _ck.remove_stale(Path(cfg.out_dir) / "checkpoints")  # no *.pt.tmp left behind
+        raise
 
 
 @contextlib.contextmanager
