@@ -110,7 +110,7 @@ class SequenceModel(EquilibriumModel):
             self.injections = nn.ModuleList(
                 self.make_injection(self.size) for _ in range(self.depth)
             )
-            self.head_in = nn.Linear(self.readout_dim(self.size), self.readout_dim(base))
+            self.stem, self.head_in = self.untied_io(self.size)
             self.deq = None
         else:
             self.size = base
@@ -187,7 +187,7 @@ class SequenceModel(EquilibriumModel):
     # --- helpers ----------------------------------------------------------------------------
     def core_modules(self):
         if self.config.core == "untied":
-            return [self.blocks, self.injections, self.head_in]
+            return [self.stem, self.blocks, self.injections, self.head_in]
         return [self.f, self.inject]
 
     def non_embedding_parameters(self) -> int:
@@ -195,9 +195,23 @@ class SequenceModel(EquilibriumModel):
         "non-embedding" (embedding and softmax excluded)."""
         return sum(count_parameters(m) for m in self.core_modules())
 
+    def untied_io(self, size: Any) -> tuple[nn.Module, nn.Module]:
+        """The untied stack's input and output projections at layer size ``size``: the stem
+        ``z_0 = W_in x`` (embedding -> state: the first layer reads the input, as in an explicit
+        network, so its z-path weights learn) and ``head_in`` (readout -> the head's width)."""
+        base = self.default_size()
+        return (
+            nn.Linear(self.config.d_embed, self.state_dim(size)),
+            nn.Linear(self.readout_dim(size), self.readout_dim(base)),
+        )
+
+    def _untied_io_parameters(self, size: Any) -> int:
+        return sum(count_parameters(m) for m in self.untied_io(size))
+
     def matched_size(self) -> Any:
-        """Layer size of the untied L-layer stack whose non-embedding parameters match the DEQ's
-        (injection + f) within 5%: the widest acceptable candidate. Counted on the meta device."""
+        """Layer size of the untied L-layer stack whose non-embedding parameters (layers,
+        injections, stem and head projection) match the DEQ's (injection + f) within 5%: the
+        widest acceptable candidate. Counted on the meta device."""
         base = self.default_size()
         with torch.device("meta"):
             target = count_parameters(self.make_layer(base)) + count_parameters(
@@ -209,7 +223,7 @@ class SequenceModel(EquilibriumModel):
                     count_parameters(self.make_layer(size))
                     + count_parameters(self.make_injection(size))
                 )
-                n += (self.readout_dim(size) + 1) * self.readout_dim(base)  # head_in projection
+                n += self._untied_io_parameters(size)  # stem and head projection
                 err = abs(n - target) / target
                 if best_err is None or err < best_err:
                     best, best_err = size, err
@@ -225,10 +239,9 @@ class SequenceModel(EquilibriumModel):
 
     def ffn_matched_sizes(self, widths) -> list[tuple[int, int]]:
         """For each width, the FFN width that makes an untied stack of ``depth`` layers (plus
-        its output projection) match the DEQ's injection + layer parameters: parameters are
+        its stem and output projection) match the DEQ's injection + layer parameters: parameters are
         linear in the FFN width, so two counts on the meta device solve it. For families whose
         layer size is ``(width, d_ff)``."""
-        c = self.config
         base = self.default_size()
         with torch.device("meta"):
 
@@ -240,8 +253,8 @@ class SequenceModel(EquilibriumModel):
             target = one(base)
             out = []
             for width in widths:
-                n1 = self.depth * one((width, 1)) + (width + 1) * c.d_model
-                n2 = self.depth * one((width, 2)) + (width + 1) * c.d_model
+                n1 = self.depth * one((width, 1)) + self._untied_io_parameters((width, 1))
+                n2 = self.depth * one((width, 2)) + self._untied_io_parameters((width, 2))
                 out.append((width, round(1 + (target - n1) / (n2 - n1))))
         return out
 
@@ -328,7 +341,9 @@ class SequenceModel(EquilibriumModel):
                 raise ValueError(
                     f"state holds {len(ctxs)} layer memories; this model has {depth} layers."
                 )
-            z, new_state = zeros, []
+            # the untied stack starts from its stem's projection of the input; the weight-tied
+            # unroll from zeros, as the equilibrium solve does
+            z, new_state = (self.stem(x) if self.config.core == "untied" else zeros), []
             for layer in range(depth):
                 ctx = (
                     ctxs[layer]

@@ -246,12 +246,19 @@ class MDEQ(EquilibriumModel):
             else torch.randn(batch, c.in_channels, c.image_size, c.image_size, generator=generator)
         )
         inj = self.inject(x)
-        return self.f, (inj,), tuple(inj[0].new_zeros(s) for s in self.state_shapes(x.shape[0]))
+        return self.f, (inj,), self.initial_state(x.shape[0], x.device)
 
     def state_shapes(self, B: int) -> list[tuple[int, ...]]:
         c = self.config
         s = c.image_size // 2**c.downsample_input
         return [(B, ch, s // 2**i, s // 2**i) for i, ch in enumerate(c.channels)]
+
+    def initial_state(self, B: int, device: torch.device) -> tuple[Tensor, ...]:
+        """Zeros of the equilibrium's shapes in the parameters' dtype: float32 under autocast,
+        where the injection (the stem's output) is in the autocast dtype but the solver state
+        and the backward solve must not be."""
+        dtype = self.classifier.weight.dtype
+        return tuple(torch.zeros(s, device=device, dtype=dtype) for s in self.state_shapes(B))
 
     def inject(self, images: Tensor) -> tuple[Tensor, ...]:
         c = self.config
@@ -279,7 +286,7 @@ class MDEQ(EquilibriumModel):
         cache_keys: Tensor | None = None,
     ) -> tuple[Tensor, None, list[Solution]]:
         inj = self.inject(images)
-        z0 = tuple(inj[0].new_zeros(s) for s in self.state_shapes(images.shape[0]))
+        z0 = self.initial_state(images.shape[0], images.device)
         sols: list[Solution] = []
         if self.config.core == "deq":
             z, sol = self.deq(inj, z0=z0, cache_keys=cache_keys)

@@ -42,8 +42,9 @@ class DEQ(nn.Module):
     once; every iteration, the tracked call and the backward solve then share them.
 
     Mixed precision: under ``torch.autocast`` f runs in the autocast dtype while the solver
-    state, residuals and the backward linear solve stay in the dtype of ``z0`` (keep z0 in
-    float32).
+    state, residuals and the backward linear solve stay in float32: a z0 (given or built from x)
+    in a floating dtype narrower than float32 is promoted to float32 (float32 and float64 states
+    are kept as they are).
 
     Args:
         f: the layer ``f(z, x)``.
@@ -193,7 +194,7 @@ class DEQ(nn.Module):
         if self.correction is not None and self.training and torch.is_grad_enabled():
             keep = self.correction.pick(solver.max_steps)
         reset_deq_state(self.f)  # fresh dropout masks etc., once per forward
-        z_init = self._initial_state(x, z0)
+        z_init = _full_precision_under_autocast(self._initial_state(x, z0))
         use_cache = self.cache is not None and cache_keys is not None and self.training
         if use_cache:
             layout = layout_of(z_init)
@@ -243,6 +244,18 @@ class DEQ(nn.Module):
             + (", causal=True" if self.causal else "")
             + (f", solve_dtype={self.solve_dtype}" if self.solve_dtype is not None else "")
         )
+
+
+def _full_precision_under_autocast(z: State) -> State:
+    """``z`` with its half-precision floating tensors (float16, bfloat16) promoted to float32
+    when autocast is on for their device: the equilibrium state stays in float32 while f runs
+    in the autocast dtype (an fp16 state makes the backward solve overflow)."""
+
+    def one(t: Tensor) -> Tensor:
+        low = t.is_floating_point() and t.dtype.itemsize < 4
+        return t.float() if low and torch.is_autocast_enabled(t.device.type) else t
+
+    return one(z) if isinstance(z, Tensor) else type(z)(one(t) for t in z)
 
 
 def _signature(x: Any) -> tuple:
