@@ -128,6 +128,8 @@ def test_help_config_prints_every_key_with_type_default_and_meaning(capsys):
     assert "deq_transformer_small" in out
     assert main(["train", "--help-config", "optimizer"]) == 2
     assert "optimizer" in capsys.readouterr().err
+    assert main(["train"]) == 2  # no config and no --help-config: one line
+    assert "needs a config file" in capsys.readouterr().err
 
 
 def test_training_guide_documents_threads_and_help_config():
@@ -169,14 +171,14 @@ def test_a_ramp_ending_after_the_last_step_is_warned_about_at_load(caplog):
 
 # --- 16: one clear error ---------------------------------------------------------------------------
 class _Layer(torch.nn.Module):
-    def __init__(self, fail_at: int = 0):
+    def __init__(self, fail_at: int = 0, error: type = RuntimeError):
         super().__init__()
-        self.lin, self.calls, self.fail_at = torch.nn.Linear(8, 8), 0, fail_at
+        self.lin, self.calls, self.fail_at, self.error = torch.nn.Linear(8, 8), 0, fail_at, error
 
     def forward(self, z, x):
         self.calls += 1
         if self.calls == self.fail_at:
-            raise RuntimeError("a bug inside f")
+            raise self.error("a bug inside f")
         return torch.tanh(0.5 * self.lin(z) + x)
 
 
@@ -192,13 +194,23 @@ def test_wrong_feature_sizes_into_deq_name_the_shapes():
     assert "mat1 and mat2" in str(info.value.__cause__)  # ... and chained
 
 
-def test_a_later_failure_inside_f_is_not_rewrapped():
+def test_failures_that_are_not_about_the_first_call_are_left_alone():
     import deepeq
 
-    deq = deepeq.DEQ(_Layer(fail_at=3), solver=deepeq.Picard(max_steps=10, rtol=1e-9))
-    with pytest.raises(RuntimeError) as info:
-        deq(torch.randn(4, 8))
+    picard = deepeq.Picard(max_steps=10, rtol=1e-9)
+    with pytest.raises(RuntimeError) as info:  # a later call: f's own failure
+        deepeq.DEQ(_Layer(fail_at=3), solver=picard)(torch.randn(4, 8))
     assert str(info.value) == "a bug inside f"
+    with pytest.raises(AttributeError) as info:  # a bug, not a shape: its own message
+        deepeq.DEQ(_Layer(fail_at=1, error=AttributeError), solver=picard)(torch.randn(4, 8))
+    assert str(info.value) == "a bug inside f"
+    with pytest.raises(ValueError) as info:  # refused before f is called
+        deepeq.DEQ(_Layer())(torch.randn(4, 8), z0=torch.full((4, 8), float("nan")))
+    assert "first call" not in str(info.value)
+    # a first call that fails on a shape-like error: wrapped, same type, original chained
+    with pytest.raises(RuntimeError, match=r"failed on its first call.*a bug inside f") as info:
+        deepeq.DEQ(_Layer(fail_at=1), solver=picard)(torch.randn(4, 8))
+    assert str(info.value.__cause__) == "a bug inside f"
 
 
 @pytest.mark.parametrize("corpus", ["text", "wikitext103", "wikitext2"])

@@ -292,8 +292,14 @@ class _FirstCall:
 
 
 def _first_call_error(e: Exception, z0: State, x: Any, source: str) -> Exception | None:
-    """An exception of ``e``'s type whose message adds what f received on its first call; None
-    when that type's constructor does not take a message."""
+    """An exception of ``e``'s type whose message adds what f received on its first call, for
+    the errors a mismatch of shapes, dtypes or arguments raises (``RuntimeError``, ``ValueError``,
+    ``TypeError``, ``IndexError``; out of memory excepted); None for the others (f's own bugs,
+    e.g. an ``AttributeError``, keep their message) and for types whose constructor does not
+    take a message."""
+    oom = getattr(torch, "OutOfMemoryError", ())
+    if not isinstance(e, RuntimeError | ValueError | TypeError | IndexError) or isinstance(e, oom):
+        return None
     msg = (
         f"f(z, x) failed on its first call, with z0 {_describe(z0)} (from {source}) and x "
         f"{_describe(x)}: {type(e).__name__}: {e}. Check that f accepts these shapes (e.g. the "

