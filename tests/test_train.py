@@ -533,7 +533,7 @@ def test_torchrun_two_processes_give_the_single_process_gradient(tmp_path):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     port = str(29500 + os.getpid() % 1000)
-    subprocess.run(
+    ddp = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -570,6 +570,7 @@ def test_torchrun_two_processes_give_the_single_process_gradient(tmp_path):
         # entries ~0.35); a wrong reduction is off by O(|g|)
         torch.testing.assert_close(gb, ga, atol=5e-5, rtol=1e-4, msg=k)
     assert not (tmp_path / "ddp" / "checkpoints" / "rank1").exists()
+    assert ddp.stdout.count(b"summary:") == 1  # rank 0 reports, rank 1 does not
     assert (
         len((tmp_path / "ddp" / "metrics.csv").read_text().splitlines()) == 2
     )  # rank 0 wrote one row

@@ -277,8 +277,9 @@ def _own_run_directory(path: str | Path | None, cfg: TrainConfig, overrides) -> 
     if Path(cfg.out_dir).resolve() == run.resolve():
         return cfg
     logging.getLogger("deepeq").warning(
-        "%s is the config of the run directory %s but names out_dir = %r (the run was copied or "
-        "moved): training %s. Pass --out_dir=%s to train that directory instead.",
+        "%s is the config of the run directory %s but names out_dir = %r (a copied or moved "
+        "run, or a relative out_dir read from another directory): training %s. Pass "
+        "--out_dir=%s to train that directory instead.",
         path, run, cfg.out_dir, run, cfg.out_dir,
     )  # fmt: skip
     return dataclasses.replace(cfg, out_dir=str(run))
