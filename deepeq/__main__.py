@@ -243,6 +243,26 @@ def _version(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_keys() -> str:
+    """The config's keys by section, from the dataclasses (``deepeq train --help``)."""
+    import dataclasses
+    import textwrap
+
+    from .train.config import TrainConfig
+
+    top, tables, cfg = [], [], TrainConfig()
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys = ", ".join(g.name for g in dataclasses.fields(value))
+            tables.append(f"--{f.name}.KEY: {keys}")
+        else:
+            top.append(f.name)
+    lines = [f"config keys (--KEY=VALUE): {', '.join(top)}", *tables]
+    lines.append("(deepeq train --help-config [SECTION]: their types, defaults and meanings)")
+    return "\n".join(textwrap.fill(line, 79, subsequent_indent="    ") for line in lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line as one argparse tree (``deepeq COMMAND --help`` for each)."""
     parser = argparse.ArgumentParser(prog="deepeq", description="Deep Equilibrium Models.")
@@ -251,8 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="train a model: deepeq train CONFIG.toml [--section.key=value ...] [--resume]",
-        description="Train a model; overrides are --section.key=value (every key, its type, "
+        description="Train a model; overrides are --section.key=value (every key, its type,\n"
         "default and meaning: deepeq train --help-config).",
+        epilog=_config_keys(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t.add_argument("config", nargs="?", help="TOML file listing what differs from the defaults")
     t.add_argument(

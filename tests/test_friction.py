@@ -130,6 +130,11 @@ def test_help_config_prints_every_key_with_type_default_and_meaning(capsys):
     assert "optimizer" in capsys.readouterr().err
     assert main(["train"]) == 2  # no config and no --help-config: one line
     assert "needs a config file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --help lists the keys by section and points here
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "threads" in out and "--data.KEY:" in out and "max_vocab" in out
+    assert "--help-config" in out
 
 
 def test_training_guide_documents_threads_and_help_config():
