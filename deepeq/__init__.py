@@ -5,6 +5,7 @@ from importlib.metadata import version as _version
 
 from ._fixed_point import fixed_point as fixed_point
 from ._solution import BackwardStats as BackwardStats
+from ._solution import ConvergenceWarning as ConvergenceWarning
 from ._solution import Solution as Solution
 from ._solution import Stats as Stats
 from ._solution import Status as Status

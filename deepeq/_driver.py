@@ -62,6 +62,7 @@ class _Evaluator:
         self.full_z = z.clone() if not independent else None  # frozen rows keep their value
         self.hold: Tensor | None = None  # rows f must see at their full_z value (causal solving)
         self.positions = positions  # causal solving: rows per sample (Anderson mixes by prefix)
+        self.coupled = False  # the rows' outputs depend on each other: evaluate whole batches
         self.nfe = 0
         self.sample_evals = 0
         # The solver's own arithmetic runs outside autocast (its state stays in z0's dtype); f
@@ -73,6 +74,14 @@ class _Evaluator:
             return self.f(z, *args)
         with torch.autocast(self.layout.device.type, dtype=self.autocast):
             return self.f(z, *args)
+
+    def call_with(self, f: FixedPointFn, z: Tensor, rows: Tensor) -> Tensor:
+        """Another map (f at full precision) at rows ``rows`` of the active set, counted in nfe."""
+        own, self.f = self.f, f
+        try:
+            return self(z, rows)
+        finally:
+            self.f = own
 
     def set_active(self, keep: Tensor) -> None:
         self.active = self.active[keep]
@@ -147,7 +156,13 @@ class DriverOptions:
     ``snapshot_every`` = C > 0 adds snapshots at the steps that are multiples of C.
     ``compaction``: when stopped samples leave the solver's arrays: ``"auto"`` (at once on CPU,
     in batches of at least a quarter of the rows on accelerators), ``"eager"`` (at once) or
-    ``"lazy"`` (in batches); the solve is the same to float rounding, only the cost differs."""
+    ``"lazy"`` (in batches); the solve is the same to float rounding, only the cost differs.
+    ``verify``: f at full precision when the solver's f runs in a lower one (``solve_dtype``):
+    every row's norms are recomputed with it at the iterate it returns before the row stops
+    (a low-precision residual below the precision's round-off means nothing), and a row that
+    then misses the tolerance goes on, the solve continuing with ``verify`` as its map
+    (``switch``; not for causal solving, where the switch would depend on later positions,
+    nor for solvers that return their last iterate, whose reversal replays one map)."""
 
     independent: bool = True
     nonfinite: Literal["raise", "return"] = "raise"
@@ -160,6 +175,7 @@ class DriverOptions:
     final: bool = False
     snapshot_every: int = 0
     compaction: Literal["auto", "eager", "lazy"] = "auto"
+    verify: Any = None
 
 
 @dataclass
@@ -296,10 +312,17 @@ class _BestIterate:
 
     def __init__(self, z: Tensor, norms: Tensor, key: Tensor, min_steps: int, last: bool):
         self.z, self.norms, self.key = z, norms, key
+        self.start = norms  # step 0's norms: what ``progress`` compares with
         if min_steps > 0:  # step 0 is never returned: the first step replaces it
             self.key = torch.full_like(key, float("inf"))
         self.step = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
         self.last, self.on_cpu = last, z.device.type == "cpu"
+
+    def progress(self, coupled: bool, positions: int) -> Tensor:
+        """Per row: may its iterate count as converged? Not when its residual did not fall from
+        step 0's while ``||f(z)||`` grew: a relative rule is then met only because the iterate
+        runs away (``f(z) = z + c`` has no fixed point, yet ``||c|| / ||f(z_k)||`` -> 0)."""
+        return _progress(self.norms, self.start, self.step, self.z.dtype, coupled, positions)
 
     def update(self, k: int, z: Tensor, norms: Tensor, key: Tensor) -> None:
         better = torch.isfinite(key) if self.last else key < self.key  # NaN never improves
@@ -314,8 +337,29 @@ class _BestIterate:
             self.step = torch.where(better, k, self.step)
 
     def compact(self, keep: Tensor) -> None:
-        self.z, self.norms = self.z[keep], self.norms[:, keep]
+        self.z, self.norms, self.start = self.z[keep], self.norms[:, keep], self.start[:, keep]
         self.key, self.step = self.key[keep], self.step[keep]
+
+
+def _progress(norms, start, step, dtype: torch.dtype, coupled: bool, positions: int) -> Tensor:
+    """``step == 0``, or ``||f(z)||`` did not grow, or the residual fell below step 0's by more
+    than the round-off of ``f(z) - z`` at the iterate's scale (``16 ε ||f(z)||``; far from the
+    origin ``z + c`` rounds to ``z`` and the residual to 0). Norms over the problem a row
+    belongs to: the batch when coupled, the positions up to the row's in causal solving (a
+    position may start at its own fixed point and move with the ones before it)."""
+    norms, start = _scope(norms, coupled, positions), _scope(start, coupled, positions)
+    slack = 16 * torch.finfo(dtype).eps * norms[1]
+    return (step == 0) | (norms[1] <= start[1]) | (norms[0] < start[0] - slack)
+
+
+def _scope(norms: Tensor, coupled: bool, positions: int) -> Tensor:
+    """``(2, rows)`` norms of each row's problem (see ``_progress``)."""
+    if coupled:
+        return safe_norm(norms, 1).unsqueeze(1).expand_as(norms)
+    if positions:
+        sq = norms.view(2, -1, positions).square().cumsum(2)
+        return sq.sqrt().view_as(norms)
+    return norms
 
 
 class _Outputs:
@@ -324,6 +368,7 @@ class _Outputs:
     def __init__(self, z: Tensor, norms: Tensor, max_steps: int, trace: bool):
         B, dev = z.shape[0], z.device
         self.z, self.norms = torch.empty_like(z), torch.empty_like(norms)
+        self.start = torch.empty_like(norms)
         self.steps = torch.zeros(B, dtype=torch.long, device=dev)
         self.best = torch.zeros(B, dtype=torch.long, device=dev)
         self.nonfinite = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -337,6 +382,7 @@ class _Outputs:
         """Active rows ``idx`` (batch rows ``ids``) stop at step ``k``."""
         self.z[ids] = best.z[idx]
         self.norms[:, ids] = best.norms[:, idx].detach()
+        self.start[:, ids] = best.start[:, idx].detach()
         self.best[ids] = best.step[idx]
         self.steps[ids] = k
         self.nonfinite[ids] = bad[idx]
@@ -416,6 +462,8 @@ def _solve(f, z, solver, layout, args, o: DriverOptions, coupled: bool, autocast
         raise ValueError(f"z0 contains non-finite values (inf/nan) for samples {bad[:10]}.")
     grad, max_steps, causal = torch.is_grad_enabled(), solver.max_steps, o.positions > 0
     ev = _Evaluator(f, layout, args, o.independent, z, autocast, o.positions)
+    ev.coupled = coupled
+    verify, switch = o.verify, not causal and not solver.returns_last
     fz = ev(z)
     norms = _norms(z.detach(), fz.detach())  # (2, b): residual, ||f(z)||
     rule = _StoppingRule(solver.atol, solver.rtol, coupled, o.positions, norms.dtype)
@@ -437,13 +485,27 @@ def _solve(f, z, solver, layout, args, o: DriverOptions, coupled: bool, autocast
         stop = rule.candidates(key, frozen, ev.active)
         if k >= max_steps or (k >= o.min_steps and bool(stop.any())):
             bad = ~torch.isfinite(norms).all(0)
-            met = (best.key <= rule.threshold) | bad
-            done = bad | rule.restrict(met if frozen is None else met | frozen, ev.active)
-            if k >= max_steps:
-                done = torch.ones_like(done)
+            done = _done(rule, best, bad, frozen, ev.active, coupled, k >= max_steps)
             if frozen is not None:  # already recorded; they only await compaction
                 bad &= ~frozen
                 done &= ~frozen
+            if verify is not None and bool((done & ~bad).any()):
+                # Low-precision iterations: judge the rows about to stop at full precision.
+                check = (done & ~bad).nonzero().squeeze(1)
+                zc = best.z[check]
+                nc = _norms(zc, ev.call_with(verify, zc, check))
+                best.norms = best.norms.index_copy(1, check, nc)
+                best.key = best.key.index_copy(0, check, rule.key(nc))
+                if k < max_steps:
+                    was = done
+                    done = _done(rule, best, bad, frozen, ev.active, coupled, False)
+                    if frozen is not None:
+                        done &= ~frozen
+                    if switch and bool((was & ~done).any()):
+                        # The low precision cannot resolve the tolerance: go on at full
+                        # precision, ranking only full-precision iterates from here on.
+                        ev.f, verify = verify, None
+                        best.key = torch.where(was, best.key, float("inf"))
             if o.nonfinite == "raise" and bool(bad.any()):
                 ids = ev.active[bad].tolist()
                 raise FloatingPointError(
@@ -470,8 +532,21 @@ def _solve(f, z, solver, layout, args, o: DriverOptions, coupled: bool, autocast
         key = rule.key(norms)
         best.update(k, z, norms, key)
     inverse, final, iterates = extras.results(out)
-    status, stats = _summarise(out, ev, solver, o.positions, t0, buffer_bytes)
+    status, stats = _summarise(out, ev, solver, coupled, o.positions, t0, buffer_bytes)
     return DriverResult(out.z, status, stats, inverse=inverse, final=final, iterates=iterates)
+
+
+def _done(rule, best, bad, frozen, active, coupled: bool, at_cap: bool) -> Tensor:
+    """Rows that stop now: non-finite ones, and those whose returned iterate meets the rule
+    with progress (``_BestIterate.progress``), cut to a prefix in causal solving; every row at
+    the cap. Coupled: all rows or none."""
+    if at_cap:
+        return torch.ones_like(bad)
+    met = (best.key <= rule.threshold) & best.progress(coupled, rule.positions)
+    if coupled:
+        met = met.all().expand_as(met)
+    met = met | bad
+    return bad | rule.restrict(met if frozen is None else met | frozen, active)
 
 
 def _drop(keep, gone, z, fz, state, solver, ev, best, *, lazy: bool, causal: bool):
@@ -492,16 +567,23 @@ def _drop(keep, gone, z, fz, state, solver, ev, best, *, lazy: bool, causal: boo
     return z, fz, state, gone
 
 
-def _summarise(out: _Outputs, ev: _Evaluator, solver, positions: int, t0: float, buffer_bytes):
+def _relative(norms: Tensor) -> Tensor:
+    """``||f(z) - z|| / ||f(z)||`` from ``_norms`` rows (0/0, f(z) = z = 0, is 0)."""
+    return torch.where(norms[0] == 0, 0.0, norms[0] / norms[1])
+
+
+def _summarise(out: _Outputs, ev, solver, coupled: bool, positions: int, t0, buffer_bytes):
     """The status and ``Stats`` of a finished solve, per sample (causal rows aggregated)."""
     atol, rtol = solver.atol, solver.rtol
     norms, steps, best, nonfinite = out.norms, out.steps, out.best, out.nonfinite
     B, dev = out.z.shape[0], out.z.device
     converged = (norms[0] <= atol + rtol * norms[1]) & torch.isfinite(norms).all(0)
-    if positions:  # per (sample, position) row -> per sample: every position met the rule
-        n = B // positions
+    converged &= _progress(norms, out.start, best, out.z.dtype, coupled, positions)
+    res, rel = norms[0], _relative(norms)
+    if positions:  # per (sample, position) row -> per sample: every position met the rule,
+        n = B // positions  # and the residuals reported are the worst position's
         converged = converged.view(n, positions).all(1)
-        norms = safe_norm(norms.view(2, n, positions), 2)
+        res, rel = res.view(n, positions).amax(1), rel.view(n, positions).amax(1)
         steps = steps.view(n, positions).amax(1)
         best = best.view(n, positions).amax(1)
         nonfinite = nonfinite.view(n, positions).any(1)
@@ -517,16 +599,15 @@ def _summarise(out: _Outputs, ev: _Evaluator, solver, positions: int, t0: float,
         cols = torch.arange(S + 1, device=dev).unsqueeze(0)
         fill = torch.minimum(cols, out.steps.unsqueeze(1))  # repeat the last value after a stop
         filled = out.trace[:, :, : S + 1].gather(2, fill.expand(2, -1, -1))
+        trace_abs, trace_rel = filled[0], _relative(filled)
         if positions:
-            filled = safe_norm(filled.view(2, B // positions, positions, S + 1), 2)
-        trace_abs = filled[0]
-        trace_rel = torch.where(filled[0] == 0, 0.0, filled[0] / filled[1])
+            trace_abs = trace_abs.view(B // positions, positions, S + 1).amax(1)
+            trace_rel = trace_rel.view(B // positions, positions, S + 1).amax(1)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    res, fnorm = norms[0], norms[1]
     stats = Stats(
         abs_residual=res,
-        rel_residual=torch.where(res == 0, 0.0, res / fnorm),  # 0/0: f(z) = z = 0
+        rel_residual=rel,
         num_steps=steps,
         best_step=best,
         converged=converged,

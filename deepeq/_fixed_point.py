@@ -41,6 +41,13 @@ def fixed_point(
     and a sample's result does not depend on its batch-mates. Each sample returns its
     lowest-residual iterate (ranked by ``residual / (atol + rtol*||f(z)||)``).
 
+    A relative rule is scale-free, so an iterate that runs away can meet it: on ``f(z) = z + c``
+    (no fixed point) ``||c|| / ||f(z_k)||`` falls like 1/k. A sample therefore counts as
+    converged only if its residual fell below its starting residual (by more than the
+    round-off ``16 ε ||f(z)||`` of the residual at that scale) or ``||f(z)||`` did not grow;
+    ``deepeq.Broyden`` also refuses steps longer than ``||f(z) - z|| / sqrt(ε)``. A map whose
+    residual stalls while the iterate grows ends at ``max_steps``, reported as not converged.
+
     Gradients follow ``backward`` (default ``ImplicitBackward``): the iterations run
     without an autograd graph and ``z*`` is differentiated implicitly, so memory is that of
     one call of f. No graph is built when autograd is not recording (``torch.no_grad()``) or
@@ -71,8 +78,13 @@ def fixed_point(
             and the backward solve stay in z0's dtype. The iterations then cost less (bf16
             matrix units) but carry the low precision's round-off (~0.4% relative for bf16),
             which bounds the reachable residual: use it when the solve stops well above that
-            (loose tolerances or small caps), as in training. With ``UnrolledBackward`` the
-            gradient flows through these low-precision iterations.
+            (loose tolerances or small caps), as in training. Convergence is judged at full
+            precision: before a sample stops (and at the cap) f is evaluated once in z0's dtype
+            at the iterate it returns, and its statistics are those of that evaluation; if a
+            sample that met the rule in the low precision misses it there, the solve goes on in
+            full precision (with ``causal=True`` or ``deepeq.Reversible`` it stays in the low
+            precision, whose floor then ends the solve at the cap, reported as such). With
+            ``UnrolledBackward`` the gradient flows through the low-precision iterations.
         causal: z0 is a sequence state ``(B, T, ...)`` and f is causal along dim 1 (its output at
             position t depends only on positions ``<= t``, as in a language model). The solve
             is then causal too, at any tolerance and cap: each (sample, position) is checked
@@ -84,8 +96,10 @@ def fixed_point(
             residual over positions ``<= t``); Broyden is refused (its inverse estimate does
             not split by position). f always runs on the whole batch. Without it the per-sample rule, iterate selection and mixing use norms over
             the whole sequence, so earlier outputs change with later tokens unless the solve
-            converges exactly. ``stats`` stay per sample (norms over the whole sequence;
-            ``converged`` means every position met the rule).
+            converges exactly. ``stats`` stay per sample: ``converged`` means every position
+            met the rule, and ``abs_residual`` / ``rel_residual`` (and the traces) are the
+            largest over the positions, so with ``atol = 0`` a sample converged exactly when
+            its ``rel_residual <= rtol``.
         keep_iterates: solver steps whose iterates ``z_s`` to supervise (fixed-point
             correction, ``deepeq.FixedPointCorrection``): when autograd records,
             ``Solution.trajectory`` holds ``f(z_s)`` for each, one tracked call of f from the

@@ -63,27 +63,28 @@ class Problem:
             independent=self.independent, nonfinite=self.nonfinite, trace=self.trace,
             min_steps=min_steps, keep=self.keep, inverse=inverse, final=final,
             snapshot_every=snapshot_every, compaction=self.compaction,
+            verify=None if self.iterate_f is self.f else self.f,
         )  # fmt: skip
         if not self.positions:
             return solve(self.iterate_f, z0, self.solver, self.layout, self.args, opts)
         # Causal solving: the driver sees one row per (sample, position); f runs on the batch.
-        B, T, layout, f, args = (
-            self.layout.batch,
-            self.positions,
-            self.layout,
-            self.iterate_f,
-            self.args,
-        )
+        B, T, layout, args = self.layout.batch, self.positions, self.layout, self.args
         d = layout.dim // T
         rows = Layout(Tensor, ((d,),), (d,), B * T, layout.dtype, layout.device)
 
-        def f_rows(zr: Tensor) -> Tensor:
-            out = f(unflatten(zr.reshape(B, T * d), layout), *args)
-            check_output(out, layout, B)
-            return out.reshape(B * T, d)
+        def by_rows(f: FixedPointFn):
+            def f_rows(zr: Tensor) -> Tensor:
+                out = f(unflatten(zr.reshape(B, T * d), layout), *args)
+                check_output(out, layout, B)
+                return out.reshape(B * T, d)
 
-        opts = dataclasses.replace(opts, independent=False, coupled=False, positions=T)
-        r = solve(f_rows, z0.reshape(B * T, d), self.solver, rows, (), opts)
+            return f_rows
+
+        opts = dataclasses.replace(
+            opts, independent=False, coupled=False, positions=T,
+            verify=None if opts.verify is None else by_rows(opts.verify),
+        )  # fmt: skip
+        r = solve(by_rows(self.iterate_f), z0.reshape(B * T, d), self.solver, rows, (), opts)
         if r.iterates:
             r.iterates = {s: v.reshape(B, T * d) for s, v in r.iterates.items()}
         r.z = r.z.reshape(B, T * d)

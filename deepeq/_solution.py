@@ -24,6 +24,13 @@ class Status(enum.Enum):
     )
 
 
+class ConvergenceWarning(UserWarning):
+    """A solve ended without meeting its tolerance where nothing else would say so (the
+    implicit backward's linear solve stopping at its cap). Python shows it once per place;
+    ``warnings.simplefilter("always", deepeq.ConvergenceWarning)`` shows every occurrence,
+    ``"error"`` raises it."""
+
+
 @dataclass(frozen=True)
 class Stats:
     """Per-sample statistics of one solve. Every per-sample tensor has shape ``(B,)`` and lives on
@@ -37,7 +44,11 @@ class Stats:
         num_steps: solver steps this sample took before it converged or stopped (0 = z0 was
             already converged). Line-search trial evaluations are not steps.
         best_step: the step whose iterate is returned (the sample's lowest-residual iterate).
-        converged: bool mask, ``abs_residual <= atol + rtol * ||f(z*)||`` with finite norms.
+        converged: bool mask, ``abs_residual <= atol + rtol * ||f(z*)||`` with finite norms,
+            reached with progress (the residual fell from its start or the iterate's scale
+            did not grow: see ``deepeq.fixed_point``). Causal solves: every position met the
+            rule, and ``abs_residual`` / ``rel_residual`` are the worst position's. With
+            ``solve_dtype`` every figure comes from one full-precision evaluation of f.
         nonfinite: bool mask of samples stopped because f produced inf/nan.
         nfe: number of calls of ``f`` (each call may cover only the still-active samples).
         sample_evals: per-sample evaluations summed over calls (``nfe * B`` when nothing is

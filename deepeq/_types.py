@@ -12,5 +12,7 @@ State: TypeAlias = Tensor | tuple[Tensor, ...] | list[Tensor]
 FixedPointFn: TypeAlias = Callable[..., Any]
 
 #: The flat map a solver sees: ``F(z_rows, rows=None) -> f(z_rows)`` on a ``(b, D)`` tensor. ``rows``
-#: (optional, int64 indices into the currently active samples) says which samples ``z_rows`` holds.
+#: (optional, int64 indices into the currently active samples) says which samples ``z_rows`` holds;
+#: the other samples are held at their last evaluated values. Its attribute ``coupled`` is True
+#: when the samples' outputs depend on each other: a solver must then evaluate whole batches.
 FlatFn: TypeAlias = Callable[..., Tensor]

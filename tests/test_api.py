@@ -25,7 +25,8 @@ def test_version_and_public_names():
     }
     # the whole public API: adding or removing a name must update this list (and the docs)
     assert public == {
-        "AbstractBackward", "AbstractSolver", "Anderson", "BackwardStats", "Broyden", "DEQ",
+        "AbstractBackward", "AbstractSolver", "Anderson", "BackwardStats", "Broyden", "ConvergenceWarning",
+        "DEQ",
         "FixedPointCorrection", "ImplicitBackward", "JacobianSchedule", "PhantomBackward",
         "Picard", "Reversible", "ReversibleBackward", "SOLVERS", "Solution", "Stats", "Status",
         "UnrolledBackward", "fixed_point",

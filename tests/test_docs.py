@@ -64,13 +64,15 @@ def test_python_blocks_of_the_guides_run(page, capsys):
         exec(compile(block, page, "exec"), {})
     if page not in TRAINING_EXAMPLE:
         return
-    # the first block trains a DEQ layer for 10 steps, printing step, loss, NFE, backward NFE,
-    # fallbacks: the loss must fall and the solves must have run
+    # the first block trains a DEQ layer for 10 steps, printing step, loss, forward status and
+    # NFE, backward status, NFE and fallbacks: the loss must fall, the solves must have run and
+    # (at these settings) converged, forward and backward
     lines = [ln.split() for ln in capsys.readouterr().out.splitlines()]
-    rows = [ln for ln in lines if len(ln) == 5 and ln[0].isdigit()][:10]
+    rows = [ln for ln in lines if len(ln) == 7 and ln[0].isdigit()][:10]
     assert [int(r[0]) for r in rows] == list(range(10))
     assert float(rows[-1][1]) < float(rows[0][1])
-    assert all(int(r[2]) >= 2 and int(r[3]) >= 1 for r in rows)
+    assert all(int(r[3]) >= 2 and int(r[5]) >= 1 for r in rows)
+    assert all(r[2] == r[4] == "CONVERGED" and r[6] == "0" for r in rows)
 
 
 @pytest.mark.parametrize("page", PAGES)

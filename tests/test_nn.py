@@ -165,7 +165,11 @@ def test_solve_dtype_casts_only_the_forward_iterations():
     z, sol = deq(x)
     g = torch.autograd.grad((z * c).sum(), list(layer.parameters()))
     iterations, tracked = layer.calls[:-1], layer.calls[-1]
-    assert iterations and all(cast and not grad for cast, grad in iterations)
+    assert iterations and not any(grad for _, grad in iterations)
+    # the solver's iterations in bf16; the stopping rule checks the returned iterate at full
+    # precision (a bf16 residual below bf16's round-off means nothing)
+    casts = [cast for cast, _ in iterations]
+    assert casts[0] and not casts[-1] and sum(casts) >= len(casts) - 2
     assert tracked == (False, True)  # the call gradients flow through: full precision
     assert z.dtype == sol.fz.dtype == torch.float32 and sol.status is Status.CONVERGED
     # the same solve in full precision: equal up to the tolerance and bf16 round-off
@@ -184,7 +188,7 @@ def test_solve_dtype_casts_only_the_forward_iterations():
     layer.calls.clear()
     with torch.no_grad():
         DEQ(layer, eval_solve_dtype="bfloat16").eval()(x)
-    assert all(cast for cast, _ in layer.calls)
+    assert layer.calls[0][0] and not layer.calls[-1][0]  # bf16 iterations, fp32 check
     with pytest.raises(ValueError, match=r"solve_dtype must be torch\.bfloat16 or torch\.float16"):
         DEQ(layer, solve_dtype="float8")
     with pytest.raises(ValueError, match="solve_dtype must be"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -14,7 +15,7 @@ from .._driver import DriverOptions
 from .._driver import solve as driver_solve
 from .._flatten import layout_of
 from .._norm import safe_norm
-from .._solution import BackwardStats, Status
+from .._solution import BackwardStats, ConvergenceWarning, Status
 from ..solvers import AbstractSolver, Anderson
 from ..solvers._base import _check_int, bmv, bvm, check_damping
 from ._base import AbstractBackward
@@ -170,6 +171,12 @@ class _ImplicitFunction(torch.autograd.Function):
         rule, holder = ctx.rule, ctx.holder
         t0 = time.perf_counter()
         v = v.contiguous()
+        # A non-finite upstream gradient (e.g. from sqrt at 0) is handed through as it is, so
+        # that the caller's guard sees it; the other samples are solved for as usual.
+        finite = torch.isfinite(v).all(1)
+        v_in, clean = v, bool(finite.all())
+        if not clean:
+            v = torch.where(finite.unsqueeze(1), v, 0.0)
 
         def vjp(g: Tensor) -> Tensor:
             return torch.autograd.grad(fz, z_leaf, g, retain_graph=True)[0]
@@ -187,6 +194,8 @@ class _ImplicitFunction(torch.autograd.Function):
             holder.fallback = torch.zeros(v.shape[0], dtype=torch.bool, device=v.device)
             holder.nfe = 0
             holder.wall_time = time.perf_counter() - t0
+            if not clean:
+                g0 = torch.where(finite.unsqueeze(1), g0, v_in)
             return g0, None, None, None, None, None, None
         # The vjp runs on the full batch (one recorded graph), so samples are not independent
         # for the driver; converged samples are still frozen unless f couples the samples (then
@@ -213,18 +222,35 @@ class _ImplicitFunction(torch.autograd.Function):
             nfe += k
             g = torch.where(diverged.unsqueeze(1), g_fb, torch.nan_to_num(g))
             logger.info("%s; used the phantom gradient (k=%d).", msg, rule.fallback_steps)
+        if status is Status.NONFINITE and not bool(diverged.any()):  # pragma: no cover
+            raise AssertionError("non-finite backward samples must be marked diverged")
+        converged = st.converged
+        if not clean:
+            g = torch.where(finite.unsqueeze(1), g, v_in)
+            converged = converged & finite
+            status = Status.NONFINITE
+        elif status is Status.MAX_STEPS and bool((~st.converged & ~diverged).any()):
+            warnings.warn(_CAPPED, ConvergenceWarning, stacklevel=1)
         holder.calls += 1
         holder.status = status
         holder.abs_residual = st.abs_residual
         holder.rel_residual = st.rel_residual
         holder.num_steps = st.num_steps
-        holder.converged = st.converged
+        holder.converged = converged
         holder.fallback = diverged
         holder.nfe = nfe
         holder.wall_time = time.perf_counter() - t0
-        if status is Status.NONFINITE and not bool(diverged.any()):  # pragma: no cover
-            raise AssertionError("non-finite backward samples must be marked diverged")
         return g, None, None, None, None, None, None
+
+
+_CAPPED = (
+    "ImplicitBackward: the backward linear solve reached max_steps before meeting its tolerance "
+    "for some samples, so their gradient is approximate (meaningless where the residual did not "
+    "fall: Solution.backward.rel_residual near 1). Check Solution.backward.status and "
+    ".rel_residual; raise the backward solver's max_steps (models: solve.b_max_steps), loosen "
+    "its rtol, or make f contractive (Jacobian regularisation). Shown once; "
+    "warnings.simplefilter('always', deepeq.ConvergenceWarning) shows every occurrence."
+)
 
 
 def _shine(v: Tensor, U: Tensor, V: Tensor) -> Tensor:

@@ -41,8 +41,15 @@ class Broyden(AbstractSolver):
     denominator is ~0 or non-finite is skipped for that sample (NaN-safe).
 
     With ``line_search=True`` a sample whose full step does not decrease ``||g||`` backtracks
-    (halving ``a``, at most ``backtracks`` times); only the failing samples are re-evaluated,
-    and these trial evaluations count in ``nfe`` but not in ``num_steps``.
+    (halving ``a``, at most ``backtracks`` times); only the failing samples are re-evaluated
+    (the whole batch when the samples are coupled, ``independent=False``, so that every
+    residual is that of one batch state), and these trial evaluations count in ``nfe`` but not
+    in ``num_steps``.
+
+    Safeguard: a step longer than ``||g|| / sqrt(ε)`` (largest entries) (ε of the state's dtype) means the inverse
+    estimate has become numerically singular (on ``f(z) = z + c``, which has no fixed point, it
+    jumped to ``|z| ~ 1e16``, where ``z + c`` rounds to ``z``): that sample's estimate restarts
+    from ``-I`` and it takes a Picard step instead.
 
     Args:
         atol: absolute tolerance of the stopping rule ``||f(z)-z|| <= atol + rtol*||f(z)||``.
@@ -85,6 +92,17 @@ class Broyden(AbstractSolver):
         Un, Vn = U[:, :n], V[:, :n]  # the used slots only: no work on empty history
         g = fz - z
         dz = _lowrank(g, Un, Vn, beta=1.0, alpha=-1.0)  # -J⁻¹g = g - Σ u_i (v_i·g)
+        # largest entries, not norms: no squares to overflow, and fewer ops per step (a NaN
+        # step is left to the driver's non-finite check)
+        wild = None
+        if n:
+            wild = dz.abs().amax(1) * torch.finfo(z.dtype).eps ** 0.5 > g.abs().amax(1)
+        if wild is not None and bool(wild.any()):  # restart those rows' estimate: a Picard step
+            tame = (~wild).to(z.dtype).view(-1, 1, 1)
+            Un, Vn = Un * tame, Vn * tame
+            dz = torch.where(wild.unsqueeze(1), g, dz)
+        else:
+            wild = None
         z_new = z + dz
         fz_new = f(z_new)
         if self.line_search:
@@ -114,6 +132,8 @@ class Broyden(AbstractSolver):
         inv = torch.where(ok, torch.where(ok, denom, 1.0).reciprocal(), 0.0)
         if torch.is_grad_enabled():  # UnrolledBackward: keep the tensors autograd saved intact
             U, V = U.clone(), V.clone()
+        if wild is not None and n:  # restarted rows keep no old factors
+            U[:, :n], V[:, :n] = Un, Vn
         U[:, n] = (s - Jy) * inv.unsqueeze(1)
         V[:, n] = unit
         return z_new, fz_new, _BroydenState(U, V, n + 1)
@@ -126,6 +146,9 @@ class Broyden(AbstractSolver):
     def _backtrack(self, f, z, g, dz, z_new, fz_new):
         gnorm = safe_norm(g, 1)
         scale = torch.ones_like(gnorm, dtype=z.dtype)
+        # Coupled samples: a row's f(z) is only valid for the batch state it was computed at,
+        # so every trial evaluates the whole batch (f runs on it anyway).
+        whole = getattr(f, "coupled", False)
         for _ in range(self.backtracks):
             gn = safe_norm(fz_new - z_new, 1)
             # Sufficient decrease of ||g|| (Armijo-style, c = 1e-4); NaN counts as failure.
@@ -135,7 +158,6 @@ class Broyden(AbstractSolver):
             rows = fail.nonzero().squeeze(1)
             scale[rows] *= 0.5
             z_try = z[rows] + scale[rows].unsqueeze(1) * dz[rows]
-            fz_try = f(z_try, rows=rows)
             z_new = z_new.index_copy(0, rows, z_try)
-            fz_new = fz_new.index_copy(0, rows, fz_try)
+            fz_new = f(z_new) if whole else fz_new.index_copy(0, rows, f(z_try, rows=rows))
         return z_new, fz_new
