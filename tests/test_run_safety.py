@@ -17,10 +17,19 @@ from deepeq.train import loop as _loop
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/copy_memory_tiny.toml")
-# the tiny runs of tests/test_train.py with 4 steps (a checkpoint and an evaluation at each)
-BASE = [*TRAIN_SMALL, "--steps=4"]
+# the tiny runs of tests/test_train.py with 4 steps (a checkpoint and an evaluation at each), on
+# one thread (tiny ops: a second thread only waits, and on a loaded machine costs 10x)
+BASE = [*TRAIN_SMALL, "--steps=4", "--threads=1"]
 # lstm_tiny: fast; what is tested here does not depend on the model
 SMALL = [*BASE, "--model.name=lstm_tiny", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """train() sets torch's thread count (--threads=1): give the next tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def _rows(run: Path) -> list[int]:
