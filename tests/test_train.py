@@ -634,7 +634,7 @@ def test_final_summary_reports_convergence(tmp_path, capsys):
     from deepeq.train.checkpoint import load_run
 
     _, model, task = load_run(tmp_path, "latest")
-    for cap, rtol in ((1, 1e-9), (200, 1e-2), (4, 1e-2)):
+    for cap, rtol in ((1, 1e-9), (1000, 1e-2), (4, 1e-2)):  # one sample needs 219 steps
         twin = model.with_solve(
             dataclasses.replace(model.config.solve, eval_max_steps=cap, eval_rtol=rtol)
         )
@@ -648,7 +648,7 @@ def test_final_summary_reports_convergence(tmp_path, capsys):
         assert got["test_fwd_nfe"] == sum(st.nfe for st in seen) / len(seen)
         if cap == 1:
             assert got["test_fwd_converged"] == 0.0
-        if cap == 200:
+        if cap == 1000:
             assert got["test_fwd_converged"] == 1.0 and got["test_fwd_res_max"] <= 1e-2
     assert "evaluation solves that met their tolerance: test " in out
     assert f"test {100 * final['test_fwd_converged']:.1f}% (max residual" in out
