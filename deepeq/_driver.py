@@ -53,7 +53,6 @@ class _Evaluator:
         independent: bool,
         z: Tensor,
         autocast: torch.dtype | None = None,
-        positions: int = 0,
     ):
         self.f, self.layout, self.independent = f, layout, independent
         self.args = args  # sliced to the active rows when independent
@@ -61,7 +60,6 @@ class _Evaluator:
         self.active = torch.arange(layout.batch, device=layout.device)  # original sample ids
         self.full_z = z.clone() if not independent else None  # frozen rows keep their value
         self.hold: Tensor | None = None  # rows f must see at their full_z value (causal solving)
-        self.positions = positions  # causal solving: rows per sample (Anderson mixes by prefix)
         self.coupled = False  # the rows' outputs depend on each other: evaluate whole batches
         self.nfe = 0
         self.sample_evals = 0
@@ -151,9 +149,11 @@ class DriverOptions:
     returned, before this step (``UnrolledBackward`` takes at least one tracked step).
     ``positions`` > 0: causal solving, the rows of z being (sample, position) pairs, this many
     per sample. ``keep``: steps whose full-batch iterates are returned (``DriverResult.iterates``).
-    ``inverse``: return the solver's inverse-Jacobian estimate (``DriverResult.inverse``).
-    ``final``: return the solver state of every row at its last step (``DriverResult.final``);
-    ``snapshot_every`` = C > 0 adds snapshots at the steps that are multiples of C.
+    ``state``: return what the solver hands out of its state (``AbstractSolver.final_state``)
+    for every row at its last step, with the step counts and non-finite flags
+    (``DriverResult.final``): the caller takes what it needs (SHINE the inverse estimate, the
+    reversible backward the chains); ``snapshot_every`` = C > 0 adds snapshots at the steps
+    that are multiples of C.
     ``compaction``: when stopped samples leave the solver's arrays: ``"auto"`` (at once on CPU,
     in batches of at least a quarter of the rows on accelerators), ``"eager"`` (at once) or
     ``"lazy"`` (in batches); the solve is the same to float rounding, only the cost differs.
@@ -171,18 +171,30 @@ class DriverOptions:
     min_steps: int = 0
     positions: int = 0
     keep: tuple[int, ...] = ()
-    inverse: bool = False
-    final: bool = False
+    state: bool = False
     snapshot_every: int = 0
     compaction: Literal["auto", "eager", "lazy"] = "auto"
     verify: Any = None
+
+    def __post_init__(self) -> None:
+        if self.compaction not in ("auto", "eager", "lazy"):
+            raise ValueError(
+                f"compaction must be 'auto', 'eager' or 'lazy'; got {self.compaction!r}."
+            )
+        if self.nonfinite not in ("raise", "return"):
+            raise ValueError(f"nonfinite must be 'raise' or 'return'; got {self.nonfinite!r}.")
+        if self.positions and (self.independent or self.coupled):
+            raise ValueError(
+                "causal solving evaluates f on the full batch: independent=False, coupled=False"
+            )
 
 
 @dataclass
 class FinalState:
     """Per row (sample, or (sample, position) in causal solving) at its last step: the solver's
-    ``AbstractSolver.final_state`` (a tuple of ``(B, D)`` tensors, or None for solvers that keep
-    none), the step count and the non-finite flag, before any per-sample aggregation; and,
+    ``AbstractSolver.final_state`` (a tuple of full-batch tensors, zero-padded where rows
+    stopped with fewer entries, or None for solvers that hand out nothing), the step count and
+    the non-finite flag, before any per-sample aggregation; and,
     with ``snapshot_every`` = C, ``(k, rows, state)`` for every step k that is a multiple of C
     (the solver state of the rows still moving then)."""
 
@@ -195,15 +207,13 @@ class FinalState:
 @dataclass
 class DriverResult:
     """What ``solve`` returns: the flat ``z*`` (B, D), the status and stats, and what the
-    options asked for: ``inverse`` = ``(U, V)`` ``(B, n, D)`` with ``(I - J_f)⁻¹ ≈ I - Σ_i u_i
-    v_iᵀ`` at each sample's last step (unused slots zero; None for solvers that keep no
-    estimate), ``final`` (``FinalState``), ``iterates`` (step -> full-batch iterate ``(B, D)``,
-    detached; samples stopped earlier: their returned value)."""
+    options asked for: ``final`` (``FinalState``: the solver's final state per row),
+    ``iterates`` (step -> full-batch iterate ``(B, D)``, detached; samples stopped earlier:
+    their returned value)."""
 
     z: Tensor
     status: Status
     stats: Stats
-    inverse: tuple[Tensor, Tensor] | None = None
     final: FinalState | None = None
     iterates: dict[int, Tensor] | None = None
 
@@ -225,13 +235,7 @@ def solve(f, z, solver, layout, args, options: DriverOptions = DriverOptions()) 
     The solver's arithmetic runs outside any autocast region (its state stays in z's dtype); f
     runs inside the caller's."""
     o = options
-    if o.compaction not in ("auto", "eager", "lazy"):
-        raise ValueError(f"compaction must be 'auto', 'eager' or 'lazy'; got {o.compaction!r}.")
     coupled = (not o.independent) if o.coupled is None else o.coupled
-    if o.positions and (o.independent or coupled):
-        raise ValueError(
-            "causal solving evaluates f on the full batch: independent=False, coupled=False"
-        )
     autocast = _autocast_state(layout.device.type)
     if autocast is None:
         return _solve(f, z, solver, layout, args, o, coupled, autocast)
@@ -390,13 +394,12 @@ class _Outputs:
 
 class _Extras:
     """What the options ask for beyond z*: the iterates at the ``keep`` steps, the solver's
-    inverse estimate and final state of each row at its last step, and state snapshots."""
+    final state of each row at its last step, and state snapshots."""
 
     def __init__(self, o: DriverOptions):
         self.iterates = {s: None for s in o.keep} if o.keep else None
-        self.inverse = [] if o.inverse else None  # (ids, U, V) per stopping step
-        self.final = [] if o.final else None  # (ids, state) per stopping step
-        self.every = o.snapshot_every if o.final else 0
+        self.final = [] if o.state else None  # (ids, state) per stopping step
+        self.every = o.snapshot_every if o.state else 0
         self.snapshots: list = []
         self.per_step = self.iterates is not None or self.every > 0  # anything for ``step``
 
@@ -417,41 +420,33 @@ class _Extras:
                 self.snapshots.append((k, active[rows].clone(), snap))
 
     def stop(self, solver, state, idx: Tensor, ids: Tensor) -> None:
-        if self.inverse is not None:
-            factors = solver.inverse_factors(state, idx)
-            if factors is not None:
-                self.inverse.append((ids, *(t.detach() for t in factors)))
         if self.final is not None:
             parts = solver.final_state(state, idx)
             if parts is not None:
                 self.final.append((ids, tuple(t.detach() for t in parts)))
 
     def results(self, out: _Outputs):
-        """``(inverse, final, iterates)`` as ``DriverResult`` holds them."""
+        """``(final, iterates)`` as ``DriverResult`` holds them."""
         B = out.z.shape[0]
-        inverse = None
-        if self.inverse:  # (B, n, D), n the most slots any row used (unused slots zero)
-            n = max(U.shape[1] for _, U, _ in self.inverse)
-            U_all = out.z.new_zeros(B, n, out.z.shape[1])
-            V_all = out.z.new_zeros(B, n, out.z.shape[1])
-            for ids, U, V in self.inverse:
-                U_all[ids, : U.shape[1]] = U
-                V_all[ids, : V.shape[1]] = V
-            inverse = (U_all, V_all)
         final = None
         if self.final is not None:  # per row, before any per-sample aggregation
             state = None
-            if self.final:
-                state = tuple(t.new_zeros(B, t.shape[1]) for t in self.final[0][1])
+            if self.final:  # full-batch tensors, each as large as the largest chunk (zero-padded)
+                first = self.final[0][1]
+                sizes = [
+                    [max(ts[i].shape[d] for _, ts in self.final) for d in range(1, t.dim())]
+                    for i, t in enumerate(first)
+                ]
+                state = tuple(t.new_zeros(B, *size) for t, size in zip(first, sizes, strict=True))
                 for ids, ts in self.final:
                     for o, t in zip(state, ts, strict=True):
-                        o[ids] = t
+                        o[(ids, *(slice(0, n) for n in t.shape[1:]))] = t
             final = FinalState(state, out.steps.clone(), out.nonfinite.clone(), self.snapshots)
         if self.iterates is not None:
             for s in self.iterates:
                 if self.iterates[s] is None:  # the solve stopped before this step
                     self.iterates[s] = out.z.detach()
-        return inverse, final, self.iterates
+        return final, self.iterates
 
 
 def _solve(f, z, solver, layout, args, o: DriverOptions, coupled: bool, autocast) -> DriverResult:
@@ -461,7 +456,7 @@ def _solve(f, z, solver, layout, args, o: DriverOptions, coupled: bool, autocast
         bad = (~finite0).nonzero().flatten().tolist()
         raise ValueError(f"z0 contains non-finite values (inf/nan) for samples {bad[:10]}.")
     grad, max_steps, causal = torch.is_grad_enabled(), solver.max_steps, o.positions > 0
-    ev = _Evaluator(f, layout, args, o.independent, z, autocast, o.positions)
+    ev = _Evaluator(f, layout, args, o.independent, z, autocast)
     ev.coupled = coupled
     verify, switch = o.verify, not causal and not solver.returns_last
     fz = ev(z)
@@ -470,7 +465,7 @@ def _solve(f, z, solver, layout, args, o: DriverOptions, coupled: bool, autocast
     key = rule.key(norms)
     best = _BestIterate(z, norms, key, o.min_steps, last=causal or solver.returns_last)
     out, extras = _Outputs(z, norms, max_steps, o.trace), _Extras(o)
-    state = solver.init(ev, z, fz)
+    state = solver.init(ev, z, fz, positions=o.positions)
     buffer_bytes = sum(t.numel() * t.element_size() for t in state if isinstance(t, Tensor))
     lazy = o.independent and (
         layout.device.type != "cpu" if o.compaction == "auto" else o.compaction == "lazy"
@@ -531,9 +526,9 @@ def _solve(f, z, solver, layout, args, o: DriverOptions, coupled: bool, autocast
         norms = _norms(z.detach(), fz.detach()) if grad else _norms(z, fz)
         key = rule.key(norms)
         best.update(k, z, norms, key)
-    inverse, final, iterates = extras.results(out)
+    final, iterates = extras.results(out)
     status, stats = _summarise(out, ev, solver, coupled, o.positions, t0, buffer_bytes)
-    return DriverResult(out.z, status, stats, inverse=inverse, final=final, iterates=iterates)
+    return DriverResult(out.z, status, stats, final=final, iterates=iterates)
 
 
 def _done(rule, best, bad, frozen, active, coupled: bool, at_cap: bool) -> Tensor:

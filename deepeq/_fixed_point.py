@@ -138,10 +138,6 @@ def fixed_point(
             f"solver must be a deepeq solver object such as deepeq.Anderson(); got "
             f"{type(solver).__name__}. Use deepeq.make_solver(name, **hyperparams) for strings."
         )
-    if nonfinite not in ("raise", "return"):
-        raise ValueError(f"nonfinite must be 'raise' or 'return'; got {nonfinite!r}.")
-    if compaction not in ("auto", "eager", "lazy"):
-        raise ValueError(f"compaction must be 'auto', 'eager' or 'lazy'; got {compaction!r}.")
     if not callable(f):
         raise TypeError(f"f must be callable f(z, *args) -> z; got {type(f).__name__}.")
     if not isinstance(args, tuple | list):
@@ -171,7 +167,7 @@ def fixed_point(
         positions = layout.shapes[0][0]
     keep = _check_keep(keep_iterates)
     grad = torch.is_grad_enabled()
-    problem = Problem(
+    problem = Problem.create(
         f=f, z0=z0, solver=solver, layout=layout, args=tuple(args), independent=independent,
         throw=throw, nonfinite=nonfinite, trace=trace, positions=positions,
         iterate_f=None if solve_dtype is None else _autocast(f, layout, _solve_dtype(solve_dtype)),

@@ -5,6 +5,7 @@ backward rule. Its own module, so that ``backward/`` depends on it and not on ``
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,52 +17,65 @@ from ._solution import Solution, Stats, Status
 from ._types import FixedPointFn
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
 class Problem:
     """One validated fixed-point problem (``deepeq.fixed_point`` checked its arguments), handed
     to a backward rule's ``apply``: the rule calls ``solve`` (the driver loop on flat states),
-    ``call`` (f on flat states) and ``finish`` (the ``Solution``).
+    ``call`` (f on flat states) and ``finish`` (the ``Solution``). Build it with ``create``.
 
-    ``iterate_f``: what the forward solver calls (default f; f under autocast for
-    ``solve_dtype``); ``positions`` > 0: causal solving over this many positions (dim 1 of z0);
-    ``keep``: solver steps whose iterates the solve returns (``DriverResult.iterates``) and
-    ``finish`` turns into the solution's fixed-point-correction trajectory."""
+    ``z0``: the flat start ``(B, D)``, detached; ``z0_tracked``: the same as given (for
+    ``UnrolledBackward``: gradients reach z0). ``iterate_f``: what the forward solver calls (f,
+    or f under autocast for ``solve_dtype``); ``positions`` > 0: causal solving over this many
+    positions (dim 1 of z0); ``keep``: solver steps whose iterates the solve returns
+    (``DriverResult.iterates``) and ``finish`` turns into the solution's fixed-point-correction
+    trajectory."""
 
-    def __init__(
-        self, *, f: FixedPointFn, z0, solver, layout: Layout, args: tuple, independent: bool,
-        throw: bool, nonfinite: str, trace: bool, positions: int = 0,
-        iterate_f: FixedPointFn | None = None, keep: tuple[int, ...] = (),
-        compaction: str = "auto",
-    ):  # fmt: skip
-        self.f, self.solver, self.layout, self.args = f, solver, layout, args
-        self.independent, self.throw, self.nonfinite, self.trace = (
-            independent, throw, nonfinite, trace,
+    f: FixedPointFn
+    iterate_f: FixedPointFn
+    solver: Any
+    layout: Layout
+    args: tuple
+    z0: Tensor
+    z0_tracked: Tensor
+    independent: bool = True
+    throw: bool = False
+    nonfinite: str = "raise"
+    trace: bool = False
+    positions: int = 0
+    keep: tuple[int, ...] = ()
+    compaction: str = "auto"
+
+    @classmethod
+    def create(
+        cls, *, f: FixedPointFn, z0, layout: Layout, iterate_f: FixedPointFn | None = None,
+        keep: tuple[int, ...] = (), **fields: Any,
+    ) -> Problem:  # fmt: skip
+        """The problem of state ``z0`` (any structure ``layout`` describes), flattened once."""
+        z0_tracked = flatten(z0, layout)
+        return cls(
+            f=f, iterate_f=f if iterate_f is None else iterate_f, layout=layout,
+            z0=z0_tracked.detach(), z0_tracked=z0_tracked, keep=tuple(keep), **fields,
         )  # fmt: skip
-        self.z0 = flatten(z0, layout).detach()
-        self.z0_tracked = flatten(z0, layout)  # for UnrolledBackward: gradients reach z0
-        self.iterate_f = f if iterate_f is None else iterate_f
-        self.positions, self.compaction = positions, compaction
-        self.keep: tuple[int, ...] = tuple(keep)
 
     def solve(
         self,
         *,
-        inverse: bool = False,
-        final: bool = False,
+        state: bool = False,
         snapshot_every: int = 0,
         min_steps: int = 0,
         track_z0: bool = False,
     ) -> DriverResult:
         """Run the solver (recording autograd only if grad mode is on) -> ``DriverResult`` (flat
-        z*, status, stats; ``inverse``: the solver's inverse-Jacobian estimate, if it keeps one;
-        ``final``: the solver state, step count and non-finite flag of every row at its last
-        step, rows being samples or (sample, position) pairs in causal solving, with snapshots
-        every ``snapshot_every`` steps; ``iterates``: the ``keep`` steps' iterates).
+        z*, status, stats; ``state``: ``final``, what the solver hands out of its state, the step
+        count and the non-finite flag of every row at its last step, rows being samples or
+        (sample, position) pairs in causal solving, with snapshots every ``snapshot_every``
+        steps; ``iterates``: the ``keep`` steps' iterates).
         ``min_steps``: no sample stops before this step; ``track_z0``: start from z0 as given
         (not detached), so that a recorded graph reaches it."""
         z0 = self.z0_tracked if track_z0 else self.z0
         opts = DriverOptions(
             independent=self.independent, nonfinite=self.nonfinite, trace=self.trace,
-            min_steps=min_steps, keep=self.keep, inverse=inverse, final=final,
+            min_steps=min_steps, keep=self.keep, state=state,
             snapshot_every=snapshot_every, compaction=self.compaction,
             verify=None if self.iterate_f is self.f else self.f,
         )  # fmt: skip

@@ -299,20 +299,23 @@ def test_recorded_inverse_estimate_has_only_the_used_slots():
     a = torch.tensor([[0.3], [0.0]], dtype=F64)
     x = torch.tensor([[1.0], [2.0]], dtype=F64)
     z0 = torch.zeros(2, 1, dtype=F64)
-    r = solve(lambda z, x, a: a * z + x, z0, Broyden(**EXACT), layout_of(z0), (x, a),
-              DriverOptions(inverse=True))  # fmt: skip
+    solver = Broyden(**EXACT)
+    r = solve(lambda z, x, a: a * z + x, z0, solver, layout_of(z0), (x, a),
+              DriverOptions(state=True))  # fmt: skip
     assert r.stats.num_steps.tolist() == [2, 1]
     # 2 slots used (of history_length=20); the sample that stopped after 1 update has a zero 2nd
-    U, V = r.inverse
+    U, V = solver.inverse_estimate(r.final.state)
     assert U.shape == (2, 2, 1) and V.shape == (2, 2, 1)
     assert U[1, 1].item() == 0.0 and V[1, 1].item() == 0.0
     # I - Σ u v = (1 - a)⁻¹ for these scalar maps
     est = 1 - (U * V).sum((1, 2))
     torch.testing.assert_close(est, 1 / (1 - a.squeeze(1)), rtol=1e-12, atol=0)
-    # a solver that keeps no estimate returns none
-    r = solve(lambda z, x, a: a * z + x, z0, deepeq.Anderson(**EXACT), layout_of(z0), (x, a),
-              DriverOptions(inverse=True))  # fmt: skip
-    assert r.inverse is None
+    # a solver that keeps no estimate hands out no state and has no estimate
+    solver = deepeq.Anderson(**EXACT)
+    r = solve(lambda z, x, a: a * z + x, z0, solver, layout_of(z0), (x, a),
+              DriverOptions(state=True))  # fmt: skip
+    assert r.final.state is None
+    assert solver.inverse_estimate(()) is None
 
 
 def test_shine_start_is_refined_to_the_implicit_gradient(gen):

@@ -104,7 +104,10 @@ class ImplicitBackward(AbstractBackward):
     def check_forward_solver(self, solver: AbstractSolver) -> None:
         """Raise if this rule cannot work after a forward solve by ``solver``
         (``init="shine"`` needs a solver that keeps an inverse-Jacobian estimate)."""
-        if self.init == "shine" and type(solver).inverse_factors is AbstractSolver.inverse_factors:
+        if (
+            self.init == "shine"
+            and type(solver).inverse_estimate is AbstractSolver.inverse_estimate
+        ):
             raise ValueError(
                 f"ImplicitBackward(init='shine') starts the backward solve from the forward "
                 f"solver's inverse-Jacobian estimate, which {type(solver).__name__} does not "
@@ -115,7 +118,7 @@ class ImplicitBackward(AbstractBackward):
     def apply(self, problem):
         self.check_forward_solver(problem.solver)
         with torch.no_grad():
-            r = problem.solve(inverse=self.init == "shine")
+            r = problem.solve(state=self.init == "shine")
         z, status, stats = r.z, r.status, r.stats
         z_leaf = z.detach().requires_grad_()
         with torch.enable_grad():
@@ -124,7 +127,9 @@ class ImplicitBackward(AbstractBackward):
             # Nothing f depends on requires grad: plain values, no graph kept.
             return problem.finish(z, status, stats, fz=fz, z_leaf=z_leaf, iterates=r.iterates)
         holder = BackwardStats()
-        factors = r.inverse
+        factors = None
+        if r.final is not None and r.final.state is not None:
+            factors = problem.solver.inverse_estimate(r.final.state)
         coupled = not problem.independent
         value = _ImplicitFunction.apply(fz, z_leaf, z, self, holder, factors, coupled)
         return problem.finish(

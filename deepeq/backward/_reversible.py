@@ -107,7 +107,7 @@ class ReversibleBackward(AbstractBackward):
     def apply(self, problem):
         self.check_forward_solver(problem.solver)
         with torch.no_grad():
-            r = problem.solve(final=True, snapshot_every=self.checkpoint_every or 0, min_steps=1)
+            r = problem.solve(state=True, snapshot_every=self.checkpoint_every or 0, min_steps=1)
         z, status, stats, final = r.z, r.status, r.stats, r.final
         # One tracked call of f finds what f closes over (the parameters to return gradients
         # for), on one sample when samples are independent; its graph is not kept.

@@ -22,6 +22,7 @@ class _AndersonState(NamedTuple):
     eye: Tensor  # (m, m)  identity (constant, used by restarts)
     count: int  # iterates written so far; the ring slot is count % m
     scale: Tensor  # (B, 1)  1 / ||g_0|| per sample: G holds scaled residuals (see init)
+    positions: int = 0  # causal solving: rows per sample (weights minimise each prefix's residual)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,7 +76,7 @@ class Anderson(AbstractSolver):
         _check_float("Anderson", "ridge", self.ridge, 0.0)
         _check_float("Anderson", "max_weight", self.max_weight, 1.0, strict=True)
 
-    def init(self, f: FlatFn, z: Tensor, fz: Tensor) -> _AndersonState:
+    def init(self, f: FlatFn, z: Tensor, fz: Tensor, *, positions: int = 0) -> _AndersonState:
         B, D = z.shape
         m = self.history_length
         wd = work_dtype(z.dtype)  # fp32 for fp32/bf16/fp16 states, fp64 for fp64
@@ -95,15 +96,18 @@ class Anderson(AbstractSolver):
             eye=eye,
             count=0,
             scale=scale.unsqueeze(1),
+            positions=positions,
         )
 
     def compact(self, state: _AndersonState, keep: Tensor) -> _AndersonState:
-        F, G, H, valid, eye, count, scale = state
-        return _AndersonState(F[keep], G[keep], H[keep], valid[keep], eye, count, scale[keep])
+        F, G, H, valid, eye, count, scale, positions = state
+        return _AndersonState(
+            F[keep], G[keep], H[keep], valid[keep], eye, count, scale[keep], positions
+        )
 
     def step(self, f: FlatFn, z: Tensor, fz: Tensor, state: _AndersonState):
         # Written for few tensor ops per step: with cheap f the per-op overhead dominates.
-        F, G, H, valid, eye, count, scale = state
+        F, G, H, valid, eye, count, scale, positions = state
         grad = torch.is_grad_enabled()
         if grad:  # UnrolledBackward: keep the tensors autograd saved intact
             F, G, H, valid = F.clone(), G.clone(), H.clone(), valid.clone()
@@ -118,7 +122,6 @@ class Anderson(AbstractSolver):
         H[:, :, s] = h
         H[:, s, s] *= 1.0 + self.ridge
         # Invalid slots are identity rows with a zero right-hand side: their weight is exactly 0.
-        positions = getattr(f, "positions", 0)  # causal solving: rows per sample
         alpha = _weights(H, valid, scale, positions)
         # Safeguard: a singular system gives inf/NaN weights, an ill-conditioned one huge
         # weights. Those samples take a Picard step and clear their history (the next step
@@ -140,7 +143,7 @@ class Anderson(AbstractSolver):
         if self.damping:
             # Σ α_i z_i = Σ α_i (f_i - g_i), so the damped mix is Σ α f - damping Σ α g.
             z_next = z_next - self.damping * bvm(a, G) / scale
-        return z_next, f(z_next), _AndersonState(F, G, H, valid, eye, count + 1, scale)
+        return z_next, f(z_next), _AndersonState(F, G, H, valid, eye, count + 1, scale, positions)
 
 
 def _weights(

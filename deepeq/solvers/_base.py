@@ -32,23 +32,30 @@ class AbstractSolver(abc.ABC):
     returns_last: ClassVar[bool] = False
 
     @abc.abstractmethod
-    def init(self, f: FlatFn, z: Tensor, fz: Tensor) -> Any:
-        """Build the solver state (e.g. a history buffer) for ``z``, ``fz = f(z)`` of shape (B, D)."""
+    def init(self, f: FlatFn, z: Tensor, fz: Tensor, *, positions: int = 0) -> Any:
+        """Build the solver state (e.g. a history buffer) for ``z``, ``fz = f(z)`` of shape (B, D).
+
+        ``positions`` > 0: causal solving, the rows being (sample, position) pairs, this many per
+        sample in order; a solver that mixes rows (Anderson) keeps it in its state and mixes per
+        prefix. Solvers whose mixing cannot be made causal are refused before the solve
+        (``deepeq._fixed_point.check_causal_solver``)."""
 
     @abc.abstractmethod
     def step(self, f: FlatFn, z: Tensor, fz: Tensor, state: Any) -> tuple[Tensor, Tensor, Any]:
         """One iteration: return ``(z_next, f(z_next), new_state)``, evaluating ``f`` itself."""
 
-    def inverse_factors(self, state: Any, rows: Tensor) -> tuple[Tensor, Tensor] | None:
-        """The solver's estimate of ``(I - J_f)⁻¹`` at its current iterate for samples ``rows``,
-        as low-rank factors ``(U, V)`` ``(len(rows), n, D)`` with ``(I - J_f)⁻¹ ≈ I - UᵀV``
-        (i.e. ``I - Σ_i u_i v_iᵀ``), or None for solvers that keep no such estimate (the default).
-        Used by ``ImplicitBackward(init="shine")``."""
+    def final_state(self, state: Any, rows: Tensor) -> tuple[Tensor, ...] | None:
+        """What the solver hands out of its state for rows ``rows`` at their last step: a tuple of
+        batch-first tensors ``(len(rows), ...)`` (trailing sizes may differ between calls; the
+        driver pads them with zeros into full-batch tensors, ``FinalState.state``), or None (the
+        default: nothing). ``Reversible``: both chains; ``Broyden``: its inverse estimate."""
         return None
 
-    def final_state(self, state: Any, rows: Tensor) -> tuple[Tensor, ...] | None:
-        """Per-row ``(len(rows), D)`` tensors of the solver state that a backward rule needs at
-        each sample's last step (``Reversible``: its second chain), or None (the default)."""
+    def inverse_estimate(self, final: tuple[Tensor, ...]) -> tuple[Tensor, Tensor] | None:
+        """From ``final_state``'s full-batch tensors, the solver's estimate of ``(I - J_f)⁻¹`` at
+        each sample's last iterate as low-rank factors ``(U, V)`` ``(B, n, D)`` with
+        ``(I - J_f)⁻¹ ≈ I - Σ_i u_i v_iᵀ`` (unused slots zero), or None for solvers that keep no
+        such estimate (the default). Used by ``ImplicitBackward(init="shine")``."""
         return None
 
     def compact(self, state: Any, keep: Tensor) -> Any:

@@ -80,7 +80,7 @@ class Broyden(AbstractSolver):
         if not isinstance(self.line_search, bool):
             raise TypeError(f"Broyden.line_search must be a bool; got {self.line_search!r}.")
 
-    def init(self, f: FlatFn, z: Tensor, fz: Tensor) -> _BroydenState:
+    def init(self, f: FlatFn, z: Tensor, fz: Tensor, *, positions: int = 0) -> _BroydenState:
         B, D = z.shape
         m = self.history_length
         # Uninitialised on purpose: slots are written before they are read (count tracks them).
@@ -138,10 +138,16 @@ class Broyden(AbstractSolver):
         V[:, n] = unit
         return z_new, fz_new, _BroydenState(U, V, n + 1)
 
-    def inverse_factors(self, state: _BroydenState, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """``J_g⁻¹ ≈ -I + Σ u_i v_iᵀ`` for ``g = f - z``, so ``(I - J_f)⁻¹ = -J_g⁻¹ ≈ I - Σ u_i v_iᵀ``."""
+    def final_state(self, state: _BroydenState, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """The used factors ``(U, V)`` ``(len(rows), n, D)`` of rows ``rows``."""
         U, V, n = state
         return U[rows, :n], V[rows, :n]
+
+    def inverse_estimate(self, final: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """``J_g⁻¹ ≈ -I + Σ u_i v_iᵀ`` for ``g = f - z``, so ``(I - J_f)⁻¹ = -J_g⁻¹ ≈ I - Σ u_i v_iᵀ``:
+        the exported factors as they are."""
+        U, V = final
+        return U, V
 
     def _backtrack(self, f, z, g, dz, z_new, fz_new):
         gnorm = safe_norm(g, 1)
