@@ -189,6 +189,61 @@ def _closure_leaves(fz: Tensor, z_leaf: Tensor, args) -> list[Tensor]:
     return list(found.values())
 
 
+class _Vjp:
+    """f on the reversal's chain values and its vector-Jacobian products; the gradients of the
+    args requiring grad (through detached stand-ins) and of the closed-over leaves accumulate
+    in ``acc``."""
+
+    def __init__(self, run: _Reversal, cd: torch.dtype):
+        problem = run.problem
+        self.problem, self.cd, self.replay = problem, cd, run.replay
+        self.f, self.layout, self.T = problem.iterate_f, problem.layout, problem.positions
+        stand = {id(a): a.detach().requires_grad_() for a in run.arg_leaves if a.requires_grad}
+        self.args = _map_args(problem.args, lambda a: stand.get(id(a), a))
+        self.wrt = [stand[id(a)] for a in run.arg_leaves if a.requires_grad] + run.params
+        self.acc: list[Tensor | None] = [None] * len(self.wrt)
+        device, dtype = self.layout.device.type, run.autocast
+        self.scope = (
+            (lambda: torch.autocast(device, dtype=dtype))
+            if dtype is not None
+            else contextlib.nullcontext
+        )
+
+    def call(self, x: Tensor, idx: Tensor | None) -> Tensor:
+        """f on chain values x (cast to the state's dtype, as in the forward), output in the
+        chain dtype."""
+        layout, T = self.layout, self.T
+        xs = x.to(layout.dtype)
+        if T:
+            B = layout.batch
+            out = self.f(unflatten(xs.reshape(B, -1), layout), *self.args)
+            check_output(out, layout, B, True)
+            return flatten(out, layout).to(layout.dtype).to(self.cd).reshape(B * T, -1)
+        return _call(self.problem, xs, idx, self.args, self.f).to(self.cd)
+
+    def __call__(self, x: Tensor, idx: Tensor | None, cot: Tensor) -> tuple[Tensor, Tensor]:
+        """f at x -> (f(x) as the forward computed it, cotᵀ ∂f/∂x); the parameter and arg parts
+        are accumulated. ``replay``: f computes otherwise with autograd on (e.g. a fused kernel
+        only without grad), so the value is recomputed without grad, as in the forward, or the
+        reversal would not retrace the forward's iterates bit for bit."""
+        leaf = x.detach().requires_grad_()
+        value = None
+        if self.replay:
+            with torch.no_grad(), self.scope():
+                value = self.call(x, idx)
+        with torch.enable_grad(), self.scope():
+            out = self.call(leaf, idx)
+            # retain: a closed-over non-leaf's graph (outside f) is shared by every call
+            grads = torch.autograd.grad(
+                out, [leaf, *self.wrt], cot, allow_unused=True, retain_graph=True
+            )
+        for i, g in enumerate(grads[1:]):
+            if g is not None:
+                self.acc[i] = g if self.acc[i] is None else self.acc[i] + g
+        gx = grads[0] if grads[0] is not None else torch.zeros_like(x)
+        return (out.detach() if value is None else value), gx
+
+
 class _Reversal:
     """Everything the backward pass needs to undo the iterations (non-tensor state; the
     tensors go through ``ctx.save_for_backward``)."""
@@ -204,12 +259,11 @@ class _Reversal:
         """Undo the iterations from the chains ``(z_N, y_N)`` (chain dtype; ``z_out``: the
         returned iterate) carrying the adjoints; returns the gradients of z0, the args requiring
         grad and the closed-over leaves (and the stats)."""
-        problem, beta = self.problem, self.problem.solver.beta
+        problem = self.problem
         layout, T = problem.layout, problem.positions
         B = layout.batch
         rows_view = (lambda t: t.reshape(B * T, -1)) if T else (lambda t: t)
         cd = y.dtype  # the chains' dtype (float64 by default); f runs in the state's
-        z_final = rows_view(z_out)
         z, y = rows_view(z).clone(), rows_view(y).clone()
         v, z0r = rows_view(v).to(cd), rows_view(z0).detach().to(cd)
         steps, bad = self.steps.clone(), self.bad
@@ -218,53 +272,7 @@ class _Reversal:
             v = torch.where(bad.unsqueeze(1), 0.0, v)
             y = torch.where(bad.unsqueeze(1), z, y)
         full = T > 0 or not problem.independent  # f sees every row (held rows at z_N)
-        # Detached stand-ins for the args requiring grad: their gradient is accumulated here.
-        stand = {}
-        for a in self.arg_leaves:
-            if a.requires_grad:
-                stand[id(a)] = a.detach().requires_grad_()
-        args = _map_args(problem.args, lambda a: stand.get(id(a), a))
-        wrt = [stand[id(a)] for a in self.arg_leaves if a.requires_grad] + self.params
-        acc: list[Tensor | None] = [None] * len(wrt)
-        f = problem.iterate_f
-        scope = (
-            (lambda: torch.autocast(layout.device.type, dtype=self.autocast))
-            if self.autocast is not None
-            else contextlib.nullcontext
-        )
-
-        def call(x: Tensor, idx: Tensor | None) -> Tensor:
-            """f on chain values x (cast to the state's dtype, as in the forward), output in
-            the chain dtype."""
-            xs = x.to(layout.dtype)
-            if T:
-                out = f(unflatten(xs.reshape(B, -1), layout), *args)
-                check_output(out, layout, B, True)
-                return flatten(out, layout).to(layout.dtype).to(cd).reshape(B * T, -1)
-            return _call(problem, xs, idx, args, f).to(cd)
-
-        def vjp(x: Tensor, idx: Tensor | None, cot: Tensor) -> tuple[Tensor, Tensor]:
-            """f at x -> (f(x) as the forward computed it, cotᵀ ∂f/∂x); the parameter and arg
-            parts are accumulated. ``self.replay``: f computes otherwise with autograd on (e.g. a
-            fused kernel only without grad), so the value is recomputed without grad, as in the
-            forward, or the reversal would not retrace the forward's iterates bit for bit."""
-            leaf = x.detach().requires_grad_()
-            value = None
-            if self.replay:
-                with torch.no_grad(), scope():
-                    value = call(x, idx)
-            with torch.enable_grad(), scope():
-                out = call(leaf, idx)
-                # retain: a closed-over non-leaf's graph (outside f) is shared by every call
-                grads = torch.autograd.grad(
-                    out, [leaf, *wrt], cot, allow_unused=True, retain_graph=True
-                )
-            for i, g in enumerate(grads[1:]):
-                if g is not None:
-                    acc[i] = g if acc[i] is None else acc[i] + g
-            gx = grads[0] if grads[0] is not None else torch.zeros_like(x)
-            return (out.detach() if value is None else value), gx
-
+        vjp = _Vjp(self, cd)
         gz, gy = v.clone(), torch.zeros_like(v)
         nfe = 0
         # A unit (a sample; in causal solving its positions together; a coupled batch as one)
@@ -292,49 +300,63 @@ class _Reversal:
             act = steps >= k
             if not bool(act.any()):  # rows that stopped earlier in the forward come later
                 continue
-            if full:
-                m = act.unsqueeze(1)
-                # y_k = (1-β) y_{k-1} + β f(z_k): undo it, adjoint of f(z_k) is β gy_k
-                fzk, g1 = vjp(z, None, torch.where(m, beta * gy, 0.0))
-                gz = gz + g1
-                y = torch.where(m, (y - beta * fzk) / (1 - beta), y)
-                gy = torch.where(m, (1 - beta) * gy, gy)
-                # z_k = (1-β) z_{k-1} + β f(y_{k-1}); held rows enter f at their z_N. y_0 is
-                # z0 exactly (not its reconstruction: f may have a kink there, e.g. ReLU at 0)
-                yin = torch.where(m, z0r if k == 1 else y, z)
-                fyk, g2 = vjp(yin, None, torch.where(m, beta * gz, 0.0))
-                gy = gy + torch.where(m, g2, 0.0)
-                gz = torch.where(m, (1 - beta) * gz, gz + g2)
-                z = torch.where(m, (z - beta * fyk) / (1 - beta), z)
-            else:
-                idx = act.nonzero().squeeze(1)
-                zi, yi, gzi, gyi = z[idx], y[idx], gz[idx], gy[idx]
-                fzk, g1 = vjp(zi, idx, beta * gyi)
-                gzi = gzi + g1
-                yi = (yi - beta * fzk) / (1 - beta)
-                gyi = (1 - beta) * gyi
-                fyk, g2 = vjp(z0r[idx] if k == 1 else yi, idx, beta * gzi)
-                gyi = gyi + g2
-                gzi = (1 - beta) * gzi
-                zi = (zi - beta * fyk) / (1 - beta)
-                z, y = z.index_copy(0, idx, zi), y.index_copy(0, idx, yi)
-                gz, gy = gz.index_copy(0, idx, gzi), gy.index_copy(0, idx, gyi)
+            undo = self._undo_masked if full else self._undo_rows
+            z, y, gz, gy = undo(vjp, act, z0r if k == 1 else None, z, y, gz, gy)
             nfe += 4 if self.replay else 2
-        # z_0 = y_0 = z0; a row stopped early carries an adjoint below round-off: its z0
-        # gradient is taken as zero.
+        g_z0, err = self._at_z0(z, y, gz, gy, z0r, early, rows_view(z_out), B, T)
+        if T:
+            undone, early = undone.view(B, T).amax(1), early.view(B, T).any(1)
+        err = torch.where(early, float("nan"), err)
+        return g_z0.to(z0.dtype), vjp.acc, nfe, err, undone
+
+    def _undo_masked(self, vjp, act, z0r, z, y, gz, gy):
+        """One step undone on the whole batch (f sees every row; held rows at their z_N), the
+        rows ``act`` moving. ``z0r``: z0 at the first step (y_0 is z0 exactly, not its
+        reconstruction: f may have a kink there, e.g. ReLU at 0), else None."""
+        beta, m = self.problem.solver.beta, act.unsqueeze(1)
+        # y_k = (1-β) y_{k-1} + β f(z_k): undo it, adjoint of f(z_k) is β gy_k
+        fzk, g1 = vjp(z, None, torch.where(m, beta * gy, 0.0))
+        gz = gz + g1
+        y = torch.where(m, (y - beta * fzk) / (1 - beta), y)
+        gy = torch.where(m, (1 - beta) * gy, gy)
+        # z_k = (1-β) z_{k-1} + β f(y_{k-1}); held rows enter f at their z_N
+        yin = torch.where(m, z0r if z0r is not None else y, z)
+        fyk, g2 = vjp(yin, None, torch.where(m, beta * gz, 0.0))
+        gy = gy + torch.where(m, g2, 0.0)
+        gz = torch.where(m, (1 - beta) * gz, gz + g2)
+        z = torch.where(m, (z - beta * fyk) / (1 - beta), z)
+        return z, y, gz, gy
+
+    def _undo_rows(self, vjp, act, z0r, z, y, gz, gy):
+        """One step undone on the rows ``act`` only (independent samples: f on those rows)."""
+        beta, idx = self.problem.solver.beta, act.nonzero().squeeze(1)
+        zi, yi, gzi, gyi = z[idx], y[idx], gz[idx], gy[idx]
+        fzk, g1 = vjp(zi, idx, beta * gyi)
+        gzi = gzi + g1
+        yi = (yi - beta * fzk) / (1 - beta)
+        gyi = (1 - beta) * gyi
+        fyk, g2 = vjp(z0r[idx] if z0r is not None else yi, idx, beta * gzi)
+        gyi = gyi + g2
+        gzi = (1 - beta) * gzi
+        zi = (zi - beta * fyk) / (1 - beta)
+        z, y = z.index_copy(0, idx, zi), y.index_copy(0, idx, yi)
+        gz, gy = gz.index_copy(0, idx, gzi), gy.index_copy(0, idx, gyi)
+        return z, y, gz, gy
+
+    @staticmethod
+    def _at_z0(z, y, gz, gy, z0r, early, z_final, B: int, T: int):
+        """The gradient of z0 (z_0 = y_0 = z0; a row stopped early carries an adjoint below
+        round-off: zero) and the reconstruction error of z_0 (both chains) relative to
+        ``||z_N||`` per sample (per row before the causal aggregation)."""
         g_z0 = torch.where(early.unsqueeze(1), 0.0, gz + gy)
-        # Reconstruction error of z_0 (both chains) relative to ||z_N||, per sample; NaN where
-        # the reversal stopped early (z_0 was not reconstructed).
         err = torch.maximum(safe_norm(z - z0r, 1), safe_norm(y - z0r, 1))
         scale = safe_norm(z_final, 1)
         if T:
             err = safe_norm(err.view(B, T), 1)
             scale = safe_norm(scale.view(B, T), 1)
             g_z0 = g_z0.reshape(B, -1)
-            undone, early = undone.view(B, T).amax(1), early.view(B, T).any(1)
         err = torch.where(err == 0, 0.0, err / scale.clamp_min(torch.finfo(err.dtype).tiny))
-        err = torch.where(early, float("nan"), err)
-        return g_z0.to(z0.dtype), acc, nfe, err, undone
+        return g_z0, err
 
     @staticmethod
     def _unit_sum(B: int, T: int, coupled: bool):
