@@ -14,6 +14,7 @@ from ._solution import Solution
 from ._types import FixedPointFn, State
 from .backward import AbstractBackward, ImplicitBackward
 from .solvers import AbstractSolver, Anderson
+from .solvers._base import check_solver
 
 
 def fixed_point(
@@ -133,22 +134,14 @@ def fixed_point(
     """
     if solver is None:
         solver = Anderson()
-    if not isinstance(solver, AbstractSolver):
-        raise TypeError(
-            f"solver must be a deepeq solver object such as deepeq.Anderson(); got "
-            f"{type(solver).__name__}. Use deepeq.make_solver(name, **hyperparams) for strings."
-        )
+    check_solver(solver, "solver")
     if not callable(f):
         raise TypeError(f"f must be callable f(z, *args) -> z; got {type(f).__name__}.")
     if not isinstance(args, tuple | list):
         args = (args,)
     if backward is None:
         backward = ImplicitBackward()
-    if not isinstance(backward, AbstractBackward):
-        raise TypeError(
-            f"backward must be a deepeq backward rule such as deepeq.ImplicitBackward(); got "
-            f"{type(backward).__name__}."
-        )
+    AbstractBackward.check(backward, "backward")
     layout = layout_of(z0)
     check_args(args, layout)
     positions = 0

@@ -17,7 +17,7 @@ from .._flatten import layout_of
 from .._norm import safe_norm
 from .._solution import BackwardStats, ConvergenceWarning, Status
 from ..solvers import AbstractSolver, Anderson
-from ..solvers._base import _check_int, bmv, bvm, check_damping
+from ..solvers._base import _check_int, bmv, bvm, check_damping, check_solver
 from ._base import AbstractBackward
 
 logger = logging.getLogger("deepeq")
@@ -86,12 +86,8 @@ class ImplicitBackward(AbstractBackward):
     fallback_damping: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.solver is not None and not isinstance(self.solver, AbstractSolver):
-            raise TypeError(
-                f"ImplicitBackward.solver must be a deepeq solver object such as "
-                f"deepeq.Anderson(rtol=1e-4), or None (no backward iterations); got "
-                f"{type(self.solver).__name__}."
-            )
+        if self.solver is not None:
+            check_solver(self.solver, "ImplicitBackward.solver", ", or None (no iterations)")
         if self.init not in ("v", "shine"):
             raise ValueError(f"ImplicitBackward.init must be 'v' or 'shine'; got {self.init!r}.")
         if self.fallback not in ("phantom", "raise"):

@@ -76,6 +76,17 @@ class AbstractSolver(abc.ABC):
         check_damping(name, "damping", getattr(self, "damping", 0.0))
 
 
+def check_solver(value: object, what: str, alternative: str = "") -> None:
+    """The one check that ``value`` is a solver object (``what``: the argument's name in the
+    message; ``alternative``: what else is accepted, e.g. ", or None (no backward
+    iterations)")."""
+    if not isinstance(value, AbstractSolver):
+        raise TypeError(
+            f"{what} must be a deepeq solver object such as deepeq.Anderson(){alternative}; got "
+            f"{type(value).__name__}. Use deepeq.make_solver(name, **hyperparams) for strings."
+        )
+
+
 def check_damping(name: str, field: str, d: object) -> None:
     """The one check of a damping factor (solvers, the phantom gradient, the implicit backward's
     fallback): a float in [0, 1), meaning ``z <- (1 - d) f(z) + d z``."""
