@@ -15,7 +15,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
+from .analysis import plots
 from .train.checkpoint import CheckpointError
 from .train.config import ConfigError
 
@@ -41,8 +45,15 @@ def _train(args: argparse.Namespace) -> int:
     metrics = train(
         cfg, resume=args.resume, progress=not args.no_progress, until_step=args.until_step
     )
-    if not _rank_zero():  # under torchrun only rank 0 reports (the others lack the evaluation)
-        return 0
+    if _rank_zero():  # under torchrun only rank 0 reports (the others lack the evaluation)
+        _report_run(cfg, metrics)
+    return 0
+
+
+def _report_run(cfg, metrics: dict) -> None:
+    """The final lines of ``deepeq train``: the metrics, a summary, convergence, a warning."""
+    from .train.convergence import convergence_line
+
     print(
         f"run {cfg.out_dir}: "
         + ", ".join(
@@ -57,8 +68,6 @@ def _train(args: argparse.Namespace) -> int:
         "summary: "
         + " | ".join(f"{k} {metrics[k]:.4g}" for k in keys if metrics.get(k) is not None)
     )
-    from .train.convergence import convergence_line
-
     line = convergence_line(metrics, cfg)
     if line:
         print(line)
@@ -67,7 +76,6 @@ def _train(args: argparse.Namespace) -> int:
             f"warning: the training loss exploded at step {metrics['loss_exploded_at']} (see the "
             f"log); this result is probably useless."
         )
-    return 0
 
 
 def _rank_zero() -> bool:
@@ -91,12 +99,50 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _BPEPrompt:
+    """Prompts of a byte-level BPE corpus: its tokenizer both ways."""
+
+    def __init__(self, corpus):
+        self.corpus = corpus
+
+    def encode(self, prompt: str):
+        ids = self.corpus.encode(prompt)
+        if ids.numel() == 0:
+            raise ValueError("the prompt is empty: give at least one word to start from.")
+        return ids
+
+    def text(self, prompt_ids, new_ids) -> str:
+        import torch
+
+        return self.corpus.decode(torch.cat([prompt_ids, new_ids]))
+
+
+class _VocabPrompt:
+    """Prompts of a word- or character-level corpus: tokens of its vocabulary."""
+
+    def __init__(self, corpus):
+        self.itos, self.level = corpus.itos, corpus.level
+        self.sep = " " if corpus.level == "word" else ""  # between the prompt and the rest
+
+    def encode(self, prompt: str):
+        from .generation import encode_prompt
+
+        return encode_prompt(prompt, self.itos, self.level)
+
+    def text(self, prompt_ids, new_ids) -> str:
+        from .generation import decode_ids
+
+        new = decode_ids(new_ids, self.itos, self.level)
+        return decode_ids(prompt_ids, self.itos, self.level) + self.sep + new
+
+
+def prompt_codec(corpus) -> _BPEPrompt | _VocabPrompt:
+    """How ``deepeq generate`` reads a prompt and writes the text for a corpus (by its level)."""
+    return _BPEPrompt(corpus) if corpus.level == "bpe" else _VocabPrompt(corpus)
+
+
 def _generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import torch
-
-    from .generation import decode_ids, encode_prompt, generate
+    from .generation import generate
     from .train.checkpoint import load_run
     from .train.config import load_run_config
     from .train.loop import flush_denormal
@@ -108,15 +154,9 @@ def _generate(args: argparse.Namespace) -> int:
             f"language-model run (data.task = 'lm'), e.g. deepeq train configs/ptb_quick.toml."
         )
     cfg, model, task = load_run(args.run_dir, args.checkpoint)
-    corpus = task.corpus
-    itos, level = corpus.itos, corpus.level
+    codec = prompt_codec(task.corpus)
     try:
-        if level == "bpe":
-            ids = corpus.encode(args.prompt)
-            if ids.numel() == 0:
-                raise ValueError("the prompt is empty: give at least one word to start from.")
-        else:
-            ids = encode_prompt(args.prompt, itos, level)
+        ids = codec.encode(args.prompt)
     except ValueError as e:
         raise ConfigError(f"--prompt: {e}") from e
     with flush_denormal(cfg.flush_denormal):
@@ -125,11 +165,7 @@ def _generate(args: argparse.Namespace) -> int:
                            top_p=args.top_p, seed=args.seed, window=args.window)  # fmt: skip
         except ValueError as e:  # bad sampling options
             raise ConfigError(str(e)) from e
-    if level == "bpe":
-        print(corpus.decode(torch.cat([ids, out.tokens])))
-    else:
-        sep = " " if level == "word" else ""
-        print(decode_ids(ids, itos, level) + sep + decode_ids(out.tokens, itos, level))
+    print(codec.text(ids, out.tokens))
     nfe = sum(out.nfe) / max(1, len(out.nfe))
     print(
         f"# {len(out.tokens)} tokens in {out.seconds:.2f} s ({out.tokens_per_s:.1f} tokens/s), "
@@ -147,77 +183,116 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _analyze(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .analysis import plots, studies
+def _convergence_rows(args: argparse.Namespace) -> list[dict]:
+    """``analyze convergence``: a weight-tied stack's residual against depth, with Broyden's
+    trace, for a run's model (its own test images for image runs) or a fresh registered one."""
+    from .analysis import studies
     from .models._protocol import equilibrium_layer
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.study == "convergence":
-        if args.run:
-            from .train.checkpoint import load_run
-
-            cfg, model, task = load_run(args.run)
-            if equilibrium_layer(model) is None:
-                raise ConfigError(
-                    f"{args.run}: the convergence study needs a DEQ sequence or image model; got "
-                    f"{cfg.model.name}."
-                )
-            images = task.analysis_inputs(4)  # image runs: their own test images
-        else:
-            from .models import create_model
-
-            model, images = create_model(args.model), None
-            if equilibrium_layer(model) is None:
-                raise ConfigError(
-                    f"--model {args.model} is not a DEQ sequence or image model, which the "
-                    f"convergence study needs (a deq_* or mdeq_* name)."
-                )
-        rows = studies.stack_convergence(
-            model, [int(v) for v in args.lengths.split(",")], args.layers, images=images
-        )
-        plots.write_csv(rows, out / "convergence.csv")
-        plots.plot_convergence(rows, out / "convergence.png")
-        print(out / "convergence.csv", out / "convergence.png")
-    elif args.study == "gradient":
+    if args.run:
         from .train.checkpoint import load_run
 
-        caps = studies.parse_caps(args.caps)
-        _, model, task = load_run(args.run, args.checkpoint)
-        rows = studies.gradient_accuracy(
-            model, task, caps, step=args.step, dropout=not args.no_dropout,
-            b_init=args.b_init, solver=args.solver,
-        )  # fmt: skip
-        plots.write_csv(rows, out / "gradient_accuracy.csv")
-        plots.plot_gradient_accuracy(rows, out / "gradient_accuracy.png")
-        print(
-            "| caps fwd/bwd | loss | fwd rel. res. | bwd rel. res. | fwd NFE | bwd NFE | cosine | rel. error | s |"
-        )
-        print("|---" * 9 + "|")
-        for r in rows:
-            print(
-                f"| {r['f_cap']}/{r['b_cap']}{' shine' if r['b_init'] == 'shine' else ''} | "
-                f"{r['loss']:.5f} | {r['fwd_rel_residual']:.2e} | "
-                f"{r['bwd_rel_residual']:.2e} | {r['fwd_nfe']} | {r['bwd_nfe']} | "
-                f"{r['cosine']:.4f} | {r['rel_error']:.3f} | {r['seconds']:.2f} |"
+        cfg, model, task = load_run(args.run)
+        if equilibrium_layer(model) is None:
+            raise ConfigError(
+                f"{args.run}: the convergence study needs a DEQ sequence or image model; got "
+                f"{cfg.model.name}."
             )
-        ref = rows[0]
-        if max(ref["fwd_rel_residual"], ref["bwd_rel_residual"]) > 1e-5:
-            print(
-                f"warning: the reference solve did not converge (relative residuals "
-                f"{ref['fwd_rel_residual']:.1e} / {ref['bwd_rel_residual']:.1e}); cosines and "
-                f"errors are relative to an inexact gradient (try --no-dropout or another --step)."
-            )
+        images = task.analysis_inputs(4)  # image runs: their own test images
     else:
-        rows = studies.metric_vs_nfe(args.runs, [int(v) for v in args.max_steps.split(",")])
-        plots.write_csv(rows, out / "metric_vs_nfe.csv")
-        plots.plot_metric_vs_nfe(rows, out / "metric_vs_nfe.png")
-        for r in rows:
-            print(
-                f"{Path(r['run']).name}: max_steps={r['max_steps']} NFE={r['mean_nfe']:.1f} {r['metric']}={r['value']:.4g} loss={r['test_loss']:.4g} {r['seconds']:.2f}s"
+        from .models import create_model
+
+        model, images = create_model(args.model), None
+        if equilibrium_layer(model) is None:
+            raise ConfigError(
+                f"--model {args.model} is not a DEQ sequence or image model, which the "
+                f"convergence study needs (a deq_* or mdeq_* name)."
             )
+    lengths = [int(v) for v in args.lengths.split(",")]
+    return studies.stack_convergence(model, lengths, args.layers, images=images)
+
+
+def _gradient_rows(args: argparse.Namespace) -> list[dict]:
+    """``analyze gradient``: the training gradient's accuracy against solver caps."""
+    from .analysis import studies
+    from .train.checkpoint import load_run
+
+    caps = studies.parse_caps(args.caps)
+    _, model, task = load_run(args.run, args.checkpoint)
+    return studies.gradient_accuracy(
+        model, task, caps, step=args.step, dropout=not args.no_dropout,
+        b_init=args.b_init, solver=args.solver,
+    )  # fmt: skip
+
+
+def _nfe_rows(args: argparse.Namespace) -> list[dict]:
+    """``analyze nfe``: each run's metric against forward NFE and time."""
+    from .analysis import studies
+
+    return studies.metric_vs_nfe(args.runs, [int(v) for v in args.max_steps.split(",")])
+
+
+def _print_files(rows: list[dict], csv: Path, png: Path) -> None:
+    print(csv, png)
+
+
+def _print_gradient_table(rows: list[dict], csv: Path, png: Path) -> None:
+    print(
+        "| caps fwd/bwd | loss | fwd rel. res. | bwd rel. res. | fwd NFE | bwd NFE | cosine | rel. error | s |"
+    )
+    print("|---" * 9 + "|")
+    for r in rows:
+        print(
+            f"| {r['f_cap']}/{r['b_cap']}{' shine' if r['b_init'] == 'shine' else ''} | "
+            f"{r['loss']:.5f} | {r['fwd_rel_residual']:.2e} | "
+            f"{r['bwd_rel_residual']:.2e} | {r['fwd_nfe']} | {r['bwd_nfe']} | "
+            f"{r['cosine']:.4f} | {r['rel_error']:.3f} | {r['seconds']:.2f} |"
+        )
+    ref = rows[0]
+    if max(ref["fwd_rel_residual"], ref["bwd_rel_residual"]) > 1e-5:
+        print(
+            f"warning: the reference solve did not converge (relative residuals "
+            f"{ref['fwd_rel_residual']:.1e} / {ref['bwd_rel_residual']:.1e}); cosines and "
+            f"errors are relative to an inexact gradient (try --no-dropout or another --step)."
+        )
+
+
+def _print_nfe_lines(rows: list[dict], csv: Path, png: Path) -> None:
+    for r in rows:
+        print(
+            f"{Path(r['run']).name}: max_steps={r['max_steps']} NFE={r['mean_nfe']:.1f} {r['metric']}={r['value']:.4g} loss={r['test_loss']:.4g} {r['seconds']:.2f}s"
+        )
+
+
+@dataclass(frozen=True)
+class Study:
+    """An ``analyze`` study: its rows from the arguments, the files it writes
+    (``<name>.csv`` / ``.png``), the plot and what it prints."""
+
+    rows: Callable[[argparse.Namespace], list[dict]]
+    name: str
+    plot: Callable[[list[dict], Path], object]
+    report: Callable[[list[dict], Path, Path], None]
+
+
+STUDIES = {
+    "convergence": Study(_convergence_rows, "convergence", plots.plot_convergence, _print_files),
+    "nfe": Study(_nfe_rows, "metric_vs_nfe", plots.plot_metric_vs_nfe, _print_nfe_lines),
+    "gradient": Study(
+        _gradient_rows, "gradient_accuracy", plots.plot_gradient_accuracy, _print_gradient_table
+    ),
+}
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    study = STUDIES[args.study]
+    rows = study.rows(args)
+    csv, png = out / f"{study.name}.csv", out / f"{study.name}.png"
+    plots.write_csv(rows, csv)
+    study.plot(rows, png)
+    study.report(rows, csv, png)
     return 0
 
 

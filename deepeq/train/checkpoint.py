@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .guard import GuardState
+
 FORMAT = "deepeq-checkpoint-1"
 
 
@@ -250,20 +252,16 @@ def describe_latest(path: Path) -> str:
 @dataclasses.dataclass
 class RunState:
     """The training loop's position in its schedule: everything ``latest.pt`` restores besides
-    the weights and the optimiser (step, best selection metric, skip counters, the model memory
-    carried to the next step, the loss guard's record)."""
+    the weights and the optimiser (step, best selection metric, the model memory carried to the
+    next step, the run guards' record)."""
 
     step: int = 0
     best: float = math.inf
-    skipped_in_row: int = 0
-    skipped_total: int = 0
     memory: Any = None
-    loss_start: float | None = None
-    loss_recent: list = dataclasses.field(default_factory=list)
-    loss_exploded_at: int | None = None
+    guard: GuardState = dataclasses.field(default_factory=GuardState)
 
 
-TRAINING_KEYS = ("model", "optimizer", "step", "best", "rng", "skipped_total")
+TRAINING_KEYS = ("model", "optimizer", "step", "best", "rng")
 
 
 def save_latest(
@@ -275,10 +273,8 @@ def save_latest(
     check_finite(model, run.step, path)
     save(
         {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": run.step,
-         "best": run.best, "skipped_in_row": run.skipped_in_row,
-         "skipped_total": run.skipped_total, "rng": torch.get_rng_state(), "config": config,
-         "state": _to(run.memory, "cpu"), "loss_start": run.loss_start,
-         "loss_recent": list(run.loss_recent), "loss_exploded_at": run.loss_exploded_at},
+         "best": run.best, "guard": run.guard.to_dict(), "rng": torch.get_rng_state(),
+         "config": config, "state": _to(run.memory, "cpu")},
         path,
         commit=commit,
     )  # fmt: skip
@@ -324,12 +320,8 @@ def resume(path: Path, model, opt, device: str) -> RunState:
     return RunState(
         step=ck["step"],
         best=ck["best"],
-        skipped_in_row=ck["skipped_in_row"],
-        skipped_total=ck["skipped_total"],
         memory=_to(ck.get("state"), device),
-        loss_start=ck.get("loss_start"),
-        loss_recent=list(ck.get("loss_recent", [])),
-        loss_exploded_at=ck.get("loss_exploded_at"),
+        guard=GuardState.from_checkpoint(ck),  # older checkpoints: its fields at top level
     )
 
 

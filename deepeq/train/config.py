@@ -110,6 +110,17 @@ class JacobianConfig:
     unconverged_weight: float = 0.0
     monitor_every: int = 0  # log ||J||_F estimate and spectral radius every N steps (0: never)
 
+    def __post_init__(self):
+        if not (math.isfinite(self.unconverged_weight) and self.unconverged_weight >= 0):
+            raise ConfigError(
+                f"jac.unconverged_weight must be a float >= 0; got {self.unconverged_weight!r}."
+            )
+
+    @property
+    def on(self) -> bool:
+        """Whether any Jacobian penalty is paid (a weight, the ramp's end or γ_u above 0)."""
+        return max(self.weight, self.final_weight or 0.0, self.unconverged_weight) > 0
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -145,6 +156,9 @@ class TrainConfig:
     fp_cache_mib: int = 2048  # bound; least recently used examples are evicted beyond it
     fp_cache_dtype: Literal["float32", "float16"] = "float32"  # dtype of the stored states
     fp_cache_path: str = ""  # a file for a memory-mapped store ("": in memory)
+
+    def __post_init__(self):
+        _check_model_rules(self)  # a loaded config and one built in Python alike
 
 
 def _type_name(tp: Any) -> str:
@@ -316,29 +330,36 @@ def _load(tree: dict, overrides: list[str] | tuple) -> TrainConfig:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
+    _check_data(cfg.data)
+    return cfg
+
+
+def _check_model_rules(cfg: TrainConfig) -> None:
+    """The rules that join the run's settings to its model (checked once, when a
+    ``TrainConfig`` is created): the model and its overrides exist and are valid (``check_model``),
+    Jacobian regularisation has the implicit backward to differentiate, and ``fp_cache`` has an
+    equilibrium to cache."""
     mc = check_model(cfg.model)
     backward = getattr(getattr(mc, "solve", None), "backward", None)
     j = cfg.jac
-    if not (math.isfinite(j.unconverged_weight) and j.unconverged_weight >= 0):
-        raise ConfigError(
-            f"jac.unconverged_weight must be a float >= 0; got {j.unconverged_weight!r}."
-        )
-    if max(j.weight, j.final_weight or 0.0, j.unconverged_weight) > 0 and backward not in (
-        None, "implicit",
-    ):  # fmt: skip
+    if j.on and backward not in (None, "implicit"):
         raise ConfigError(
             f"jac.weight = {j.weight:g} / jac.unconverged_weight = {j.unconverged_weight:g} "
             f"differentiate f(z*) tracked at the equilibrium, which only the implicit backward "
             f"records; model.overrides.solve.backward is {backward!r}. Set "
             f"model.overrides.solve.backward = 'implicit' or both weights to 0."
         )
-    _check_data(cfg.data)
-    if cfg.fp_cache and getattr(mc, "core", None) != "deq":
+    if cfg.fp_cache and not is_equilibrium(mc):
         raise ConfigError(
             f"fp_cache = true needs an equilibrium model; {cfg.model.name} has no DEQ core. Use a "
             f"deq_* or mdeq_* model, or fp_cache = false."
         )
-    return cfg
+
+
+def is_equilibrium(model_config: Any) -> bool:
+    """Whether a model config (``deepeq.models.model_config``) describes an equilibrium model
+    (one whose core is solved for its fixed point), as opposed to an explicit twin or baseline."""
+    return getattr(model_config, "core", None) == "deq"
 
 
 def _check_data(d: DataConfig) -> None:

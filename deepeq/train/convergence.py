@@ -102,7 +102,7 @@ def convergence_advice(cfg: Any = None) -> str:
             f"raise the cap (model.overrides.solve.f_max_steps = {spec.f_max_steps}) or loosen "
             f"the tolerance (solve.f_rtol = {spec.f_rtol:g})"
         )
-    if max(j.weight, j.final_weight or 0.0, j.unconverged_weight) > 0:
+    if j.on:
         now = f"jac.weight = {j.weight:g}"
         now += f" -> jac.final_weight = {j.final_weight:g}" if j.final_weight is not None else ""
         now += f", jac.probability = {j.probability:g}, jac.unconverged_weight = "

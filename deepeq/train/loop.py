@@ -13,11 +13,12 @@ import logging
 import os
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..backward import ImplicitBackward
 from ..models import create_model
 from ..models._protocol import EquilibriumModel, equilibrium_layer
 from ..regularization import JacobianSchedule
@@ -26,9 +27,10 @@ from ._denormal import set_flush_denormal
 from .checkpoint import RunState
 from .config import TrainConfig, dump_config
 from .convergence import convergence_summary
+from .guard import LossGuard
 from .metrics import RunLog, append_row, fields, read_rows, solution_metrics
 from .optim import lr_factor, make_optimizer
-from .step import LossGuard, StepResult, train_step
+from .step import StepResult, train_step
 from .tasks import Task, make_task
 
 logger = logging.getLogger("deepeq")
@@ -85,11 +87,59 @@ def flush_denormal(on: bool):
             set_flush_denormal(False)
 
 
+#: where a run directory keeps its resumable checkpoint and its best weights
+LATEST, BEST = Path("checkpoints/latest.pt"), Path("checkpoints/best.pt")
+
+
+@dataclass
+class _Run:
+    """What the steps of one training run share (``_setup`` builds it)."""
+
+    cfg: TrainConfig
+    task: Task
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    opt: torch.optim.Optimizer
+    jac: JacobianSchedule
+    cache: Any  # the fixed-point cache (cfg.fp_cache), or None
+    state: RunState
+    guard: LossGuard
+    rank: int
+    world: int
+    created: bool  # this process created the process group (and destroys it)
+    stop: int  # the step this call trains up to (cfg.steps, or until_step)
+    pretrain_steps: int | None  # shallow pretraining's steps; None: not an equilibrium model
+    cols: list[str] = field(default_factory=list)  # the metrics.csv columns
+    log: RunLog | None = None  # rank 0 only
+    t_last: float = 0.0  # when the previous step ended (throughput)
+
+    @property
+    def main(self) -> bool:  # only rank 0 writes logs and checkpoints
+        return self.rank == 0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+
 def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | None) -> dict:
-    out = Path(cfg.out_dir)
-    ckdir, latest = out / "checkpoints", out / "checkpoints" / "latest.pt"
+    r = _setup(cfg, resume=resume, progress=progress, until_step=until_step)
+    row: dict = {}
+    while r.state.step < r.stop:
+        result, row = _take_step(r)
+        _stop_if_stuck(r, result, row)
+        if r.main:
+            _evaluate(r, row)
+            r.log.write(row, r.state.step, cfg.log_every, r.task.throughput.column)
+            _checkpoint(r)
+    _close(r)
+    return _finish(cfg, r.task, r.model, r.state, row, r.main)
+
+
+def _setup(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | None) -> _Run:
+    """Processes, data, model, optimiser and the state to start from (``latest.pt`` with
+    ``resume``); rank 0 also prepares the run directory and its logs."""
     rank, world, created = _setup_distributed(cfg)
-    main = rank == 0  # only rank 0 writes logs and checkpoints
     if cfg.batch_size % world:
         raise ValueError(
             f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({world})."
@@ -98,99 +148,136 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, until_step: int | 
     task = make_task(cfg)
     model = create_model(cfg.model.name, **task.model_kwargs(), **cfg.model.overrides)
     model = model.to(cfg.device)
-    if main:
+    if rank == 0:
         task.report(model)  # data and model sizes; a vocabulary that dominates the model
-    _check_jacobian(cfg, model)
     net = _distributed(model, cfg) if world > 1 else model
     cache = _make_cache(cfg, model, rank)
     opt = make_optimizer(cfg, model.parameters())
-    j = cfg.jac
-    jac = JacobianSchedule(weight=j.weight, final_weight=j.final_weight, ramp_start=j.ramp_start,
-                           ramp_end=j.ramp_end, probability=j.probability, seed=cfg.seed)  # fmt: skip
-    run = _start(out, latest, resume, model, opt, cfg.device)
-    guard = LossGuard(cfg.max_loss_ratio, start=run.loss_start, recent=run.loss_recent,
-                      exploded_at=run.loss_exploded_at)  # fmt: skip
+    jac = _jacobian_schedule(cfg)
+    out = Path(cfg.out_dir)
+    state = _start(out, out / LATEST, resume, model, opt, cfg.device)
     if world > 1:
         torch.distributed.barrier()  # every rank checked the directory before rank 0 writes
-    cols, log = fields(task), None
-    if main:
-        ckdir.mkdir(parents=True, exist_ok=True)
-        for p in _ck.remove_stale(ckdir):
-            logger.info("removed %s (a checkpoint an interrupted run left unfinished)", p)
-        dump_config(cfg, out / "config.toml")
-        (out / "git.txt").write_text(git_commit() + "\n")
-        log = RunLog(out, cols, cfg.steps, run.step, progress)
-    pretrain = isinstance(model, EquilibriumModel)  # the shallow-pretraining switch
-    pretrain_steps = getattr(model.config, "pretrain_steps", 0) if pretrain else 0
-    t_last, row = time.perf_counter(), {}
+    pretrain = None  # shallow pretraining: equilibrium models only
+    if isinstance(model, EquilibriumModel):
+        pretrain = getattr(model.config, "pretrain_steps", 0)
     stop = cfg.steps if until_step is None else min(cfg.steps, until_step)
-    while run.step < stop:
-        step = run.step
-        if pretrain:
-            model.set_pretraining(step < pretrain_steps)
-        for group in opt.param_groups:  # the schedule is a pure function of the step: exact resume
-            group["lr"] = cfg.optim.lr * lr_factor(cfg, step)
-        x, y, fresh = task.train_batch(step, rank, world)  # this process's share
-        batch = (x.to(cfg.device), y.to(cfg.device), fresh)
-        keys = task.batch_keys(step, rank, world) if cache is not None else None
-        hits0 = cache.hits if cache is not None else 0
-        result, run.memory = train_step(cfg, model, net, task, opt, batch, run.memory, step=step,
-                                        jac_weight=jac(step), cache_keys=keys, world=world)  # fmt: skip
-        run.step += 1
-        if main and result.applied:  # a step at the checkpointed weights was applied: keep them
-            _ck.commit_pending(ckdir / "best.pt")
-            _ck.commit_pending(latest)
-        run.skipped_in_row = 0 if result.applied else run.skipped_in_row + 1
-        run.skipped_total += 0 if result.applied else 1
-        if not result.applied:
-            logger.warning("step %d: %s; step skipped (%d in a row)", run.step, result.skipped,
-                           run.skipped_in_row)  # fmt: skip
-        now = time.perf_counter()
-        row = _row(result, run, task, opt, batch[0], world, now - t_last)
-        if cache is not None:
-            lookups = keys.numel() * max(1, len(result.solutions))
-            row["cache_hits"] = (cache.hits - hits0) / max(1, lookups)
-        t_last = now
-        warning = guard.update(run.step, result.task_loss)
-        if warning and main:
-            logger.warning(warning)
-        if run.skipped_in_row >= cfg.max_nonfinite:
-            if main:
-                append_row(out / "metrics.csv", row, cols)  # the stop step's row is kept
-                for p in (ckdir / "best.pt", latest):  # states every later step rejected
-                    if _ck.discard_pending(p):
-                        logger.warning("%s keeps its previous state: no step taken at the "
-                                       "weights since was applied", p)  # fmt: skip
-            raise FloatingPointError(
-                f"{run.skipped_in_row} consecutive steps were skipped (last at step {run.step}: "
-                f"{result.skipped}); stopping. Lower optim.lr, enable optim.clip, add Jacobian "
-                f"regularisation (jac.weight) or weight norm; then {_ck.describe_latest(latest)}."
-            )
-        if not main:
-            continue
-        if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
-            splits = task.final_splits if run.step == cfg.steps else task.periodic_splits
-            row.update({k: v for k, v in task.evaluate(model, splits).items() if k in cols})
-            if row[task.select] < run.best:
-                run.best = row[task.select]
-                _ck.save_best(ckdir / "best.pt", model, run.step, task.select, run.best, latest,
-                              commit=run.step == stop)  # fmt: skip
-        log.write(row, run.step, cfg.log_every, task.throughput)
-        if run.step % cfg.ckpt_every == 0 or run.step == stop:
-            run.loss_start, run.loss_recent, run.loss_exploded_at = (
-                guard.start, guard.recent, guard.exploded_at,
-            )  # fmt: skip
-            # pending until the next step, taken at these weights, is applied (an exploded state
-            # never replaces the last good checkpoint); the run's last state is kept at once
-            _ck.save_latest(latest, model, opt, run, dataclasses.asdict(cfg),
-                            commit=run.step == stop)  # fmt: skip
-    if log is not None:
-        log.close()
-    if world > 1:
+    r = _Run(
+        cfg=cfg, task=task, model=model, net=net, opt=opt, jac=jac, cache=cache, state=state,
+        guard=LossGuard(cfg.max_loss_ratio, state.guard), rank=rank, world=world,
+        created=created, stop=stop, pretrain_steps=pretrain, cols=fields(task),
+    )  # fmt: skip
+    if r.main:
+        r.log = _open_run_directory(r, progress)
+    r.t_last = time.perf_counter()
+    return r
+
+
+def _jacobian_schedule(cfg: TrainConfig) -> JacobianSchedule:
+    j = cfg.jac
+    return JacobianSchedule(weight=j.weight, final_weight=j.final_weight, ramp_start=j.ramp_start,
+                            ramp_end=j.ramp_end, probability=j.probability, seed=cfg.seed)  # fmt: skip
+
+
+def _open_run_directory(r: _Run, progress: bool) -> RunLog:
+    """Rank 0: the checkpoint directory without stale files, ``config.toml``, ``git.txt``, and
+    the run's log (``metrics.csv`` cut back to the step the run starts from)."""
+    ckdir = r.out / LATEST.parent
+    ckdir.mkdir(parents=True, exist_ok=True)
+    for p in _ck.remove_stale(ckdir):
+        logger.info("removed %s (a checkpoint an interrupted run left unfinished)", p)
+    dump_config(r.cfg, r.out / "config.toml")
+    (r.out / "git.txt").write_text(git_commit() + "\n")
+    return RunLog(r.out, r.cols, r.cfg.steps, r.state.step, progress)
+
+
+def _take_step(r: _Run) -> tuple[StepResult, dict]:
+    """One training step at the schedule's learning rate; returns its result and its
+    ``metrics.csv`` row (before evaluation metrics). Commits the checkpoints left pending once
+    a step taken at their weights was applied; updates the run guards."""
+    cfg, run, step = r.cfg, r.state, r.state.step
+    if r.pretrain_steps is not None:
+        r.model.set_pretraining(step < r.pretrain_steps)
+    for group in r.opt.param_groups:  # the schedule is a pure function of the step: exact resume
+        group["lr"] = cfg.optim.lr * lr_factor(cfg, step)
+    x, y, fresh = r.task.train_batch(step, r.rank, r.world)  # this process's share
+    batch = (x.to(cfg.device), y.to(cfg.device), fresh)
+    keys = r.task.batch_keys(step, r.rank, r.world) if r.cache is not None else None
+    hits0 = r.cache.hits if r.cache is not None else 0
+    result, run.memory = train_step(cfg, r.model, r.net, r.task, r.opt, batch, run.memory,
+                                    step=step, jac_weight=r.jac(step), cache_keys=keys,
+                                    world=r.world)  # fmt: skip
+    run.step += 1
+    if r.main and result.applied:  # a step at the checkpointed weights was applied: keep them
+        _ck.commit_pending(r.out / BEST)
+        _ck.commit_pending(r.out / LATEST)
+    run.guard.count(result.applied)
+    if not result.applied:
+        logger.warning("step %d: %s; step skipped (%d in a row)", run.step, result.skipped,
+                       run.guard.skipped_in_row)  # fmt: skip
+    now = time.perf_counter()
+    row = _row(result, run, r.task, r.opt, batch[0], r.world, now - r.t_last)
+    if r.cache is not None:
+        lookups = keys.numel() * max(1, len(result.solutions))
+        row["cache_hits"] = (r.cache.hits - hits0) / max(1, lookups)
+    r.t_last = now
+    warning = r.guard.update(run.step, result.task_loss)
+    if warning and r.main:
+        logger.warning(warning)
+    return result, row
+
+
+def _stop_if_stuck(r: _Run, result: StepResult, row: dict) -> None:
+    """After ``max_nonfinite`` skipped steps in a row: log the step's row, keep the last good
+    checkpoints (discard the pending ones) and raise, naming the checkpoint to resume from."""
+    run = r.state
+    if run.guard.skipped_in_row < r.cfg.max_nonfinite:
+        return
+    latest = r.out / LATEST
+    if r.main:
+        append_row(r.out / "metrics.csv", row, r.cols)  # the stop step's row is kept
+        for p in (r.out / BEST, latest):  # states every later step rejected
+            if _ck.discard_pending(p):
+                logger.warning("%s keeps its previous state: no step taken at the "
+                               "weights since was applied", p)  # fmt: skip
+    raise FloatingPointError(
+        f"{run.guard.skipped_in_row} consecutive steps were skipped (last at step {run.step}: "
+        f"{result.skipped}); stopping. Lower optim.lr, enable optim.clip, add Jacobian "
+        f"regularisation (jac.weight) or weight norm; then {_ck.describe_latest(latest)}."
+    )
+
+
+def _evaluate(r: _Run, row: dict) -> None:
+    """Every ``eval_every`` steps and at the last: the task's metrics into ``row``, and
+    ``best.pt`` when the selection metric improved."""
+    cfg, run, task = r.cfg, r.state, r.task
+    if run.step % cfg.eval_every != 0 and run.step != cfg.steps:
+        return
+    splits = task.final_splits if run.step == cfg.steps else task.periodic_splits
+    row.update({k: v for k, v in task.evaluate(r.model, splits).items() if k in r.cols})
+    if row[task.select] < run.best:
+        run.best = row[task.select]
+        _ck.save_best(r.out / BEST, r.model, run.step, task.select, run.best, r.out / LATEST,
+                      commit=run.step == r.stop)  # fmt: skip
+
+
+def _checkpoint(r: _Run) -> None:
+    """Every ``ckpt_every`` steps and at the stop: ``latest.pt``, pending until the next step,
+    taken at these weights, is applied (an exploded state never replaces the last good
+    checkpoint); the run's last state is kept at once."""
+    run = r.state
+    if run.step % r.cfg.ckpt_every == 0 or run.step == r.stop:
+        _ck.save_latest(r.out / LATEST, r.model, r.opt, run, dataclasses.asdict(r.cfg),
+                        commit=run.step == r.stop)  # fmt: skip
+
+
+def _close(r: _Run) -> None:
+    if r.log is not None:
+        r.log.close()
+    if r.world > 1:
         torch.distributed.barrier()
-        if created:
+        if r.created:
             torch.distributed.destroy_process_group()
-    return _finish(cfg, task, model, run, guard, row, main)
 
 
 def _start(out: Path, latest: Path, resume: bool, model, opt, device: str) -> RunState:
@@ -235,15 +322,14 @@ def _row(result: StepResult, run: RunState, task: Task, opt, x, world: int, seco
     row.update(
         loss=result.loss, task_loss=result.task_loss, jac_penalty=result.jac_penalty,
         jac_unconverged=result.jac_unconverged,
-        fpc_loss=result.fpc_loss, lr=opt.param_groups[0]["lr"], skipped=run.skipped_total,
+        fpc_loss=result.fpc_loss, lr=opt.param_groups[0]["lr"], skipped=run.guard.skipped_total,
     )  # fmt: skip
-    n_items = x.numel() if task.throughput == "tokens_per_s" else x.shape[0]
-    row[task.throughput] = n_items * world / max(seconds, 1e-9)
+    row[task.throughput.column] = task.throughput.items(x) * world / max(seconds, 1e-9)
     row.update(solution_metrics(result.solutions, backward_ran=result.applied))
     return row
 
 
-def _finish(cfg: TrainConfig, task: Task, model, run: RunState, guard, row: dict, main: bool):
+def _finish(cfg: TrainConfig, task: Task, model, run: RunState, row: dict, main: bool):
     """The run's final record (``final.json``): the last row, the best metric, parameters, peak
     memory and the convergence summary."""
     out = Path(cfg.out_dir)
@@ -255,8 +341,8 @@ def _finish(cfg: TrainConfig, task: Task, model, run: RunState, guard, row: dict
         return json.loads((out / "final.json").read_text())
     final = {k: v for k, v in row.items() if v is not None}
     final[f"best_{task.select}"] = run.best
-    if guard.exploded_at is not None:
-        final["loss_exploded_at"] = guard.exploded_at
+    if run.guard.loss_exploded_at is not None:
+        final["loss_exploded_at"] = run.guard.loss_exploded_at
     final["parameters"] = sum(p.numel() for p in model.parameters())
     final.update(_peak_memory(cfg.device))
     if main:
@@ -265,33 +351,14 @@ def _finish(cfg: TrainConfig, task: Task, model, run: RunState, guard, row: dict
     return final
 
 
-def _check_jacobian(cfg: TrainConfig, model) -> None:
-    """Jacobian regularisation differentiates f(z*) as tracked by the implicit backward only
-    (``load_config`` checks the same on the config; this covers configs built in Python)."""
-    j, deq = cfg.jac, equilibrium_layer(model)
-    on = max(j.weight, j.final_weight or 0.0, j.unconverged_weight) > 0
-    if on and deq is not None and not isinstance(deq.backward_rule, ImplicitBackward):
-        raise ValueError(
-            f"jac.weight = {j.weight:g} / jac.unconverged_weight = {j.unconverged_weight:g} "
-            f"needs f(z*) tracked at the equilibrium, which only "
-            f"the implicit backward records; this model's backward is "
-            f"{type(deq.backward_rule).__name__}. Set model.overrides.solve.backward = "
-            f"'implicit' or both weights to 0."
-        )
-
-
 def _make_cache(cfg: TrainConfig, model, rank: int):
-    """The run's fixed-point cache (``cfg.fp_cache``), attached to the model's DEQ; None if off."""
+    """The run's fixed-point cache (``cfg.fp_cache``), attached to the model's DEQ; None if off
+    (a config with ``fp_cache`` names an equilibrium model: ``TrainConfig`` checks it)."""
     if not cfg.fp_cache:
         return None
     from ..nn.cache import FixedPointCache
 
-    deq = equilibrium_layer(model)
-    if deq is None:
-        raise ValueError(
-            f"fp_cache = true needs an equilibrium model; {cfg.model.name} has no DEQ core. Use a "
-            f"deq_* or mdeq_* model, or fp_cache = false."
-        )
+    deq = equilibrium_layer(model)  # the config checked that there is one
     path = None
     if cfg.fp_cache_path:
         path = cfg.fp_cache_path + (f".rank{rank}" if rank else "")

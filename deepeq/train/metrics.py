@@ -22,7 +22,7 @@ MONITOR_FIELDS = ["jac_fro", "spectral_radius"]
 
 def fields(task: Task) -> list[str]:
     """The metrics.csv columns of a task's runs."""
-    return [*BASE_FIELDS, task.throughput, *task.eval_fields, *MONITOR_FIELDS]
+    return [*BASE_FIELDS, task.throughput.column, *task.eval_fields, *MONITOR_FIELDS]
 
 
 def solution_metrics(sols: list[Solution], backward_ran: bool = True) -> dict:

@@ -3,6 +3,7 @@ non-finite guard, backward, clipping and the optimiser update, returned as a ``S
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 
@@ -14,9 +15,19 @@ from ..regularization import jacobian_penalty, spectral_radius, unconverged_mask
 from .config import TrainConfig
 
 
+class Skip(enum.Enum):
+    """Why a step's update was not applied (its text is what the log says)."""
+
+    NONFINITE = "non-finite loss or solve"
+    NONFINITE_GRADIENT = "non-finite gradient (finite loss)"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class StepResult:
-    """What one training step did. ``skipped`` names why the update was not applied (None: it
+    """What one training step did. ``skipped`` says why the update was not applied (None: it
     was); ``solutions`` are the step's equilibrium solves (empty for explicit models);
     ``monitor`` holds the ‖J‖_F estimate and spectral radius on monitored steps."""
 
@@ -25,7 +36,7 @@ class StepResult:
     jac_penalty: float | None
     fpc_loss: float | None
     grad_norm: float | None
-    skipped: str | None
+    skipped: Skip | None
     solutions: list[Solution] = field(default_factory=list)
     monitor: dict = field(default_factory=dict)
     jac_unconverged: float | None = None  # the penalty on the unconverged rows (None: none)
@@ -33,44 +44,6 @@ class StepResult:
     @property
     def applied(self) -> bool:
         return self.skipped is None
-
-
-class LossGuard:
-    """Warns once when the training loss explodes: the mean task loss of the last ``window``
-    steps above ``ratio`` times the run's first loss (before any update; ``ratio = 0``: off).
-    Its state survives a resume (it is saved in the checkpoint)."""
-
-    def __init__(
-        self, ratio: float, window: int = 10, start: float | None = None,
-        recent: list[float] = (), exploded_at: int | None = None,
-    ):  # fmt: skip
-        self.ratio, self.window, self.start = ratio, window, start
-        self.recent: list[float] = list(recent)
-        self.exploded_at = exploded_at
-
-    def update(self, step: int, loss: float) -> str | None:
-        """Record the step's loss; returns the warning the first time the loss has exploded."""
-        if not self.ratio or not math.isfinite(loss):
-            return None
-        if self.start is None:
-            self.start = loss
-            return None
-        self.recent = [*self.recent, loss][-self.window :]
-        now = sum(self.recent) / len(self.recent)
-        if (
-            self.exploded_at is None
-            and len(self.recent) == self.window
-            and now > self.ratio * abs(self.start)
-        ):
-            self.exploded_at = step
-            return (
-                f"step {step}: the training loss exploded: mean {now:.4g} over the last "
-                f"{self.window} steps against {self.start:.4g} at the first step "
-                f"(> max_loss_ratio = {self.ratio:g}x). The run goes on, but its result is "
-                f"probably useless: lower optim.lr, enable optim.clip, or add Jacobian "
-                f"regularisation (jac.weight); max_loss_ratio = 0 silences this check."
-            )
-        return None
 
 
 def correction_loss(model, sols: list, targets: torch.Tensor) -> torch.Tensor | None:
@@ -123,8 +96,28 @@ def train_step(
     wrapper; ``jac_weight`` the Jacobian penalty's weight at this step (0: none)."""
     x, y, fresh = batch
     task_loss, state, sols = task.loss(net, x, y, None if fresh else state, cache_keys)
+    loss, fpc, pen, pen_u = _regularised_loss(cfg, model, task_loss, sols, y, jac_weight)
+    monitor = _monitor(cfg, sols, step)  # before backward, which frees the tracked graph
+    skipped, grad_norm = _update(cfg, model, opt, loss, sols, world)
+    result = StepResult(
+        loss=loss.item(),
+        task_loss=task_loss.item(),
+        jac_penalty=None if pen is None else pen.item(),
+        jac_unconverged=None if pen_u is None else pen_u.item(),
+        fpc_loss=None if fpc is None else fpc.item(),
+        grad_norm=grad_norm,
+        skipped=skipped,
+        solutions=list(sols),
+        monitor=monitor,
+    )
+    return result, state
+
+
+def _regularised_loss(cfg: TrainConfig, model, task_loss, sols, targets, jac_weight: float):
+    """``(loss, correction, penalty, unconverged penalty)``: the task loss plus fixed-point
+    correction and the Jacobian penalties that are on (each term None when off)."""
     loss = task_loss
-    fpc = correction_loss(model, sols, y)
+    fpc = correction_loss(model, sols, targets)
     if fpc is not None:
         loss = loss + fpc
     pen = None
@@ -138,39 +131,42 @@ def train_step(
         pen_u = unconverged_penalty(equilibrium_layer(model), sols, cfg.jac.num_samples)
         if pen_u is not None:
             loss = loss + cfg.jac.unconverged_weight * pen_u
-    monitor = {}
+    return loss, fpc, pen, pen_u
+
+
+def _monitor(cfg: TrainConfig, sols, step: int) -> dict:
+    """Every ``jac.monitor_every`` steps: the ‖J‖_F estimate and spectral radius at the first
+    solve's equilibrium (empty otherwise)."""
     every = cfg.jac.monitor_every
-    if every and (step + 1) % every == 0 and sols and sols[0].fz is not None:
-        s0 = sols[0]  # before backward, which frees the tracked graph
-        monitor["jac_fro"] = math.sqrt(jacobian_penalty(s0.fz, s0.z_leaf, num_samples=2).item())
-        monitor["spectral_radius"] = spectral_radius(s0.fz, s0.z_leaf, num_iters=10).mean().item()
+    if not (every and (step + 1) % every == 0 and sols and sols[0].fz is not None):
+        return {}
+    s0 = sols[0]
+    return {
+        "jac_fro": math.sqrt(jacobian_penalty(s0.fz, s0.z_leaf, num_samples=2).item()),
+        "spectral_radius": spectral_radius(s0.fz, s0.z_leaf, num_iters=10).mean().item(),
+    }
+
+
+def _update(
+    cfg: TrainConfig, model, opt, loss, sols, world: int
+) -> tuple[Skip | None, float | None]:
+    """The non-finite guard, backward, clipping and the optimiser step: ``(why the update was
+    skipped or None, the gradient norm or None)``."""
     bad = not torch.isfinite(loss).item() or any(s.status is Status.NONFINITE for s in sols)
     if world > 1:  # every rank must skip together, or the gradient all-reduce would hang
         flag = torch.tensor(float(bad), device=cfg.device)
         torch.distributed.all_reduce(flag)
         bad = bool(flag.item() > 0)
-    skipped, grad_norm = ("non-finite loss or solve" if bad else None), None
-    if not bad:
+    if bad:
+        return Skip.NONFINITE, None
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    clip = cfg.optim.clip if cfg.optim.clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+    # A finite loss can still have an inf/NaN gradient (e.g. a backward solve or an
+    # overflow in f's backward); the all-reduced gradient is the same on every rank.
+    if not math.isfinite(grad_norm):
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = cfg.optim.clip if cfg.optim.clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-        # A finite loss can still have an inf/NaN gradient (e.g. a backward solve or an
-        # overflow in f's backward); the all-reduced gradient is the same on every rank.
-        if math.isfinite(grad_norm):
-            opt.step()
-        else:
-            opt.zero_grad(set_to_none=True)
-            skipped = "non-finite gradient (finite loss)"
-    result = StepResult(
-        loss=loss.item(),
-        task_loss=task_loss.item(),
-        jac_penalty=None if pen is None else pen.item(),
-        jac_unconverged=None if pen_u is None else pen_u.item(),
-        fpc_loss=None if fpc is None else fpc.item(),
-        grad_norm=grad_norm,
-        skipped=skipped,
-        solutions=list(sols),
-        monitor=monitor,
-    )
-    return result, state
+        return Skip.NONFINITE_GRADIENT, grad_norm
+    opt.step()
+    return None, grad_norm

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -80,8 +81,24 @@ def solve_fields(splits: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(f"{s}_{m}" for s in splits for m in SOLVE_FIELDS)
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """What a task's throughput counts: its ``metrics.csv`` column and the items of a batch of
+    inputs (``per_element``: every element, e.g. tokens; else every row, e.g. images)."""
+
+    column: str
+    per_element: bool
+
+    def items(self, inputs: Tensor) -> int:
+        return inputs.numel() if self.per_element else inputs.shape[0]
+
+
+TOKENS = Throughput("tokens_per_s", per_element=True)
+IMAGES = Throughput("images_per_s", per_element=False)
+
+
 class Task:
-    throughput = "tokens_per_s"
+    throughput: Throughput = TOKENS
     eval_fields: tuple[str, ...] = ()
     periodic_splits: tuple[str, ...] = ("test",)  # evaluated every eval_every steps
     final_splits: tuple[str, ...] = ("test",)  # evaluated at the last step
@@ -302,7 +319,7 @@ class ImageTask(Task):
     """Image classification (MNIST, CIFAR-10, ImageFolder, idx files): cross-entropy on the logits,
     accuracy; a training batch is a pure function of the step (indices and augmentation draws)."""
 
-    throughput = "images_per_s"
+    throughput = IMAGES
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
