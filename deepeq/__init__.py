@@ -9,6 +9,10 @@ from ._solution import ConvergenceWarning as ConvergenceWarning
 from ._solution import Solution as Solution
 from ._solution import Stats as Stats
 from ._solution import Status as Status
+from ._test_time import PathIndependence as PathIndependence
+from ._test_time import Restarts as Restarts
+from ._test_time import fixed_point_restarts as fixed_point_restarts
+from ._test_time import path_independence as path_independence
 from .backward import AbstractBackward as AbstractBackward
 from .backward import ImplicitBackward as ImplicitBackward
 from .backward import PhantomBackward as PhantomBackward

@@ -29,8 +29,8 @@ def test_version_and_public_names():
         "DEQ",
         "FixedPointCorrection", "ImplicitBackward", "JacobianSchedule", "PhantomBackward",
         "Picard", "Reversible", "ReversibleBackward", "SOLVERS", "Solution", "Stats", "Status",
-        "UnrolledBackward", "fixed_point",
-        "jacobian_penalty", "make_solver", "spectral_norm", "spectral_radius", "unconverged_mask",
+        "UnrolledBackward", "fixed_point", "fixed_point_restarts", "path_independence",
+        "PathIndependence", "Restarts", "jacobian_penalty", "make_solver", "spectral_norm", "spectral_radius", "unconverged_mask",
         "weight_norm",
     }  # fmt: skip
     for name in public:  # each is documented
