@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from deepeq.analysis import saved_bytes  # noqa: E402
 from deepeq.analysis.studies import format_sweep, sweep  # noqa: E402
+from deepeq.models import EquilibriumModel  # noqa: E402
 from deepeq.train import load_config, load_run  # noqa: E402
 
 CONFIGS = ["configs/mnist_mdeq.toml", "configs/mnist_mdeq_jr.toml", "configs/mnist_mdeq_tied.toml"]
@@ -83,7 +84,7 @@ def main(argv=None) -> None:
                 radius=num("spectral_radius")[-1] if num("spectral_radius") else None,
             )
         )  # fmt: skip
-        if hasattr(model, "deq"):
+        if isinstance(model, EquilibriumModel):
             # The sweep of these final weights is kept in the run directory: --reuse reads it back.
             cache = run / "bench_vision_sweep.json"
             key = {"caps": CAPS, "step": final.get("step"), "final": final.get("test_acc")}

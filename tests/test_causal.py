@@ -141,7 +141,7 @@ def _check_causal(model, T=20, t=11):
 def test_every_sequence_deq_is_causal_at_its_default_settings(name):
     torch.manual_seed(0)
     model = _model(name)
-    assert model.deq.causal
+    assert model.equilibrium.causal
     _check_causal(model)
 
 

@@ -104,7 +104,7 @@ def test_pick_and_weights():
 def test_model_configs_supervise_iterates_in_training_only(name):
     torch.manual_seed(0)
     model = create_model(name, solve=dict(correction_steps=2))
-    assert model.deq.correction == FixedPointCorrection(steps=2)
+    assert model.equilibrium.correction == FixedPointCorrection(steps=2)
     if name.startswith("mdeq"):
         x, y = torch.randn(2, 1, 28, 28), torch.tensor([3, 4])
     else:
@@ -144,7 +144,7 @@ def test_position_sampling_supervises_a_fresh_subset_per_iterate():
     model = create_model(
         "deq_transformer_tiny", solve=dict(correction_steps=2, correction_positions=0.25)
     )
-    assert model.deq.correction.positions == 0.25
+    assert model.equilibrium.correction.positions == 0.25
     x, y = torch.randint(0, 10, (2, 9)), torch.randint(0, 10, (2, 9))
     _, _, sols = model(x)
     seen = []
@@ -154,7 +154,7 @@ def test_position_sampling_supervises_a_fresh_subset_per_iterate():
     hook.remove()
     assert seen == [3, 3]  # ceil(0.25 * 9) positions per iterate, not 9
     torch.manual_seed(5)
-    fpc = model.deq.correction
+    fpc = model.equilibrium.correction
     parts = []
     for z in sols[0].trajectory:
         idx = torch.randperm(9)[:3].sort().values

@@ -301,11 +301,11 @@ def test_tiny_ptb_training_lowers_validation_perplexity(tmp_path):
         la, _, sols = model(a)
         lb, _, _ = model(b)
     sol = sols[0]
-    tol = model.deq.eval_solver.rtol
+    tol = model.equilibrium.eval_solver.rtol
     assert sol.stats.rel_residual.max() <= tol, sol.stats  # converged at the default eval cap
     # ... and so are the evaluation solves on the validation stream, as the run reports them
     assert after["valid_fwd_converged"] == 1.0 and after["valid_fwd_res_max"] <= tol
-    assert 1 <= after["valid_fwd_nfe"] <= model.deq.eval_solver.max_steps + 1
+    assert 1 <= after["valid_fwd_nfe"] <= model.equilibrium.eval_solver.max_steps + 1
     assert sol.value.flatten(1).norm(dim=1).min() > 0.1 * math.sqrt(sol.value[0].numel())
     assert (la[:, 10:] - lb[:, 10:]).abs().amax() > 1e-2  # earlier tokens reach later outputs
 
@@ -360,7 +360,7 @@ def test_readme_job_solves_converge_at_its_settings(tmp_path):
     )
     final = train(cfg, progress=False)
     _, model, _ = load_run(tmp_path, checkpoint="latest")
-    assert model.deq.solver.rtol == 1e-2 and model.deq.eval_solver.rtol == 1e-3
+    assert model.equilibrium.solver.rtol == 1e-2 and model.equilibrium.eval_solver.rtol == 1e-3
     assert final["fwd_converged_steps"] >= 0.95, final
     assert final["valid_fwd_converged"] >= 0.95 and final["test_fwd_converged"] >= 0.95, final
     assert final["valid_ppl"] < 1000  # it learns (uniform over the 10,000 words: 10,000)

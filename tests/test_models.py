@@ -33,10 +33,7 @@ def test_registry():
     with pytest.raises(TypeError, match=r"Unknown config field\(s\) \['d_hidden'\]"):
         create_model("deq_transformer_tiny", d_hidden=3)
     with pytest.raises(ValueError, match="already registered"):
-
-        @register_model
-        def deq_transformer_tiny():
-            pass
+        register_model("deq_transformer_tiny", None, {}, create_model)
 
     with pytest.raises(
         ValueError, match=r"core: expected one of 'deq', 'tied', 'untied'; got 'lstm'"
@@ -232,7 +229,7 @@ def test_solve_dtype_from_the_config(name):
     ref = create_model(name, solve=dict(f_rtol=1e-2, f_max_steps=60))
     m = create_model(name, solve=dict(f_rtol=1e-2, f_max_steps=60, dtype="bfloat16"))
     m.load_state_dict(ref.state_dict())
-    assert m.deq.solve_dtype == "bfloat16" and m.deq.eval_solve_dtype is None
+    assert m.equilibrium.solve_dtype == "bfloat16" and m.equilibrium.eval_solve_dtype is None
     x = tokens()
     out, _, _ = m(x)
     out_ref, _, _ = ref(x)
@@ -250,13 +247,13 @@ def test_solve_dtype_from_the_config(name):
 def test_eval_rtol_sets_only_the_evaluation_solver(name):
     # default: evaluation solves at the training tolerance
     m = create_model(name)
-    assert m.deq.eval_solver.rtol == m.deq.solver.rtol
+    assert m.equilibrium.eval_solver.rtol == m.equilibrium.solver.rtol
     m = create_model(name, solve=dict(f_rtol=1e-2, f_max_steps=7, eval_max_steps=9))
-    assert (m.deq.solver.rtol, m.deq.solver.max_steps) == (1e-2, 7)
-    assert (m.deq.eval_solver.rtol, m.deq.eval_solver.max_steps) == (1e-2, 9)
+    assert (m.equilibrium.solver.rtol, m.equilibrium.solver.max_steps) == (1e-2, 7)
+    assert (m.equilibrium.eval_solver.rtol, m.equilibrium.eval_solver.max_steps) == (1e-2, 9)
     m = create_model(name, solve=dict(f_rtol=1e-2, eval_rtol=1e-4))
-    assert (m.deq.solver.rtol, m.deq.eval_solver.rtol) == (1e-2, 1e-4)
-    assert type(m.deq.eval_solver) is type(m.deq.solver)
+    assert (m.equilibrium.solver.rtol, m.equilibrium.eval_solver.rtol) == (1e-2, 1e-4)
+    assert type(m.equilibrium.eval_solver) is type(m.equilibrium.solver)
     with pytest.raises(ValueError, match=r"rtol must be finite and >= 0; got -1"):
         create_model(name, solve=dict(eval_rtol=-1.0))
 

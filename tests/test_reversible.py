@@ -2,6 +2,7 @@
 iterate (against autograd through the same iterations and gradcheck), per-sample and causal
 stopping, O(1) saved memory and the reconstruction error it reports."""
 
+import dataclasses
 import logging
 
 import pytest
@@ -306,7 +307,7 @@ def test_models_at_their_settings_with_solver_reversible(name, dtype):
     reversal must recompute its values without grad (else it drifts: 5% gradient error)."""
     torch.manual_seed(0)
     model = create_model(name, solve=dict(solver="reversible", backward="reversible")).to(dtype)
-    assert isinstance(model.deq.solver, Reversible) and model.deq.solver.beta == 0.5
+    assert isinstance(model.equilibrium.solver, Reversible) and model.equilibrium.solver.beta == 0.5
     g = torch.Generator().manual_seed(0)
     if name.startswith("mdeq"):
         inp = torch.randn(2, 1, 28, 28, generator=g, dtype=dtype)
@@ -321,7 +322,8 @@ def test_models_at_their_settings_with_solver_reversible(name, dtype):
 
     got, sol = grads()
     assert sol.stats.num_steps.min() >= 5
-    model.deq.backward_rule = UnrolledBackward()
+    unrolled = dataclasses.replace(model.equilibrium, backward=UnrolledBackward())
+    model.solve_equilibrium = lambda x, z0, keys=None: unrolled.solve(model.f, x, z0, training=True)
     ref, _ = grads()
     live = 0
     tol = 1e-5 if dtype == torch.float32 else 1e-10

@@ -66,8 +66,7 @@ def test_every_deq_model_is_built_from_its_spec(name):
     with torch.device("meta"):
         m = create_model(name)
     built = m.config.solve.build(m.f)
-    assert (m.deq.solver, m.deq.eval_solver) == (built.solver, built.eval_solver)
-    assert m.deq.backward_rule == built.backward_rule and m.deq.causal == built.causal
+    assert m.equilibrium is m.config.solve.policy == built.policy
     # a dict merges into the model's own spec; a SolveSpec replaces it
     c = model_config(name, solve=dict(f_rtol=0.05))
     assert c.solve == dataclasses.replace(m.config.solve, f_rtol=0.05)
@@ -78,10 +77,10 @@ def test_every_deq_model_is_built_from_its_spec(name):
 def test_with_solve_is_a_twin_that_leaves_the_model_alone(name):
     torch.manual_seed(0)
     model = create_model(name).eval()
-    solver, spec = model.deq.eval_solver, model.config.solve
+    solver, spec = model.equilibrium.eval_solver, model.config.solve
     twin = model.with_solve(dataclasses.replace(spec, eval_max_steps=3))
-    assert model.deq.eval_solver is solver and model.config.solve is spec  # unchanged
-    assert twin.deq.eval_solver.max_steps == 3 and twin.config.solve.eval_max_steps == 3
+    assert model.equilibrium.eval_solver is solver and model.config.solve is spec  # unchanged
+    assert twin.equilibrium.eval_solver.max_steps == 3 and twin.config.solve.eval_max_steps == 3
     assert {id(p) for p in twin.parameters()} == {id(p) for p in model.parameters()}
     # the twin computes what a model built with that spec and these weights computes
     ref = create_model(name, solve=dict(eval_max_steps=3)).eval()
@@ -100,7 +99,7 @@ def test_the_protocol_names_the_equilibrium_layer():
     with torch.device("meta"):
         for name in ("deq_transformer_tiny", "mdeq_tiny"):
             m = create_model(name)
-            assert equilibrium_layer(m) is m.deq is not None
+            assert equilibrium_layer(m) is m.config.solve.policy is not None
         for name in ("transformer_tied_tiny", "transformer_xl_tiny", "mdeq_tied_tiny", "lstm_tiny"):
             assert equilibrium_layer(create_model(name)) is None, name
         with pytest.raises(ValueError, match="no equilibrium layer"):

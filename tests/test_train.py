@@ -365,7 +365,8 @@ def test_shine_backward_without_iterations_trains(tmp_path):
 
 def test_nonfinite_guard(tmp_path, caplog, monkeypatch):
     # registered for this test only, so that other modules' model lists never see it
-    monkeypatch.setitem(_registry._MODELS, "nan_model", _nan_model)
+    entry = _registry.ModelEntry("nan_model", None, {}, _nan_model)
+    monkeypatch.setitem(_registry._MODELS, "nan_model", entry)
     cfg = load_config(
         ROOT / "configs/copy_memory_tiny.toml",
         [
@@ -408,7 +409,8 @@ def test_nan_gradient_of_a_finite_loss_is_skipped_and_never_checkpointed(
 ):
     import csv
 
-    monkeypatch.setitem(_registry._MODELS, "nan_grad_model", _nan_grad_model)
+    entry = _registry.ModelEntry("nan_grad_model", None, {}, _nan_grad_model)
+    monkeypatch.setitem(_registry._MODELS, "nan_grad_model", entry)
     cfg = load_config(
         ROOT / "configs/copy_memory_tiny.toml",
         [*SMALL, "--steps=4", "--max_nonfinite=3", "--model.name=nan_grad_model",
@@ -637,8 +639,11 @@ def test_final_summary_reports_convergence(tmp_path, capsys):
             dataclasses.replace(model.config.solve, eval_max_steps=cap, eval_rtol=rtol)
         )
         seen = []
-        twin.deq.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o[1].stats))
+        hook = twin.register_forward_hook(
+            lambda m, i, o, seen=seen: seen.extend(s.stats for s in o[2])
+        )
         got = task.evaluate(twin)
+        hook.remove()
         conv = torch.cat([st.converged for st in seen])
         assert len(conv) == 16  # one solve per test sample
         assert got["test_fwd_converged"] == conv.float().mean().item()

@@ -1,6 +1,7 @@
 """Multiscale DEQ and image data: registry-wide gradients, fusion shapes, loaders on generated
 files in the official formats, real MNIST counts, augmentation, a tiny MNIST run, NFE sweep."""
 
+import dataclasses
 import gzip
 import itertools
 import pickle
@@ -14,7 +15,6 @@ from deepeq.analysis.studies import eval_sweep, sweep
 from deepeq.data import images as im
 from deepeq.models import create_model, list_models
 from deepeq.models.mdeq import Fusion, MDEQConfig
-from deepeq.solvers import make_solver
 from deepeq.train import load_config, load_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,9 @@ def test_every_resolution_of_every_mdeq_is_alive_on_real_mnist(name):
     x, _ = _mnist_batch(model, 4, offset=100)
     with torch.no_grad():
         inj = model.inject(x)
-        z, _ = model.deq(inj, z0=tuple(inj[0].new_zeros(s) for s in model.state_shapes(4)))
+        z, _ = model.solve_equilibrium(
+            inj, tuple(inj[0].new_zeros(s) for s in model.state_shapes(4))
+        )
         logits = model.classify(z)
         for i, zi in enumerate(z):
             assert bool((zi.flatten(1).norm(dim=1) > 1e-3 * zi[0].numel() ** 0.5).all()), i
@@ -280,16 +282,20 @@ def test_tiny_mnist_run_beats_chance_and_sweeps_nfe(tmp_path):
     assert all(1 <= s <= n for s, n in zip(per_sample, nfe, strict=True)), (per_sample, nfe)
     assert all(b <= a for a, b in itertools.pairwise(res)), res  # lowest-residual iterate
     # None = the configured eval solver, even after a capped row; the sweep restores it
-    configured = model.deq.eval_solver
+    configured = model.config.solve
     first, last = sweep(model, task, [1, None], splits=("test",))
-    assert model.deq.eval_solver is configured
+    assert model.config.solve is configured
     assert first["mean_nfe"] == 2.0 and last["mean_nfe"] > 2.0, (first, last)
     # The DEQ's solution is a fixed point of the explicit twin's layer (same weights): one more
     # layer of the twin on z* changes neither the state nor the logits.
     model = model.double().eval()
-    model.deq.eval_solver = make_solver("anderson", rtol=1e-8, max_steps=300)
+    model = model.with_solve(
+        dataclasses.replace(
+            model.config.solve, solver="anderson", eval_rtol=1e-8, eval_max_steps=300
+        )
+    )
     twin = create_model("mdeq_tied_tiny").double().eval()
-    twin.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("deq.")})
+    twin.load_state_dict(model.state_dict())
     x = task.prepare(task.xte[:4]).double()
     with torch.no_grad():
         a, _, sols = model(x)

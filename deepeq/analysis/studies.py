@@ -93,14 +93,15 @@ def _sweep_row(model, task, cap, splits, evaluate) -> dict:
             model = model.with_solve(dataclasses.replace(model.config.solve, eval_max_steps=cap))
 
         def record(m, i, o):
-            st = o[1].stats
-            nfe.append(st.nfe)
-            # sample_evals counts f evaluations of single samples, counted as nfe counts
-            # batch evaluations: a sample that never stops early has nfe of them
-            per_sample.append(st.sample_evals / st.rel_residual.numel())
-            res.append(st.rel_residual.mean().item())
+            for sol in o[2]:  # the solutions of this call (one per solve)
+                st = sol.stats
+                nfe.append(st.nfe)
+                # sample_evals counts f evaluations of single samples, counted as nfe counts
+                # batch evaluations: a sample that never stops early has nfe of them
+                per_sample.append(st.sample_evals / st.rel_residual.numel())
+                res.append(st.rel_residual.mean().item())
 
-        hook = model.deq.register_forward_hook(record)
+        hook = model.register_forward_hook(record)
     t0 = time.perf_counter()
     try:
         m = {k: v for k, v in evaluate(model, task, splits).items() if k in task.eval_fields}

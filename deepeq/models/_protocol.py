@@ -1,8 +1,10 @@
-"""What the training loop, evaluation and analysis need of a model with an equilibrium layer.
+"""What the training loop, evaluation and analysis need of a model with an equilibrium core.
 
-Every registered DEQ family (sequence models and MDEQ) derives from ``EquilibriumModel``;
-code outside ``deepeq.models`` asks ``equilibrium_layer(model)`` instead of probing attributes.
-Explicit twins (``core="tied"`` / ``"untied"``) are the same classes with ``deq = None``."""
+Every registered DEQ family (sequence models and MDEQ) derives from ``EquilibriumModel``: it
+holds its layer ``f`` and its config (``config.solve``: the ``SolveSpec`` whose policy solves
+f), and its ``core`` (``deepeq.models._core``) says whether it solves at all; code outside
+``deepeq.models`` asks ``equilibrium_layer(model)`` (the solve policy, or None) instead of
+probing attributes. Explicit twins (``core="tied"`` / ``"untied"``) are the same classes."""
 
 from __future__ import annotations
 
@@ -13,40 +15,55 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..nn.deq import DEQ
+from .._solution import Solution
+from .._types import State
+from ..nn.cache import FixedPointCache
+from ..nn.deq import SolvePolicy
+from ._core import Core
 from ._solve import SolveSpec
 
 
 class EquilibriumModel(nn.Module):
-    """A model whose core may be an equilibrium layer ``deq`` (a ``deepeq.DEQ`` built from
-    ``config.solve``; None for the explicit twins), with a layer ``f``.
+    """A model whose core may be the equilibrium of its layer ``f``, solved by the policy of
+    ``config.solve`` (``core``: a ``Core`` chosen once from ``config.core``).
 
-    The protocol: ``deq``, ``f``, ``config.solve``; ``with_solve(spec)`` (a twin sharing every
-    weight, solved by another spec); ``set_pretraining(on)`` (shallow-pretraining switch; a
-    no-op where the model has none); ``equilibrium_problem(batch, generator, length, inputs)``
-    (``(f, args, z0)`` of one input batch, for the analysis studies)."""
+    The protocol: ``f``, ``config.solve``, ``core``, ``equilibrium`` (the solve policy, None
+    for the explicit twins); ``fp_cache`` (a ``deepeq.nn.FixedPointCache`` the training loop
+    attaches, or None); ``with_solve(spec)`` (a twin sharing every weight, solved by another
+    spec); ``set_pretraining(on)`` (shallow-pretraining switch; a no-op where the model has
+    none); ``equilibrium_problem(batch, generator, length, inputs)`` (``(f, args, z0)`` of one
+    input batch, for the analysis studies)."""
 
-    # set by every constructor (``self.deq = ...`` or None): a class attribute would shadow
-    # the submodule, which nn.Module keeps in ``_modules``. Weight-tied sequence twins keep the
-    # layer their weights were saved with but do not solve with it: ``equilibrium`` is None.
-    deq: DEQ | None
+    #: set by every constructor from ``config.core``
+    core: Core
+    #: the per-example fixed-point cache the training solves use (``cache_keys``), if any
+    fp_cache: FixedPointCache | None = None
     #: whether an input's length is free (sequence positions) or fixed by the config (images)
     variable_length: bool = True
 
     @property
-    def equilibrium(self) -> DEQ | None:
-        """The equilibrium layer the forward solves with; None for the explicit twins."""
-        return self.deq if getattr(self.config, "core", "deq") == "deq" else None
+    def equilibrium(self) -> SolvePolicy | None:
+        """The policy the forward solves f with; None for the explicit twins."""
+        return self.config.solve.policy if self.core.solves else None
+
+    def solve_equilibrium(
+        self, x: Any, z0: State, cache_keys: Tensor | None = None
+    ) -> tuple[State, Solution]:
+        """``z* = f(z*, x)`` from ``z0`` by ``config.solve`` in this model's mode (training or
+        eval), with the fixed-point cache when one is attached and ``cache_keys`` are given."""
+        return self.config.solve.solve(
+            self.f, x, z0, training=self.training, cache=self.fp_cache, cache_keys=cache_keys
+        )
 
     def with_solve(self, solve: SolveSpec) -> EquilibriumModel:
-        """A twin of this model whose equilibrium layer is built from ``solve``: it shares every
-        parameter and submodule (their train/eval mode too), and ``config.solve`` is ``solve``;
+        """A twin of this model solved by ``solve``: a shallow copy whose ``config.solve`` is
+        ``solve``; it shares every parameter, submodule and hook (their train/eval mode too);
         this model is left as it was. Derive the spec with ``dataclasses.replace``::
 
             twin = model.with_solve(dataclasses.replace(model.config.solve, eval_max_steps=60))
 
         Raises:
-            ValueError: the model has no equilibrium layer (an explicit twin).
+            ValueError: the model has no equilibrium core (an explicit twin).
         """
         if self.equilibrium is None:
             raise ValueError(
@@ -56,10 +73,7 @@ class EquilibriumModel(nn.Module):
         if not isinstance(solve, SolveSpec):
             raise TypeError(f"with_solve takes a SolveSpec; got {type(solve).__name__}.")
         twin = copy.copy(self)
-        twin._modules = dict(self._modules)  # its own module table: this model keeps its layer
         twin.config = dataclasses.replace(self.config, solve=solve)
-        twin.deq = solve.build(self.f)
-        twin.deq.train(self.training)
         return twin
 
     def set_pretraining(self, on: bool) -> None:
@@ -73,8 +87,9 @@ class EquilibriumModel(nn.Module):
         raise NotImplementedError
 
 
-def equilibrium_layer(model: nn.Module) -> DEQ | None:
-    """The model's equilibrium layer, or None (an explicit twin, a baseline, another module)."""
+def equilibrium_layer(model: nn.Module) -> SolvePolicy | None:
+    """The policy that solves the model's equilibrium (solvers, backward, causality,
+    correction), or None (an explicit twin, a baseline, another module)."""
     return model.equilibrium if isinstance(model, EquilibriumModel) else None
 
 

@@ -1,42 +1,99 @@
-"""Model registry: ``@register_model`` functions, ``create_model(name, **overrides)``, ``list_models()``."""
+"""Model registry as data: ``register_model(name, config, defaults, builder)`` records a model's
+config class, its defaults and the builder that makes the model from a config;
+``model_config(name, **overrides)`` reads the config without building anything,
+``create_model(name, **overrides)`` builds the model from it, ``list_models()`` lists them."""
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
-from collections.abc import Callable
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
-_CONFIG_ONLY: ContextVar[bool] = ContextVar("deepeq_config_only", default=False)
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered model.
+
+    Args:
+        name: ``<family>_<size>``.
+        config: the config dataclass (frozen; validated when made); None for a model without
+            one, whose builder then takes the overrides as keyword arguments.
+        defaults: this model's values of config fields (a dict for a nested config value such
+            as ``solve`` is merged into its default).
+        builder: makes the model from a config (usually the model class).
+        doc: one line for listings.
+    """
+
+    name: str
+    config: type | None
+    defaults: Mapping[str, Any]
+    builder: Callable[..., nn.Module]
+    doc: str = ""
 
 
-class _ConfigBuilt(Exception):
-    def __init__(self, config: Any):
-        super().__init__()
-        self.config = config
+_MODELS: dict[str, ModelEntry] = {}
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register a model entry point under its function name (``<family>_<size>``).
+def register_model(
+    name: str,
+    config: type | None,
+    defaults: Mapping[str, Any],
+    builder: Callable[..., nn.Module],
+    doc: str = "",
+) -> ModelEntry:
+    """Register a model: ``create_model(name, **overrides)`` then builds
+    ``builder(model_config(name, **overrides))``.
 
     Raises:
         ValueError: if the name is already registered.
+
     """
-    name = fn.__name__
     if name in _MODELS:
         raise ValueError(
             f"Model {name!r} is already registered; registered models: {sorted(_MODELS)}."
         )
-    _MODELS[name] = fn
-    return fn
+    entry = ModelEntry(name, config, dict(defaults), builder, doc)
+    _MODELS[name] = entry
+    return entry
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Sorted names of registered models matching a shell-style ``pattern``."""
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
+
+
+def _entry(name: str) -> ModelEntry:
+    try:
+        return _MODELS[name]
+    except KeyError:
+        raise ValueError(f"Unknown model {name!r}; registered models: {list_models()}.") from None
+
+
+def model_config(name: str, **overrides: Any) -> Any:
+    """The config ``create_model(name, **overrides)`` builds its model from: the config class's
+    defaults, the model's registered defaults, then ``overrides``, each type-checked, and the
+    whole validated when it is made. Nothing is built (cheap: used to validate
+    ``model.overrides`` when a training config is loaded). None for a model registered without
+    a config class.
+
+    Raises:
+        ValueError: unknown name; TypeError / ValueError: a bad override (unknown field, wrong
+            type, a choice outside its options, a failed check).
+
+    Examples:
+        >>> from deepeq.models import model_config
+        >>> model_config("deq_transformer_tiny", solve=dict(f_max_steps=5)).solve.f_max_steps
+        5
+    """
+    entry = _entry(name)
+    if entry.config is None:
+        return None
+    config = _merge(entry.config(), entry.defaults, entry.config.__name__)
+    return _merge(config, overrides, entry.config.__name__)
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
@@ -52,56 +109,15 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         >>> m.config.vocab_size
         20
     """
-    try:
-        fn = _MODELS[name]
-    except KeyError:
-        raise ValueError(f"Unknown model {name!r}; registered models: {list_models()}.") from None
-    return fn(**overrides)
-
-
-def model_config(name: str, **overrides: Any) -> Any:
-    """The config dataclass ``create_model(name, **overrides)`` would build, without building the
-    model (cheap: used to validate ``model.overrides`` when a training config is loaded). For a
-    model registered without ``build_config`` the model is built and None returned.
-
-    Raises:
-        ValueError: unknown name; TypeError / ValueError: as ``create_model`` for a bad
-            override (unknown field, wrong type, a choice outside its options, a failed check).
-
-    Examples:
-        >>> from deepeq.models import model_config
-        >>> model_config("deq_transformer_tiny", solve=dict(f_max_steps=5)).solve.f_max_steps
-        5
-    """
-    token = _CONFIG_ONLY.set(True)
-    try:
-        create_model(name, **overrides)
-    except _ConfigBuilt as built:
-        return built.config
-    finally:
-        _CONFIG_ONLY.reset(token)
-    return None  # a model registered without build_config: its overrides are checked when built
-
-
-def build_config(cls: type, defaults: dict, overrides: dict) -> Any:
-    """``cls(**defaults)`` with ``overrides`` replaced. Unknown fields, and values of the wrong
-    type for their field (``"false"`` for a bool) raise TypeError; a word outside a ``Literal``
-    raises ValueError. A field holding a config value (``solve``, a ``SolveSpec``) takes a dict,
-    merged field by field into the default's value (checked the same way), or a value of its
-    type, which replaces it."""
-    config = _merge(cls(), defaults, cls.__name__)
-    config = _merge(config, overrides, cls.__name__)
-    if _CONFIG_ONLY.get():
-        if hasattr(config, "validate"):
-            config.validate()  # the checks the model constructor makes
-        raise _ConfigBuilt(config)
-    return config
+    entry = _entry(name)
+    if entry.config is None:
+        return entry.builder(**overrides)
+    return entry.builder(model_config(name, **overrides))
 
 
 def _merge(base: Any, changes: dict, where: str) -> Any:
     """``base`` (a dataclass value) with ``changes`` type-checked and replaced; nested dataclass
     fields given as dicts are merged recursively."""
-    import dataclasses
     import typing
 
     from .._coerce import coerce

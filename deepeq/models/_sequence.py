@@ -24,6 +24,7 @@ from .._solution import Solution
 from ..nn.adaptive import AdaptiveEmbedding, AdaptiveSoftmax
 from ..nn.layers import count_parameters
 from ..regularization.norm import weight_norm
+from ._core import CORES, make_core
 from ._protocol import EquilibriumModel
 from ._solve import SolveSpec
 
@@ -58,11 +59,11 @@ class SequenceConfig:
     cutoffs: tuple[int, ...] = ()  # adaptive: token ids where each cluster begins
     div_value: float = 4.0  # adaptive: cluster i has width d_embed / div_value**i
 
+    def __post_init__(self) -> None:
+        self.validate()  # a config that exists is valid: checked once, where it is made
+
     def validate(self) -> None:
-        if self.core == "deq":
-            self.solve.check_causal()
-        if self.core not in ("deq", "tied", "untied"):
-            raise ValueError(f"core must be 'deq', 'tied' or 'untied'; got {self.core!r}.")
+        make_core(self.core, CORES)
         for name in (
             "vocab_size",
             "d_embed",
@@ -93,9 +94,8 @@ class SequenceModel(EquilibriumModel):
 
     def __init__(self, config: SequenceConfig):
         super().__init__()
-        config.validate()
-        self.config = config
-        c = config
+        self.config = c = config
+        self.core = make_core(c.core, CORES)
         if c.adaptive:
             self.embed = AdaptiveEmbedding(c.vocab_size, c.d_embed, tuple(c.cutoffs), c.div_value)
         else:
@@ -104,19 +104,17 @@ class SequenceModel(EquilibriumModel):
         self.depth = c.depth if c.depth is not None else c.solve.f_max_steps
         self.pretraining = False
         base = self.default_size()
-        if c.core == "untied":
+        if self.core.stacked:
             self.size = self.matched_size()
             self.blocks = nn.ModuleList(self.make_layer(self.size) for _ in range(self.depth))
             self.injections = nn.ModuleList(
                 self.make_injection(self.size) for _ in range(self.depth)
             )
             self.stem, self.head_in = self.untied_io(self.size)
-            self.deq = None
         else:
             self.size = base
             self.f = self.make_layer(base)
             self.inject = self.make_injection(base)
-            self.deq = c.solve.build(self.f)
         if c.tie_weights and self.readout_dim(base) != c.d_embed:
             raise ValueError(
                 f"tie_weights needs the head input ({self.readout_dim(base)}) to equal d_embed ({c.d_embed})."
@@ -186,7 +184,7 @@ class SequenceModel(EquilibriumModel):
 
     # --- helpers ----------------------------------------------------------------------------
     def core_modules(self):
-        if self.config.core == "untied":
+        if self.core.stacked:
             return [self.stem, self.blocks, self.injections, self.head_in]
         return [self.f, self.inject]
 
@@ -268,7 +266,7 @@ class SequenceModel(EquilibriumModel):
     ) -> tuple[nn.Module, tuple, Tensor]:
         """``(f, args, z0)`` of the layer's equilibrium on ``inputs`` (tokens ``(B, T)``) or on
         ``batch`` random token sequences of ``length`` drawn from ``generator``; no memory."""
-        if self.config.core == "untied":
+        if self.core.stacked:
             raise ValueError("an untied stack has no single layer f to solve for an equilibrium.")
         tokens = (
             inputs
@@ -300,7 +298,7 @@ class SequenceModel(EquilibriumModel):
         """``(logits, state, solutions)``; with ``targets`` ``(B, T)`` the first element is the
         per-token negative log-likelihood ``(B, T)`` instead (targets -100 ignored, NLL 0): the
         cheap path for adaptive softmax, which never forms the full ``(B, T, V)`` scores.
-        ``cache_keys`` ``(B,)``: segment ids for the DEQ's fixed-point cache, if it has one.
+        ``cache_keys`` ``(B,)``: segment ids for the fixed-point cache ``fp_cache``, if any.
         ``z0`` ``(B, T, state)``: the equilibrium solve's start (default zeros; DEQ core only,
         e.g. the previous position's equilibrium when decoding token by token)."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
@@ -331,11 +329,10 @@ class SequenceModel(EquilibriumModel):
             start = z0.to(zeros.dtype)
         else:
             start = zeros
-        explicit = self.config.core != "deq" or self.pretraining
-        if explicit:
+        if not self.core.solves or self.pretraining:
             # One memory per layer: the INPUT of that layer at the remembered positions (as in
             # Transformer-XL), so feeding a stream in segments equals one pass over it.
-            depth = self.config.pretrain_depth if self.config.core == "deq" else self.depth
+            depth = self.config.pretrain_depth if self.core.solves else self.depth
             ctxs = state if isinstance(state, list) else [state] * depth
             if len(ctxs) != depth:
                 raise ValueError(
@@ -343,14 +340,14 @@ class SequenceModel(EquilibriumModel):
                 )
             # the untied stack starts from its stem's projection of the input; the weight-tied
             # unroll from zeros, as the equilibrium solve does
-            z, new_state = (self.stem(x) if self.config.core == "untied" else zeros), []
+            z, new_state = (self.stem(x) if self.core.stacked else zeros), []
             for layer in range(depth):
                 ctx = (
                     ctxs[layer]
                     if ctxs[layer] is not None
                     else self.initial_context(B, self.size, x.device, x.dtype)
                 )
-                if self.config.core == "untied":
+                if self.core.stacked:
                     f, inject = self.blocks[layer], self.injections[layer]
                 else:
                     f, inject = self.f, self.inject
@@ -365,13 +362,13 @@ class SequenceModel(EquilibriumModel):
         if self.config.subseq_len and self.config.subseq_len < T:
             z, sols = self.solve_in_chunks(inj, x, ctx, start, cache_keys)
         else:
-            z, sol = self.deq(self.layer_input(self.f, inj, ctx), z0=start, cache_keys=cache_keys)
+            z, sol = self.solve_equilibrium(self.layer_input(self.f, inj, ctx), start, cache_keys)
             sols.append(sol)
         return z, self.next_context(ctx, self.context_entry(z, inj, x)), sols
 
     def _head_input(self, z: Tensor) -> Tensor:
         h = self.readout(z)
-        if self.config.core == "untied":
+        if self.core.stacked:
             h = self.head_in(h)
         return self.emb_drop(h)
 
@@ -431,7 +428,7 @@ class SequenceModel(EquilibriumModel):
             context = torch.cat([ctx, *zs], dim=1)
             args = self.layer_input(self.f, inj[:, s : s + S], context)
             keys = None if cache_keys is None else cache_keys * chunks + c  # one id per chunk
-            z, sol = self.deq(args, z0=z0[:, s : s + S], cache_keys=keys)
+            z, sol = self.solve_equilibrium(args, z0[:, s : s + S], keys)
             zs.append(self.context_entry(z, inj[:, s : s + S], x[:, s : s + S]))
             outs.append(z)
             sols.append(sol)

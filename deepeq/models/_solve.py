@@ -1,8 +1,10 @@
 """``SolveSpec``: how a DEQ model finds and differentiates its equilibrium, as one frozen value
-nested in every DEQ model config (``config.solve``) and built into a ``deepeq.DEQ`` by ``build``.
+nested in every DEQ model config (``config.solve``). Its fields are the config's words (TOML);
+``policy`` is the ``deepeq.nn.SolvePolicy`` they name, built and checked once when the spec is
+made, and ``solve(f, x, z0, training=...)`` applies it to a layer.
 
-Variants are derived, never made by mutating a model: ``dataclasses.replace(spec,
-eval_max_steps=60).build(model.f)`` is the same layer with another evaluation cap; a model with
+Variants are derived, never made by mutating a model: ``model.with_solve(dataclasses.replace(
+spec, eval_max_steps=60))`` is the same model with another evaluation cap; a model with
 another spec is ``create_model(name, solve=dict(f_rtol=1e-2))`` (a dict is merged into the
 model's own spec; a ``SolveSpec`` replaces it)."""
 
@@ -10,13 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
-from .._fixed_point import check_causal_solver
+from .._solution import Solution
+from .._types import State
 from ..backward import AbstractBackward, ImplicitBackward, PhantomBackward, ReversibleBackward
-from ..nn.deq import DEQ
+from ..nn.deq import DEQ, SolvePolicy
 from ..regularization.correction import FixedPointCorrection
 from ..solvers import AbstractSolver, make_solver
 
@@ -114,34 +117,47 @@ class SolveSpec:
                 f"({', '.join(repr(b) for b in BACKWARDS[:2])})."
             )
         # the solver, backward and correction objects check their own values; built once here,
-        # so that a bad spec fails when it is made, naming its fields
-        for names, build in (
-            ("f_max_steps / f_rtol", self.forward_solver),
-            ("eval_max_steps / eval_rtol", self.eval_solver),
-            ("backward / b_solver / b_max_steps / b_rtol / b_init / phantom_steps",
-             self.backward_rule),
-            ("correction_*", self.correction),
+        # so that a bad spec fails when it is made, naming its fields, and kept as the policy
+        built = {}
+        for key, names, build in (
+            ("solver", "f_max_steps / f_rtol", self._forward_solver),
+            ("eval_solver", "eval_max_steps / eval_rtol", self._eval_solver),
+            ("backward", "backward / b_solver / b_max_steps / b_rtol / b_init / phantom_steps",
+             self._backward_rule),
+            ("correction", "correction_*", self._correction),
         ):  # fmt: skip
             try:
-                build()
+                built[key] = build()
             except ValueError as e:
                 raise ValueError(f"solve ({names}): {e}") from None
-        self.backward_rule().check_forward_solver(self.forward_solver())  # e.g. SHINE: Broyden
+        # non-finite solves are returned (the training loop's guard skips them); the policy
+        # checks the combinations (e.g. SHINE needs Broyden, a causal solve no Broyden)
+        policy = SolvePolicy(
+            **built, nonfinite="return", solve_dtype=self.dtype, causal=self.causal
+        )
+        object.__setattr__(self, "_policy", policy)  # not a field: not in eq, repr or TOML
 
-    def forward_solver(self) -> AbstractSolver:
-        """The training solver: ``solver`` at ``f_rtol`` within ``f_max_steps``."""
+    @property
+    def policy(self) -> SolvePolicy:
+        """The solve policy this spec names (``deepeq.nn.SolvePolicy``), built once."""
+        return self._policy
+
+    def solve(self, f: nn.Module, x: Any, z0: State, **kw: Any) -> tuple[State, Solution]:
+        """``z* = f(z*, x)`` from ``z0`` by this spec's policy: ``SolvePolicy.solve`` (keywords
+        ``training``, ``cache``, ``cache_keys``)."""
+        return self._policy.solve(f, x, z0, **kw)
+
+    # --- the objects the fields name (built once, by __post_init__) -------------------------
+    def _forward_solver(self) -> AbstractSolver:
         return make_solver(
             self.solver, rtol=self.f_rtol, max_steps=self.f_max_steps, **self._extra()
         )
 
-    def eval_solver(self) -> AbstractSolver:
-        """The evaluation solver: ``solver`` at ``eval_rtol`` (or ``f_rtol``) within
-        ``eval_max_steps``."""
+    def _eval_solver(self) -> AbstractSolver:
         rtol = self.f_rtol if self.eval_rtol is None else self.eval_rtol
         return make_solver(self.solver, rtol=rtol, max_steps=self.eval_max_steps, **self._extra())
 
-    def backward_rule(self) -> AbstractBackward:
-        """The backward rule the spec names (see the class docstring)."""
+    def _backward_rule(self) -> AbstractBackward:
         if self.backward == "phantom":
             return PhantomBackward(steps=self.phantom_steps)
         if self.backward == "reversible":
@@ -153,8 +169,7 @@ class SolveSpec:
         )
         return ImplicitBackward(solver=b, init=self.b_init)
 
-    def correction(self) -> FixedPointCorrection | None:
-        """The fixed-point correction, or None when ``correction_steps`` is 0."""
+    def _correction(self) -> FixedPointCorrection | None:
         fpc = FixedPointCorrection(
             steps=self.correction_steps,
             gamma=self.correction_gamma,
@@ -163,25 +178,12 @@ class SolveSpec:
         )
         return fpc if fpc.steps else None
 
-    def check_causal(self) -> None:
-        """Raise unless the forward solver can solve causally (called by sequence configs with
-        an equilibrium core, so that the failure comes when the config is loaded)."""
-        if self.causal:
-            check_causal_solver(self.forward_solver())
-
     def build(self, f: nn.Module) -> DEQ:
-        """``DEQ(f)`` with this spec's solvers, backward, dtype, causality and correction.
-        Non-finite solves are returned (the training loop's guard skips them)."""
-        return DEQ(
-            f,
-            solver=self.forward_solver(),
-            eval_solver=self.eval_solver(),
-            backward=self.backward_rule(),
-            nonfinite="return",
-            solve_dtype=self.dtype,
-            causal=self.causal,
-            correction=self.correction(),
-        )
+        """A ``deepeq.DEQ`` layer over ``f`` with this spec's policy (the registered models
+        apply ``solve`` to their own f instead)."""
+        deq = DEQ(f)
+        deq.policy = self._policy
+        return deq
 
     def _extra(self) -> dict:
         return {"beta": self.beta} if self.solver == "reversible" else {}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._registry import build_config, register_model
+from ._registry import register_model
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,23 +103,13 @@ class TCN(nn.Module):
         return _out(self.head(out), targets), new_state, []
 
 
-def _cfg(defaults: dict, overrides: dict) -> BaselineConfig:
-    return build_config(BaselineConfig, defaults, overrides)
-
-
-@register_model
-def lstm_tiny(**overrides) -> RNNModel:
-    """LSTM baseline of about 14K parameters (copy memory: the DEQ-Transformer's size)."""
-    return RNNModel(_cfg(dict(hidden=50), overrides), "lstm")
-
-
-@register_model
-def gru_tiny(**overrides) -> RNNModel:
-    """GRU baseline of about 14K parameters."""
-    return RNNModel(_cfg(dict(hidden=58), overrides), "gru")
-
-
-@register_model
-def tcn_tiny(**overrides) -> TCN:
-    """Small TCN (6 levels, kernel 6, 14 channels: receptive field 631), about 14K parameters."""
-    return TCN(_cfg(dict(hidden=14, kernel_size=6, levels=6), overrides))
+# name, defaults (over BaselineConfig's), builder, one line for listings
+for _name, _defaults, _builder, _doc in (
+    ("lstm_tiny", dict(hidden=50), functools.partial(RNNModel, cell="lstm"),
+     "LSTM baseline of about 14K parameters (copy memory: the DEQ-Transformer's size)."),
+    ("gru_tiny", dict(hidden=58), functools.partial(RNNModel, cell="gru"),
+     "GRU baseline of about 14K parameters."),
+    ("tcn_tiny", dict(hidden=14, kernel_size=6, levels=6), TCN,
+     "Small TCN (6 levels, kernel 6, 14 channels: receptive field 631), about 14K parameters."),
+):  # fmt: skip
+    register_model(_name, BaselineConfig, _defaults, _builder, _doc)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.dropout import VariationalDropout
-from ._registry import build_config, register_model
+from ._registry import register_model
 from ._sequence import SequenceConfig, SequenceModel
 
 
@@ -152,10 +152,6 @@ class DEQLlama(SequenceModel):
         return size[0]
 
 
-def _make(defaults: dict, overrides: dict) -> DEQLlama:
-    return DEQLlama(build_config(DEQLlamaConfig, defaults, overrides))
-
-
 _TINY = dict(
     vocab_size=10, d_embed=32, d_model=32, n_heads=4, d_ff=64, mem_len=16,
     solve=dict(f_max_steps=12, eval_max_steps=20, b_max_steps=12),
@@ -163,43 +159,30 @@ _TINY = dict(
 # Penn Treebank at CPU scale, sized like deq_transformer_small (d=128, 4 heads, tied 10k softmax;
 # SwiGLU width 344 keeps the FFN's parameters at the Transformer's 512-wide two-layer FFN).
 _SMALL = dict(
-    vocab_size=10000, d_embed=128, d_model=128, n_heads=4, d_ff=344, mem_len=70,
-    tie_weights=True, dropout=0.1, emb_dropout=0.1,
+    vocab_size=10000,
+    d_embed=128,
+    d_model=128,
+    n_heads=4,
+    d_ff=344,
+    mem_len=70,
+    tie_weights=True,
+    dropout=0.1,
+    emb_dropout=0.1,
     solve=dict(f_max_steps=12, eval_max_steps=20, b_max_steps=12),
-)  # fmt: skip
-
-
-@register_model
-def deq_llama_tiny(**overrides) -> DEQLlama:
-    """Implicit Llama-style model small enough for CPU tests (d=32, 4 heads, SwiGLU 64)."""
-    return _make(_TINY, overrides)
-
-
-@register_model
-def llama_tied_tiny(**overrides) -> DEQLlama:
-    """Weight-tied twin of ``deq_llama_tiny``: its block applied L = f_max_steps times."""
-    return _make({**_TINY, "core": "tied"}, overrides)
-
-
-@register_model
-def llama_untied_tiny(**overrides) -> DEQLlama:
-    """Untied twin of ``deq_llama_tiny``: L blocks, widths matched to its parameters."""
-    return _make({**_TINY, "core": "untied"}, overrides)
-
-
-@register_model
-def deq_llama_small(**overrides) -> DEQLlama:
-    """Implicit Llama-style model for Penn Treebank on a CPU (d=128, 4 heads, tied softmax)."""
-    return _make(_SMALL, overrides)
-
-
-@register_model
-def llama_tied_small(**overrides) -> DEQLlama:
-    """Weight-tied twin of ``deq_llama_small``: its block unrolled L = 12 times."""
-    return _make({**_SMALL, "core": "tied", "depth": 12}, overrides)
-
-
-@register_model
-def llama_untied_small(**overrides) -> DEQLlama:
-    """Untied twin of ``deq_llama_small``: 4 Llama blocks, widths matched to its parameters."""
-    return _make({**_SMALL, "core": "untied", "depth": 4}, overrides)
+)
+# name, defaults (over the config class's), one line for listings
+for _name, _defaults, _doc in (
+    ("deq_llama_tiny", _TINY,
+     "Implicit Llama-style model small enough for CPU tests (d=32, 4 heads, SwiGLU 64)."),
+    ("llama_tied_tiny", {**_TINY, "core": "tied"},
+     "Weight-tied twin of ``deq_llama_tiny``: its block applied L = f_max_steps times."),
+    ("llama_untied_tiny", {**_TINY, "core": "untied"},
+     "Untied twin of ``deq_llama_tiny``: L blocks, widths matched to its parameters."),
+    ("deq_llama_small", _SMALL,
+     "Implicit Llama-style model for Penn Treebank on a CPU (d=128, 4 heads, tied softmax)."),
+    ("llama_tied_small", {**_SMALL, "core": "tied", "depth": 12},
+     "Weight-tied twin of ``deq_llama_small``: its block unrolled L = 12 times."),
+    ("llama_untied_small", {**_SMALL, "core": "untied", "depth": 4},
+     "Untied twin of ``deq_llama_small``: 4 Llama blocks, widths matched to its parameters."),
+):  # fmt: skip
+    register_model(_name, DEQLlamaConfig, _defaults, DEQLlama, _doc)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..nn.dropout import VariationalDropout
 from ..nn.layers import FeedForward, RelativeAttention
-from ._registry import build_config, register_model
+from ._registry import register_model
 from ._sequence import SequenceConfig, SequenceModel
 
 
@@ -114,10 +114,6 @@ class DEQTransformer(SequenceModel):
         return size[0]
 
 
-def _make(defaults: dict, overrides: dict) -> DEQTransformer:
-    return DEQTransformer(build_config(DEQTransformerConfig, defaults, overrides))
-
-
 _TINY = dict(
     vocab_size=10,
     d_embed=32,
@@ -181,65 +177,27 @@ _WT103_SMALL = {
 }
 
 
-@register_model
-def deq_transformer_tiny(**overrides) -> DEQTransformer:
-    """DEQ-Transformer small enough for CPU tests and copy memory (d=32, 4 heads)."""
-    return _make(_TINY, overrides)
-
-
-@register_model
-def transformer_tied_tiny(**overrides) -> DEQTransformer:
-    """Explicit twin of ``deq_transformer_tiny``: its layer applied L = f_max_steps times, weight-tied."""
-    return _make({**_TINY, "core": "tied"}, overrides)
-
-
-@register_model
-def transformer_xl_tiny(**overrides) -> DEQTransformer:
-    """Untied twin of ``deq_transformer_tiny``: L layers, width matched to its non-embedding parameters."""
-    return _make({**_TINY, "core": "untied"}, overrides)
-
-
-@register_model
-def deq_transformer_small(**overrides) -> DEQTransformer:
-    """DEQ-Transformer for Penn Treebank on a CPU (d=128, 4 heads, FFN 512, tied 10k softmax)."""
-    return _make(_SMALL, overrides)
-
-
-@register_model
-def transformer_tied_small(**overrides) -> DEQTransformer:
-    """Weight-tied twin of ``deq_transformer_small``: its layer unrolled L = 12 times."""
-    return _make({**_SMALL, "core": "tied", "depth": 12}, overrides)
-
-
-@register_model
-def transformer_xl_small(**overrides) -> DEQTransformer:
-    """Untied Transformer-XL-style twin of ``deq_transformer_small``: 4 layers (as Transformer-XL
-    small), widths matched to the DEQ's non-embedding parameters."""
-    return _make({**_SMALL, "core": "untied", "depth": 4}, overrides)
-
-
-@register_model
-def deq_transformer_wt103_medium(**overrides) -> DEQTransformer:
-    """Paper-size DEQ-Transformer for WikiText-103, full softmax (GPU; documented configuration)."""
-    return _make(_WT103_MEDIUM, overrides)
-
-
-@register_model
-def deq_transformer_wt103_medium_adaptive(**overrides) -> DEQTransformer:
-    """WikiText-103 medium with tied adaptive embedding/softmax (cut-offs 20K/40K/200K, div 4)."""
-    return _make(
-        {
-            **_WT103_MEDIUM,
-            "adaptive": True,
-            "tie_weights": True,
-            "cutoffs": (20000, 40000, 200000),
-            "div_value": 4.0,
-        },
-        overrides,
-    )
-
-
-@register_model
-def deq_transformer_wt103_small(**overrides) -> DEQTransformer:
-    """WikiText-103 small (410 wide, 10 heads, FFN 2100) with tied adaptive embedding/softmax."""
-    return _make(_WT103_SMALL, overrides)
+# name, defaults (over the config class's), one line for listings
+for _name, _defaults, _doc in (
+    ("deq_transformer_tiny", _TINY,
+     "DEQ-Transformer small enough for CPU tests and copy memory (d=32, 4 heads)."),
+    ("transformer_tied_tiny", {**_TINY, "core": "tied"},
+     "Explicit twin of ``deq_transformer_tiny``: its layer applied L = f_max_steps times, weight-tied."),
+    ("transformer_xl_tiny", {**_TINY, "core": "untied"},
+     "Untied twin of ``deq_transformer_tiny``: L layers, width matched to its non-embedding parameters."),
+    ("deq_transformer_small", _SMALL,
+     "DEQ-Transformer for Penn Treebank on a CPU (d=128, 4 heads, FFN 512, tied 10k softmax)."),
+    ("transformer_tied_small", {**_SMALL, "core": "tied", "depth": 12},
+     "Weight-tied twin of ``deq_transformer_small``: its layer unrolled L = 12 times."),
+    ("transformer_xl_small", {**_SMALL, "core": "untied", "depth": 4},
+     "Untied Transformer-XL-style twin of ``deq_transformer_small``: 4 layers (as Transformer-XL small), widths matched to the DEQ's non-embedding parameters."),
+    ("deq_transformer_wt103_medium", _WT103_MEDIUM,
+     "Paper-size DEQ-Transformer for WikiText-103, full softmax (GPU; documented configuration)."),
+    ("deq_transformer_wt103_medium_adaptive",
+     {**_WT103_MEDIUM, "adaptive": True, "tie_weights": True, "cutoffs": (20000, 40000, 200000),
+      "div_value": 4.0},
+     "WikiText-103 medium with tied adaptive embedding/softmax (cut-offs 20K/40K/200K, div 4)."),
+    ("deq_transformer_wt103_small", _WT103_SMALL,
+     "WikiText-103 small (410 wide, 10 heads, FFN 2100) with tied adaptive embedding/softmax."),
+):  # fmt: skip
+    register_model(_name, DEQTransformerConfig, _defaults, DEQTransformer, _doc)

@@ -31,8 +31,9 @@ from torch import Tensor, nn
 from .._solution import Solution
 from ..nn.dropout import VariationalDropout
 from ..regularization.norm import weight_norm
+from ._core import EQUILIBRIUM, TIED, make_core
 from ._protocol import EquilibriumModel
-from ._registry import build_config, register_model
+from ._registry import register_model
 from ._solve import SolveSpec
 
 
@@ -64,9 +65,11 @@ class MDEQConfig:
         )
     )
 
+    def __post_init__(self) -> None:
+        self.validate()  # a config that exists is valid: checked once, where it is made
+
     def validate(self) -> None:
-        if self.core not in ("deq", "tied"):
-            raise ValueError(f"core must be 'deq' or 'tied'; got {self.core!r}.")
+        make_core(self.core, (EQUILIBRIUM, TIED))
         if not self.channels or len(self.head_channels) != len(self.channels):
             raise ValueError(
                 f"channels and head_channels need one entry per resolution; got "
@@ -179,8 +182,8 @@ class MDEQ(EquilibriumModel):
 
     def __init__(self, config: MDEQConfig):
         super().__init__()
-        config.validate()
         self.config = c = config
+        self.core = make_core(c.core, (EQUILIBRIUM, TIED))
         stem: list[nn.Module] = []
         cin = c.in_channels
         for _ in range(c.downsample_input):
@@ -202,7 +205,6 @@ class MDEQ(EquilibriumModel):
         )
         self.f = MDEQLayer(c)
         self.depth = c.depth if c.depth is not None else c.solve.f_max_steps
-        self.deq = c.solve.build(self.f) if c.core == "deq" else None
         self.head_in = nn.ModuleList(
             nn.Sequential(
                 nn.Conv2d(ch, hc, 1, bias=False),
@@ -288,8 +290,8 @@ class MDEQ(EquilibriumModel):
         inj = self.inject(images)
         z0 = self.initial_state(images.shape[0], images.device)
         sols: list[Solution] = []
-        if self.config.core == "deq":
-            z, sol = self.deq(inj, z0=z0, cache_keys=cache_keys)
+        if self.core.solves:
+            z, sol = self.solve_equilibrium(inj, z0, cache_keys)
             sols.append(sol)
         else:
             z = z0
@@ -313,10 +315,6 @@ class MDEQ(EquilibriumModel):
         return self.classifier(y.flatten(1))
 
 
-def _make(defaults: dict, overrides: dict) -> MDEQ:
-    return MDEQ(build_config(MDEQConfig, defaults, overrides))
-
-
 # MNIST at CPU scale: a stride-2 stem takes 28x28 to 14x14, then 2 resolutions (14, 7), channels
 # (16, 32). Against the first version (no stem, 28/14 with channels 8/16): the same convolution cost
 # per f call, half the state (D = 4,704), so half the solver work (about 2x faster per training
@@ -336,49 +334,29 @@ _CIFAR = dict(
 # ImageNet: scales [32, 64, 128, 256] after two stride-2 stem convolutions (224 -> 56), NFE 14/14,
 # dropout 0.02.
 _IMAGENET = dict(
-    in_channels=3, image_size=224, channels=(32, 64, 128, 256), head_channels=(32, 64, 128, 256),
-    final_channels=2048, num_groups=8, num_classes=1000, downsample_input=2, dropout=0.02,
+    in_channels=3,
+    image_size=224,
+    channels=(32, 64, 128, 256),
+    head_channels=(32, 64, 128, 256),
+    final_channels=2048,
+    num_groups=8,
+    num_classes=1000,
+    downsample_input=2,
+    dropout=0.02,
     solve=dict(f_max_steps=14, eval_max_steps=14, b_max_steps=14),
-)  # fmt: skip
-
-
-@register_model
-def mdeq_tiny(**overrides) -> MDEQ:
-    """MDEQ for MNIST on a CPU: stride-2 stem, 2 resolutions (14, 7), channels (16, 32), NFE 6 / 6."""
-    return _make(_TINY, overrides)
-
-
-@register_model
-def mdeq_tied_tiny(**overrides) -> MDEQ:
-    """Explicit twin of ``mdeq_tiny``: the same f unrolled L = f_max_steps times (weight-tied)."""
-    return _make({**_TINY, "core": "tied"}, overrides)
-
-
-@register_model
-def mdeq_small(**overrides) -> MDEQ:
-    """MDEQ 3 resolutions (32, 16, 8), channels (16, 32, 64): small CIFAR-size model for CPUs."""
-    return _make(
-        {
-            **_TINY,
-            "in_channels": 3,
-            "image_size": 32,
-            "downsample_input": 0,
-            "channels": (16, 32, 64),
-            "head_channels": (16, 32, 64),
-            "head_pool": 4,
-        },
-        overrides,
-    )
-
-
-@register_model
-def mdeq_cifar(**overrides) -> MDEQ:
-    """The CIFAR-10 MDEQ of Bai et al. 2021, Table 4 (4 resolutions, [28, 56, 112, 224]); GPU."""
-    return _make(_CIFAR, overrides)
-
-
-@register_model
-def mdeq_imagenet(**overrides) -> MDEQ:
-    """The ImageNet MDEQ of Bai et al. 2021, Table 4 (4 resolutions [32, 64, 128, 256], input
-    downsampled twice); GPU."""
-    return _make(_IMAGENET, overrides)
+)
+# name, defaults (over the config class's), one line for listings
+for _name, _defaults, _doc in (
+    ("mdeq_tiny", _TINY,
+     "MDEQ for MNIST on a CPU: stride-2 stem, 2 resolutions (14, 7), channels (16, 32), NFE 6 / 6."),
+    ("mdeq_tied_tiny", {**_TINY, "core": "tied"},
+     "Explicit twin of ``mdeq_tiny``: the same f unrolled L = f_max_steps times (weight-tied)."),
+    ("mdeq_small", {**_TINY, "in_channels": 3, "image_size": 32, "downsample_input": 0,
+                    "channels": (16, 32, 64), "head_channels": (16, 32, 64), "head_pool": 4},
+     "MDEQ 3 resolutions (32, 16, 8), channels (16, 32, 64): small CIFAR-size model for CPUs."),
+    ("mdeq_cifar", _CIFAR,
+     "The CIFAR-10 MDEQ of Bai et al. 2021, Table 4 (4 resolutions, [28, 56, 112, 224]); GPU."),
+    ("mdeq_imagenet", _IMAGENET,
+     "The ImageNet MDEQ of Bai et al. 2021, Table 4 (4 resolutions [32, 64, 128, 256], input downsampled twice); GPU."),
+):  # fmt: skip
+    register_model(_name, MDEQConfig, _defaults, MDEQ, _doc)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..nn.dropout import VariationalDropout
 from ..nn.layers import causal_conv1d
-from ._registry import build_config, register_model
+from ._registry import register_model
 from ._sequence import SequenceConfig, SequenceModel
 
 
@@ -113,10 +113,6 @@ class DEQTrellisNet(SequenceModel):
         return max(self.config.kernel_size - 1, 1)
 
 
-def _make(defaults: dict, overrides: dict) -> DEQTrellisNet:
-    return DEQTrellisNet(build_config(DEQTrellisNetConfig, defaults, overrides))
-
-
 # d_model=34 lets the untied twin at depth 12 match the parameters within 5% (integer widths).
 _TINY = dict(
     vocab_size=10,
@@ -155,37 +151,19 @@ _PTB = dict(
 )
 
 
-@register_model
-def deq_trellisnet_tiny(**overrides) -> DEQTrellisNet:
-    """DEQ-TrellisNet small enough for CPU tests (d=34, kernel 2)."""
-    return _make(_TINY, overrides)
-
-
-@register_model
-def trellisnet_tied_tiny(**overrides) -> DEQTrellisNet:
-    """Explicit twin of ``deq_trellisnet_tiny``: its layer applied L = f_max_steps times, weight-tied."""
-    return _make({**_TINY, "core": "tied"}, overrides)
-
-
-@register_model
-def trellisnet_untied_tiny(**overrides) -> DEQTrellisNet:
-    """Untied twin of ``deq_trellisnet_tiny``: L layers, width matched to its non-embedding parameters."""
-    return _make({**_TINY, "core": "untied"}, overrides)
-
-
-@register_model
-def deq_trellisnet_small(**overrides) -> DEQTrellisNet:
-    """DEQ-TrellisNet for Penn Treebank on a CPU (d=128, kernel 2, tied softmax)."""
-    return _make(_SMALL, overrides)
-
-
-@register_model
-def trellisnet_tied_small(**overrides) -> DEQTrellisNet:
-    """Weight-tied twin of ``deq_trellisnet_small``: the TrellisNet layer unrolled L = 20 times."""
-    return _make({**_SMALL, "core": "tied", "depth": 20}, overrides)
-
-
-@register_model
-def deq_trellisnet_ptb(**overrides) -> DEQTrellisNet:
-    """Paper-size DEQ-TrellisNet for Penn Treebank (documented configuration)."""
-    return _make(_PTB, overrides)
+# name, defaults (over the config class's), one line for listings
+for _name, _defaults, _doc in (
+    ("deq_trellisnet_tiny", _TINY,
+     "DEQ-TrellisNet small enough for CPU tests (d=34, kernel 2)."),
+    ("trellisnet_tied_tiny", {**_TINY, "core": "tied"},
+     "Explicit twin of ``deq_trellisnet_tiny``: its layer applied L = f_max_steps times, weight-tied."),
+    ("trellisnet_untied_tiny", {**_TINY, "core": "untied"},
+     "Untied twin of ``deq_trellisnet_tiny``: L layers, width matched to its non-embedding parameters."),
+    ("deq_trellisnet_small", _SMALL,
+     "DEQ-TrellisNet for Penn Treebank on a CPU (d=128, kernel 2, tied softmax)."),
+    ("trellisnet_tied_small", {**_SMALL, "core": "tied", "depth": 20},
+     "Weight-tied twin of ``deq_trellisnet_small``: the TrellisNet layer unrolled L = 20 times."),
+    ("deq_trellisnet_ptb", _PTB,
+     "Paper-size DEQ-TrellisNet for Penn Treebank (documented configuration)."),
+):  # fmt: skip
+    register_model(_name, DEQTrellisNetConfig, _defaults, DEQTrellisNet, _doc)

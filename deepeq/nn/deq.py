@@ -1,7 +1,11 @@
-"""``DEQ``: the equilibrium layer every model builds on."""
+"""``SolvePolicy``: how an equilibrium is solved and differentiated, as a value; ``DEQ``: the
+public equilibrium layer, a module holding f and a policy."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -19,13 +23,188 @@ from .cache import FixedPointCache
 from .dropout import reset_deq_state
 
 
+@dataclass(frozen=True, kw_only=True)
+class SolvePolicy:
+    """How an equilibrium is found and differentiated, as one frozen value: the forward solvers
+    (training and evaluation), the backward rule, the solves' dtypes, causality and fixed-point
+    correction. ``solve(f, x, z0, training=...)`` runs it on a layer ``f``; ``deepeq.DEQ``
+    holds one, and the registered models get theirs from ``config.solve``
+    (``deepeq.models.SolveSpec.policy``). Variants are ``dataclasses.replace(policy, ...)``
+    (checked again).
+
+    Args:
+        solver: forward solver in training mode (default, or None: ``Anderson()``).
+        eval_solver: forward solver in eval mode (default: ``solver``).
+        backward: gradient rule (default ``ImplicitBackward()``).
+        independent: False if f mixes samples (see ``deepeq.fixed_point``).
+        nonfinite: ``"raise"`` or ``"return"`` (see ``deepeq.fixed_point``).
+        trace: record per-step residuals in ``solution.stats.trace``.
+        solve_dtype: in training mode, run f in this autocast dtype during the forward
+            solver's iterations only (see ``deepeq.DEQ``).
+        eval_solve_dtype: the same in eval mode (default None: full precision).
+        causal: per-position solving of a causal sequence layer (see ``deepeq.fixed_point``).
+        correction: fixed-point correction (``deepeq.FixedPointCorrection``; 0 steps: None).
+
+    Raises:
+        TypeError: a solver, backward or correction that is not a deepeq object.
+        ValueError: a combination that cannot work (e.g. SHINE without Broyden, a causal
+            Broyden solve, an unknown solve dtype).
+    """
+
+    solver: AbstractSolver = field(default_factory=Anderson)
+    eval_solver: AbstractSolver | None = None
+    backward: AbstractBackward = field(default_factory=ImplicitBackward)
+    independent: bool = True
+    nonfinite: Literal["raise", "return"] = "raise"
+    trace: bool = False
+    solve_dtype: torch.dtype | str | None = None
+    eval_solve_dtype: torch.dtype | str | None = None
+    causal: bool = False
+    correction: FixedPointCorrection | None = None
+
+    def __post_init__(self) -> None:
+        if self.solver is None:
+            object.__setattr__(self, "solver", Anderson())
+        if self.eval_solver is None:
+            object.__setattr__(self, "eval_solver", self.solver)
+        for name in ("solver", "eval_solver"):
+            s = getattr(self, name)
+            if not isinstance(s, AbstractSolver):
+                raise TypeError(
+                    f"DEQ {name} must be a deepeq solver object such as deepeq.Anderson(); got "
+                    f"{type(s).__name__}. Use deepeq.make_solver(name, **hp) for strings."
+                )
+        if self.backward is None:
+            object.__setattr__(self, "backward", ImplicitBackward())
+        if not isinstance(self.backward, AbstractBackward):
+            raise TypeError(
+                f"DEQ backward must be a deepeq backward rule such as deepeq.ImplicitBackward(); "
+                f"got {type(self.backward).__name__}."
+            )
+        self.backward.check_forward_solver(self.solver)  # fail now, not at the first step
+        c = self.correction
+        if c is not None and not isinstance(c, FixedPointCorrection):
+            raise TypeError(
+                f"DEQ correction must be a deepeq.FixedPointCorrection or None; got "
+                f"{type(c).__name__}."
+            )
+        if c is not None and not c.steps:
+            object.__setattr__(self, "correction", None)
+        object.__setattr__(self, "causal", bool(self.causal))
+        if self.causal:  # fail at construction, not at the first forward
+            check_causal_solver(self.solver)
+            check_causal_solver(self.eval_solver)
+        for v in (self.solve_dtype, self.eval_solve_dtype):
+            if v is not None:
+                _solve_dtype(v)  # fail here, not at the first forward
+
+    def solver_for(self, training: bool) -> AbstractSolver:
+        """The forward solver of the mode: ``solver`` in training, ``eval_solver`` in eval."""
+        return self.solver if training else self.eval_solver
+
+    def solve(
+        self,
+        f: nn.Module,
+        x: Any,
+        z0: State,
+        *,
+        training: bool,
+        cache: FixedPointCache | None = None,
+        cache_keys: Tensor | None = None,
+    ) -> tuple[State, Solution]:
+        """Solve ``z* = f(z*, x)`` from ``z0`` with the solver of the mode (``training``).
+
+        Once per call, before solving: the supervised iterates of fixed-point correction are
+        picked (training mode, autograd recording), ``reset_deq_state()`` is called on every
+        submodule of f that defines it, and parametrised weights are computed once for every
+        call of f. Under autocast a half-precision ``z0`` is promoted to float32. With a
+        ``cache`` and ``cache_keys`` in training mode, cached examples start from their stored
+        equilibrium and the new ones are stored.
+
+        Returns:
+            ``(z_star, solution)``; ``z_star`` is ``solution.value``.
+        """
+        return self._solve(f, x, lambda: (z0, "the z0 argument"), training, cache, cache_keys)
+
+    def _solve(
+        self,
+        f: nn.Module,
+        x: Any,
+        initial: Callable[[], tuple[State, str]],
+        training: bool,
+        cache: FixedPointCache | None,
+        cache_keys: Tensor | None,
+    ) -> tuple[State, Solution]:
+        """``solve`` with the initial state and where it comes from (named by the error of a
+        failing first call of f) drawn from ``initial`` after f's per-forward state is reset."""
+        solver = self.solver_for(training)
+        keep = ()
+        if self.correction is not None and training and torch.is_grad_enabled():
+            keep = self.correction.pick(solver.max_steps)
+        reset_deq_state(f)  # fresh dropout masks etc., once per forward
+        z_init, source = initial()
+        z_init = _full_precision_under_autocast(z_init)
+        use_cache = cache is not None and cache_keys is not None and training
+        if use_cache:
+            layout = layout_of(z_init)
+            flat, _ = cache.lookup(cache_keys, flatten(z_init, layout).detach())
+            z_init = unflatten(flat, layout)
+        # Parametrised weights (weight/spectral norm) are computed once, here, with autograd in
+        # the caller's mode, and reused by every call of f in this forward.
+        with parametrize.cached():
+            for m in f.modules():
+                if parametrize.is_parametrized(m):
+                    for name in m.parametrizations:
+                        getattr(m, name)
+            first = _FirstCall(f)
+            try:
+                sol = fixed_point(
+                    f,
+                    z_init,
+                    solver,
+                    args=(x,),
+                    backward=self.backward,
+                    independent=self.independent,
+                    nonfinite=self.nonfinite,
+                    trace=self.trace,
+                    solve_dtype=self.solve_dtype if training else self.eval_solve_dtype,
+                    causal=self.causal,
+                    keep_iterates=keep,
+                )
+            except Exception as e:
+                err = _first_call_error(e, z_init, x, source) if first.failed else None
+                if err is None:  # a failure after f has worked once is f's own: untouched
+                    raise
+                raise err from e
+            finally:
+                first.remove()
+        if use_cache:
+            cache.update(cache_keys, flatten(sol.value, layout))
+        return sol.value, sol
+
+
+def _policy_field(name: str) -> property:
+    """A ``DEQ`` attribute that reads the policy's field ``name``; setting it replaces the
+    policy by a copy with the new value (checked again)."""
+
+    def get(self: DEQ) -> Any:
+        return getattr(self.policy, name)
+
+    def set_(self: DEQ, value: Any) -> None:
+        self.policy = dataclasses.replace(self.policy, **{name: value})
+
+    return property(get, set_, doc=f"The solve policy's ``{name}`` (``DEQ.policy``).")
+
+
 class DEQ(nn.Module):
     """Deep equilibrium layer: ``z* = f(z*, x)``, differentiated by ``backward``.
 
     ``f`` is an ``nn.Module`` called as ``f(z, x)``; ``x`` is a tensor or a tuple of tensors
     batched along dim 0 (input injection, memory, masks: the engine slices them together with
     ``z`` when only some samples are still iterating); ``z`` is a tensor or a tuple of tensors
-    (multiscale states).
+    (multiscale states). The layer holds ``f`` and a ``SolvePolicy`` (``policy``: solvers,
+    backward, dtypes, causality, correction), which it applies to f in every forward; the
+    registered models hold their f and apply the policy of their ``config.solve`` themselves.
 
     Initial state, in order of precedence: the ``z0`` argument; the previous call's
     equilibrium when ``warm_start=True`` and x has the same shapes (e.g. consecutive segments of a
@@ -88,6 +267,17 @@ class DEQ(nn.Module):
         ('CONVERGED', True)
     """
 
+    solver = _policy_field("solver")
+    eval_solver = _policy_field("eval_solver")
+    backward_rule = _policy_field("backward")
+    independent = _policy_field("independent")
+    nonfinite = _policy_field("nonfinite")
+    trace = _policy_field("trace")
+    solve_dtype = _policy_field("solve_dtype")
+    eval_solve_dtype = _policy_field("eval_solve_dtype")
+    causal = _policy_field("causal")
+    correction = _policy_field("correction")
+
     def __init__(
         self,
         f: nn.Module,
@@ -111,74 +301,57 @@ class DEQ(nn.Module):
                 f"DEQ(f) needs an nn.Module f(z, x) so that its parameters are registered; got "
                 f"{type(f).__name__}. For a plain function use deepeq.fixed_point."
             )
-        for name, s in (("solver", solver), ("eval_solver", eval_solver)):
-            if s is not None and not isinstance(s, AbstractSolver):
-                raise TypeError(
-                    f"DEQ {name} must be a deepeq solver object such as deepeq.Anderson(); got "
-                    f"{type(s).__name__}. Use deepeq.make_solver(name, **hp) for strings."
-                )
-        if backward is not None and not isinstance(backward, AbstractBackward):
-            raise TypeError(
-                f"DEQ backward must be a deepeq backward rule such as deepeq.ImplicitBackward(); "
-                f"got {type(backward).__name__}."
-            )
         self.f = f
-        self.solver = solver if solver is not None else Anderson()
-        self.eval_solver = eval_solver if eval_solver is not None else self.solver
-        self.backward_rule = backward if backward is not None else ImplicitBackward()
-        self.backward_rule.check_forward_solver(self.solver)  # fail now, not at the first step
-        self.independent, self.nonfinite = independent, nonfinite
-        self.warm_start, self.trace, self.causal = warm_start, trace, bool(causal)
-        if correction is not None and not isinstance(correction, FixedPointCorrection):
-            raise TypeError(
-                f"DEQ correction must be a deepeq.FixedPointCorrection or None; got "
-                f"{type(correction).__name__}."
-            )
-        self.correction = correction if correction is not None and correction.steps else None
+        self.policy = SolvePolicy(
+            solver=solver,
+            eval_solver=eval_solver,
+            backward=backward,
+            independent=independent,
+            nonfinite=nonfinite,
+            trace=trace,
+            solve_dtype=solve_dtype,
+            eval_solve_dtype=eval_solve_dtype,
+            causal=causal,
+            correction=correction,
+        )
         if cache is not None and not isinstance(cache, FixedPointCache):
             raise TypeError(
                 f"DEQ cache must be a deepeq.nn.FixedPointCache or None; got {type(cache).__name__}."
             )
         self.cache = cache
-        if self.causal:  # fail at construction, not at the first forward
-            check_causal_solver(self.solver)
-            check_causal_solver(self.eval_solver)
-        for v in (solve_dtype, eval_solve_dtype):
-            if v is not None:
-                _solve_dtype(v)  # fail here, not at the first forward
-        self.solve_dtype, self.eval_solve_dtype = solve_dtype, eval_solve_dtype
+        self.warm_start = warm_start
         self._last: State | None = None
         self._last_sig: tuple | None = None
-        self._z0_from = ""
 
     def reset_warm_start(self) -> None:
         """Forget the stored equilibrium (warm start begins from the default z0 again)."""
         self._last = None
         self._last_sig = None
 
-    def _initial_state(self, x: Any, z0: State | None) -> State:
-        self._z0_from = "the z0 argument"  # named by the error of a failing first call of f
+    def _initial_state(self, x: Any, z0: State | None) -> tuple[State, str]:
+        """The initial state and where it comes from (named by the error of a failing first
+        call of f)."""
         if z0 is not None:
-            return z0
+            return z0, "the z0 argument"
         if self.warm_start and self._last is not None and self._last_sig == _signature(x):
-            self._z0_from = "the previous call's equilibrium (warm_start)"
-            return self._last
+            return self._last, "the previous call's equilibrium (warm_start)"
         init = getattr(self.f, "init_state", None)
         if callable(init):
-            self._z0_from = "f.init_state(x)"
-            return init(x)
-        self._z0_from = "zeros_like(x): without z0= or f.init_state(x), z has the shape of x"
+            return init(x), "f.init_state(x)"
         if not isinstance(x, Tensor):
             raise TypeError(
                 f"DEQ cannot build a default z0 for x of type {type(x).__name__}: pass z0=..., "
                 f"or define f.init_state(x) returning the initial state."
             )
-        return torch.zeros_like(x)
+        return (
+            torch.zeros_like(x),
+            "zeros_like(x): without z0= or f.init_state(x), z has the shape of x",
+        )
 
     def forward(
         self, x: Any, z0: State | None = None, *, cache_keys: Tensor | None = None
     ) -> tuple[State, Solution]:
-        """Solve for the equilibrium.
+        """Solve for the equilibrium (``policy.solve`` on f from the initial state).
 
         Args:
             x: input injection, a tensor ``(B, ...)`` or a tuple of such tensors.
@@ -189,53 +362,13 @@ class DEQ(nn.Module):
         Returns:
             ``(z_star, solution)``; ``z_star`` is ``solution.value``.
         """
-        solver = self.solver if self.training else self.eval_solver
-        keep = ()
-        if self.correction is not None and self.training and torch.is_grad_enabled():
-            keep = self.correction.pick(solver.max_steps)
-        reset_deq_state(self.f)  # fresh dropout masks etc., once per forward
-        z_init = _full_precision_under_autocast(self._initial_state(x, z0))
-        use_cache = self.cache is not None and cache_keys is not None and self.training
-        if use_cache:
-            layout = layout_of(z_init)
-            flat, _ = self.cache.lookup(cache_keys, flatten(z_init, layout).detach())
-            z_init = unflatten(flat, layout)
-        # Parametrised weights (weight/spectral norm) are computed once, here, with autograd in
-        # the caller's mode, and reused by every call of f in this forward.
-        with parametrize.cached():
-            for m in self.f.modules():
-                if parametrize.is_parametrized(m):
-                    for name in m.parametrizations:
-                        getattr(m, name)
-            first = _FirstCall(self.f)
-            try:
-                sol = fixed_point(
-                    self.f,
-                    z_init,
-                    solver,
-                    args=(x,),
-                    backward=self.backward_rule,
-                    independent=self.independent,
-                    nonfinite=self.nonfinite,
-                    trace=self.trace,
-                    solve_dtype=self.solve_dtype if self.training else self.eval_solve_dtype,
-                    causal=self.causal,
-                    keep_iterates=keep,
-                )
-            except Exception as e:
-                err = _first_call_error(e, z_init, x, self._z0_from) if first.failed else None
-                if err is None:  # a failure after f has worked once is f's own: untouched
-                    raise
-                raise err from e
-            finally:
-                first.remove()
-        if use_cache:
-            self.cache.update(cache_keys, flatten(sol.value, layout))
+        z, sol = self.policy._solve(
+            self.f, x, lambda: self._initial_state(x, z0), self.training, self.cache, cache_keys
+        )
         if self.warm_start:
-            v = sol.value
-            self._last = v.detach() if isinstance(v, Tensor) else type(v)(p.detach() for p in v)
+            self._last = z.detach() if isinstance(z, Tensor) else type(z)(p.detach() for p in z)
             self._last_sig = _signature(x)
-        return sol.value, sol
+        return z, sol
 
     def extra_repr(self) -> str:
         return (

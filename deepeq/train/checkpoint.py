@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..models._migrate import migrate_state_dict
 from .guard import GuardState
 
 FORMAT = "deepeq-checkpoint-1"
@@ -205,6 +206,8 @@ def load(path: str | Path, map_location: Any = None, required: tuple[str, ...] =
     missing = [k for k in required if k not in ck]
     if missing:
         raise CheckpointError(f"{path} lacks {missing}; it is not a training checkpoint.")
+    if "model" in ck:  # weights saved by an older model layout (deq.f.* copies of f.*)
+        ck["model"] = migrate_state_dict(ck["model"])
     return ck
 
 

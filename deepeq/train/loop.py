@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..models import create_model
-from ..models._protocol import EquilibriumModel, equilibrium_layer
+from ..models._protocol import EquilibriumModel
 from ..regularization import JacobianSchedule
 from . import checkpoint as _ck
 from ._denormal import set_flush_denormal
@@ -352,18 +352,18 @@ def _finish(cfg: TrainConfig, task: Task, model, run: RunState, row: dict, main:
 
 
 def _make_cache(cfg: TrainConfig, model, rank: int):
-    """The run's fixed-point cache (``cfg.fp_cache``), attached to the model's DEQ; None if off
-    (a config with ``fp_cache`` names an equilibrium model: ``TrainConfig`` checks it)."""
+    """The run's fixed-point cache (``cfg.fp_cache``), attached to the model (``fp_cache``, used
+    by its training solves); None if off (a config with ``fp_cache`` names an equilibrium
+    model: ``TrainConfig`` checks it)."""
     if not cfg.fp_cache:
         return None
     from ..nn.cache import FixedPointCache
 
-    deq = equilibrium_layer(model)  # the config checked that there is one
     path = None
     if cfg.fp_cache_path:
         path = cfg.fp_cache_path + (f".rank{rank}" if rank else "")
-    deq.cache = FixedPointCache(cfg.fp_cache_mib * 2**20, dtype=cfg.fp_cache_dtype, path=path)
-    return deq.cache
+    model.fp_cache = FixedPointCache(cfg.fp_cache_mib * 2**20, dtype=cfg.fp_cache_dtype, path=path)
+    return model.fp_cache
 
 
 def git_commit() -> str:

@@ -61,7 +61,7 @@ def correction_loss(model, sols: list, targets: torch.Tensor) -> torch.Tensor | 
         else torch.cat([s.trajectory[j] for s in sols], dim=1)
         for j in range(n)
     ]
-    fpc = model.deq.correction
+    fpc = equilibrium_layer(model).correction
     losses = []
     for z in states:
         idx = None if isinstance(z, tuple) else fpc.sample(z.shape[1])
