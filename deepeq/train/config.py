@@ -359,7 +359,10 @@ def _check_model_rules(cfg: TrainConfig) -> None:
 def is_equilibrium(model_config: Any) -> bool:
     """Whether a model config (``deepeq.models.model_config``) describes an equilibrium model
     (one whose core is solved for its fixed point), as opposed to an explicit twin or baseline."""
-    return getattr(model_config, "core", None) == "deq"
+    from ..models._core import make_core
+
+    word = getattr(model_config, "core", None)  # models without one (baselines) are explicit
+    return word is not None and make_core(word).solves
 
 
 def _check_data(d: DataConfig) -> None:
