@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._solution import ConvergenceWarning
 from .analysis import plots
 from .train.checkpoint import CheckpointError
 from .train.config import ConfigError
@@ -490,7 +492,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.rest and not getattr(args, "takes_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(args.rest)}")
     try:
-        return args.handler(args)
+        with warnings.catch_warnings():
+            # Capped backward solves are reported per step (metrics.csv: bwd_converged) and in
+            # the run's convergence summary; the library's one-time warning would repeat it.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return args.handler(args)
     except USER_ERRORS as e:  # bad config, missing file, existing run: one line, exit code 2
         print(f"deepeq {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -190,3 +190,23 @@ def test_a_backward_solve_at_its_cap_warns_once():
         z.sum().backward()
     assert sol.backward.status is deepeq.Status.CONVERGED
     assert not [w for w in caught if issubclass(w.category, deepeq.ConvergenceWarning)]
+
+
+def test_training_runs_report_capped_backward_solves_in_their_records_not_as_warnings(
+    tmp_path, capsys
+):
+    # deepeq train: the capped backward solves are in metrics.csv (bwd_converged) and the
+    # summary; the library's warning is not repeated on the console
+    from pathlib import Path
+
+    from deepeq.__main__ import main
+
+    cfg = Path(__file__).resolve().parents[1] / "configs/copy_memory_tiny.toml"
+    args = ["--steps=2", "--data.seq_len=10", "--data.n_train=32", "--data.n_test=16",
+            "--batch_size=8", "--eval_every=2", "--model.overrides.solve.b_max_steps=1",
+            "--model.overrides.solve.b_rtol=1e-12", f"--out_dir={tmp_path}", "--no-progress"]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", str(cfg), *args]) == 0
+    assert not [w for w in caught if issubclass(w.category, deepeq.ConvergenceWarning)]
+    assert "backward 0%" in capsys.readouterr().out  # the summary says it instead
