@@ -266,6 +266,51 @@ def _print_nfe_lines(rows: list[dict], csv: Path, png: Path) -> None:
         )
 
 
+def _path_independence_rows(args: argparse.Namespace) -> list[dict]:
+    """``analyze path-independence``: AA per example of a run's model (its own test images for
+    image runs; random token sequences otherwise) or of a fresh registered one."""
+    from .analysis import studies
+
+    model, images = _study_model(args, "the path-independence study")
+    return studies.path_independence_rows(
+        model, batch=args.batch, length=args.length, random_starts=args.random_starts,
+        shuffled_starts=args.shuffled_starts, scale=args.scale, seed=args.seed, inputs=images,
+    )  # fmt: skip
+
+
+def _study_model(args: argparse.Namespace, what: str):
+    """``(model, inputs)`` of ``--run`` (its latest checkpoint, its own test images for image
+    runs) or ``--model`` (a fresh registered model); a ConfigError unless it has an
+    equilibrium layer."""
+    from .models._protocol import equilibrium_layer
+
+    if args.run:
+        from .train.checkpoint import load_run
+
+        cfg, model, task = load_run(args.run)
+        name, images = cfg.model.name, task.analysis_inputs(args.batch)
+    else:
+        from .models import create_model
+
+        name, model, images = args.model, create_model(args.model), None
+    if equilibrium_layer(model) is None:
+        raise ConfigError(f"{what} needs a DEQ model (a deq_* or mdeq_* name); got {name}.")
+    return model, images
+
+
+def _print_alignment(rows: list[dict], csv: Path, png: Path) -> None:
+    n = len(rows)
+    aa = sum(r["aa"] for r in rows) / n
+    diff = sum(r["different"] for r in rows) / n
+    conv = sum(r["all_converged"] for r in rows) / n
+    print(
+        f"path independence over {n} examples: AA {aa:.4f} (1 = every start reaches the same "
+        f"equilibrium), {100 * diff:.1f}% of the other starts reached a different one, "
+        f"{100 * conv:.0f}% of the examples converged from every start"
+    )
+    print(csv, png)
+
+
 @dataclass(frozen=True)
 class Study:
     """An ``analyze`` study: its rows from the arguments, the files it writes
@@ -280,6 +325,12 @@ class Study:
 STUDIES = {
     "convergence": Study(_convergence_rows, "convergence", plots.plot_convergence, _print_files),
     "nfe": Study(_nfe_rows, "metric_vs_nfe", plots.plot_metric_vs_nfe, _print_nfe_lines),
+    "path-independence": Study(
+        _path_independence_rows,
+        "path_independence",
+        plots.plot_path_independence,
+        _print_alignment,
+    ),
     "gradient": Study(
         _gradient_rows, "gradient_accuracy", plots.plot_gradient_accuracy, _print_gradient_table
     ),
@@ -413,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser(
         "analyze",
-        help="analysis studies: deepeq analyze {convergence,nfe,gradient} ...",
+        help="analysis studies: deepeq analyze {convergence,nfe,gradient,path-independence} ...",
         description="Analysis studies; each writes a CSV and a PNG.",
     )
     studies = a.add_subparsers(dest="study", required=True)
@@ -449,6 +500,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gr.add_argument("--solver", default=None, help="forward solver (default: the run's)")
     gr.add_argument("--out", default="runs/analysis")
+    pi = studies.add_parser(
+        "path-independence",
+        help="asymptotic alignment: does the equilibrium depend on where the solve starts?",
+    )
+    src = pi.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a registered deq_* / mdeq_* model (random initialisation)")
+    src.add_argument("--run", help="a run directory (its latest checkpoint)")
+    pi.add_argument("--batch", type=int, default=8, help="examples")
+    pi.add_argument("--length", type=int, default=32, help="sequence length (sequence models)")
+    pi.add_argument("--random-starts", type=int, default=2, help="starts drawn from N(0, scale^2)")
+    pi.add_argument("--shuffled-starts", type=int, default=2, help="other examples' equilibria")
+    pi.add_argument("--scale", type=float, default=1.0)
+    pi.add_argument("--seed", type=int, default=0)
+    pi.add_argument("--out", default="runs/analysis")
     a.set_defaults(handler=_analyze)
 
     d = sub.add_parser("demo", help="solve small DEQ layers with every solver; print stats")

@@ -107,3 +107,21 @@ def test_adaptive_depth_spends_more_steps_on_harder_samples():
     assert steps == sorted(steps) and steps[0] < steps[-1] / 10
     assert sol.stats.sample_evals < sol.stats.nfe * 4  # compute fell as samples stopped
     assert deepeq.Status.CONVERGED is sol.status
+
+
+def test_the_path_independence_study_from_the_command_line(tmp_path, capsys):
+    import csv
+
+    from deepeq.__main__ import main
+
+    args = ["analyze", "path-independence", "--batch", "4", "--length", "8", "--out", str(tmp_path)]
+    assert main([*args, "--model", "deq_transformer_tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "path independence over 4 examples: AA " in out
+    with (tmp_path / "path_independence.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and all(-1.0 <= float(r["aa"]) <= 1.0 + 1e-9 for r in rows)
+    assert (tmp_path / "path_independence.png").stat().st_size > 0
+    # an explicit model has no equilibrium to start elsewhere: one line, exit code 2
+    assert main([*args, "--model", "lstm_tiny"]) == 2
+    assert "needs a DEQ model" in capsys.readouterr().err

@@ -86,3 +86,19 @@ def plot_metric_vs_nfe(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def plot_path_independence(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist([r["aa"] for r in rows], bins=20, range=(-1, 1))
+    ax.set_xlabel("asymptotic alignment (mean cosine of fp1 and fp2)")
+    ax.set_ylabel("examples")
+    ax.set_title("path independence: AA per example")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -290,3 +290,44 @@ def gradient_accuracy(
         },
         *rows,
     ]
+
+
+@torch.no_grad()
+def path_independence_rows(
+    model,
+    *,
+    batch: int = 8,
+    length: int = 32,
+    random_starts: int = 2,
+    shuffled_starts: int = 2,
+    scale: float = 1.0,
+    seed: int = 0,
+    inputs=None,
+) -> list[dict]:
+    """Per example, the asymptotic alignment of the model's equilibrium (``deepeq.
+    path_independence``, with the model's evaluation solver and causality): ``inputs`` (e.g. a
+    run's own test images) or ``batch`` random token sequences of ``length``."""
+    from .._test_time import path_independence
+
+    require_equilibrium(model, "the path-independence study")
+    model.eval()
+    policy = model.equilibrium
+    g = torch.Generator().manual_seed(seed)
+    length = length if model.variable_length else model.config.image_size
+    f, args, z0 = model.equilibrium_problem(batch, g, length, inputs)
+    pi = path_independence(
+        f, z0, policy.eval_solver, args=args, random_starts=random_starts,
+        shuffled_starts=shuffled_starts, scale=scale, generator=g, causal=policy.causal,
+        nonfinite="return",
+    )  # fmt: skip
+    return [
+        {
+            "example": i,
+            "aa": float(pi.aa[i]),
+            "different": float(pi.different[i]),
+            "min_cosine": float(pi.cosine[:, i].min()),
+            "fp1_converged": bool(pi.converged[0, i]),
+            "all_converged": bool(pi.converged[:, i].all()),
+        }
+        for i in range(pi.aa.numel())
+    ]
