@@ -47,7 +47,7 @@ def _starts(z0: State, restarts: int, scale: float, starts, generator) -> Tensor
     """``(K, B, D)`` flat starts: z0, then ``starts`` (``(K-1, B, ...)`` in z0's structure, or
     flat) or draws of ``N(0, scale²)``."""
     layout = layout_of(z0)
-    first = flatten(z0, layout).detach()
+    first = flatten(z0, layout)  # not detached: a tracked z0 keeps its graph (start 0)
     if restarts == 1:
         return first.unsqueeze(0)
     if starts is None:
@@ -119,43 +119,35 @@ def fixed_point_restarts(
             "fixed_point_restarts solves the starts of a sample as separate samples of one "
             "call; f must treat samples independently (independent=False is not supported)."
         )
-    if not isinstance(args, tuple | list):
-        args = (args,)
-    if restarts == 1:
-        sol = fixed_point(f, z0, solver, args=args, **options)
-        layout = layout_of(z0)
-        B = layout.batch
-        flat = flatten(sol.value, layout).detach()
-        return Restarts(
-            value=sol.value,
-            index=torch.zeros(B, dtype=torch.long, device=layout.device),
-            solution=sol,
-            values=flat.unsqueeze(0),
-            rel_residual=sol.stats.rel_residual.unsqueeze(0),
-            converged=sol.stats.converged.unsqueeze(0),
-        )
     layout = layout_of(z0)
     B, K = layout.batch, restarts
-    Z = _starts(z0, K, scale, starts, generator)  # (K, B, D)
-    big = dataclasses.replace(layout, batch=K * B)
-    zbig = unflatten(Z.reshape(K * B, -1), big)
-    argbig = _map_args(tuple(args), lambda a: a.repeat(K, *([1] * (a.dim() - 1))))
-    sol = fixed_point(f, zbig, solver, args=argbig, **options)
+    sol, big = _solve_starts(f, _starts(z0, K, scale, starts, generator), layout, solver, args,
+                             options)  # fmt: skip
     rel = sol.stats.rel_residual.view(K, B)
-    conv = sol.stats.converged.view(K, B)
     # lowest relative residual; NaN (non-finite) ranks last; ties keep the earliest start
     index = torch.nan_to_num(rel, nan=float("inf")).argmin(0)
-    flat = flatten(sol.value, big).view(K, B, -1)
-    rows = index * B + torch.arange(B, device=index.device)
-    chosen = flatten(sol.value, big)[rows]
+    flat = flatten(sol.value, big)
+    chosen = flat[index * B + torch.arange(B, device=index.device)]
     return Restarts(
         value=unflatten(chosen, layout),
         index=index,
         solution=sol,
-        values=flat.detach(),
+        values=flat.detach().view(K, B, -1),
         rel_residual=rel,
-        converged=conv,
+        converged=sol.stats.converged.view(K, B),
     )
+
+
+def _solve_starts(f, Z: Tensor, layout, solver, args, options: dict):
+    """One ``fixed_point`` call over the ``(K, B, D)`` flat starts ``Z`` (start-major rows, every
+    tensor in ``args`` repeated K times): ``(Solution, layout of the K * B batch)``."""
+    K = Z.shape[0]
+    big = dataclasses.replace(layout, batch=K * layout.batch)
+    args = tuple(args) if isinstance(args, tuple | list) else (args,)
+    repeated = _map_args(args, lambda a: a.repeat(K, *([1] * (a.dim() - 1))))
+    sol = fixed_point(f, unflatten(Z.reshape(K * layout.batch, -1), big), solver,
+                      args=repeated, **options)  # fmt: skip
+    return sol, big
 
 
 @dataclass(frozen=True)
@@ -227,7 +219,7 @@ def path_independence(
         raise ValueError("path_independence needs at least one other start.")
     if not isinstance(args, tuple | list):
         args = (args,)
-    with torch.no_grad():
+    with torch.no_grad():  # fp1, then every other start in one call
         first = fixed_point(f, z0, solver, args=args, **options)
         fp1 = flatten(first.value, layout)
         others = []
@@ -237,18 +229,16 @@ def path_independence(
         for _ in range(random_starts):
             draw = torch.randn(fp1.shape, generator=generator, dtype=fp1.dtype)
             others.append(scale * draw.to(fp1.device))
-        r = fixed_point_restarts(
-            f, first.value, solver, args=args, restarts=len(others) + 1,
-            starts=torch.stack(others), **options,
-        )  # fmt: skip
-    fp2 = r.values[1:]  # (S, B, D)
+        sol, big = _solve_starts(f, torch.stack(others), layout, solver, args, options)
+    S = len(others)
+    fp2 = flatten(sol.value, big).view(S, B, -1)
     dots = (fp2 * fp1.unsqueeze(0)).sum(2, dtype=torch.float64)
     n1 = safe_norm(fp1, 1)
     n2 = safe_norm(fp2, 2)
     cosine = torch.where((n1 > 0) & (n2 > 0), dots / (n1 * n2).clamp_min(1e-300), 1.0)
     dist = safe_norm(fp2 - fp1.unsqueeze(0), 2)
     different = (dist > tol * n1).double().mean(0)
-    converged = torch.cat((first.stats.converged.unsqueeze(0), r.converged[1:]))
+    converged = torch.cat((first.stats.converged.unsqueeze(0), sol.stats.converged.view(S, B)))
     return PathIndependence(
         aa=cosine.mean(0), cosine=cosine, different=different, fp1=fp1, converged=converged
     )
