@@ -60,7 +60,6 @@ class _Evaluator:
         self.active = torch.arange(layout.batch, device=layout.device)  # original sample ids
         self.full_z = z.clone() if not independent else None  # frozen rows keep their value
         self.hold: Tensor | None = None  # rows f must see at their full_z value (causal solving)
-        self.coupled = False  # the rows' outputs depend on each other: evaluate whole batches
         self.nfe = 0
         self.sample_evals = 0
         # The solver's own arithmetic runs outside autocast (its state stays in z0's dtype); f
@@ -457,7 +456,6 @@ def _solve(f, z, solver, layout, args, o: DriverOptions, coupled: bool, autocast
         raise ValueError(f"z0 contains non-finite values (inf/nan) for samples {bad[:10]}.")
     grad, max_steps, causal = torch.is_grad_enabled(), solver.max_steps, o.positions > 0
     ev = _Evaluator(f, layout, args, o.independent, z, autocast)
-    ev.coupled = coupled
     verify, switch = o.verify, not causal and not solver.returns_last
     fz = ev(z)
     norms = _norms(z.detach(), fz.detach())  # (2, b): residual, ||f(z)||
@@ -465,7 +463,7 @@ def _solve(f, z, solver, layout, args, o: DriverOptions, coupled: bool, autocast
     key = rule.key(norms)
     best = _BestIterate(z, norms, key, o.min_steps, last=causal or solver.returns_last)
     out, extras = _Outputs(z, norms, max_steps, o.trace), _Extras(o)
-    state = solver.init(ev, z, fz, positions=o.positions)
+    state = solver.init(ev, z, fz, positions=o.positions, coupled=coupled)
     buffer_bytes = sum(t.numel() * t.element_size() for t in state if isinstance(t, Tensor))
     lazy = o.independent and (
         layout.device.type != "cpu" if o.compaction == "auto" else o.compaction == "lazy"

@@ -13,6 +13,6 @@ FixedPointFn: TypeAlias = Callable[..., Any]
 
 #: The flat map a solver sees: ``F(z_rows, rows=None) -> f(z_rows)`` on a ``(b, D)`` tensor. ``rows``
 #: (optional, int64 indices into the currently active samples) says which samples ``z_rows`` holds;
-#: the other samples are held at their last evaluated values. Its attribute ``coupled`` is True
-#: when the samples' outputs depend on each other: a solver must then evaluate whole batches.
+#: the other samples are held at their last evaluated values (valid only when the samples are not
+#: coupled: ``AbstractSolver.init(..., coupled=...)``).
 FlatFn: TypeAlias = Callable[..., Tensor]

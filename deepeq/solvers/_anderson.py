@@ -76,7 +76,9 @@ class Anderson(AbstractSolver):
         _check_float("Anderson", "ridge", self.ridge, 0.0)
         _check_float("Anderson", "max_weight", self.max_weight, 1.0, strict=True)
 
-    def init(self, f: FlatFn, z: Tensor, fz: Tensor, *, positions: int = 0) -> _AndersonState:
+    def init(
+        self, f: FlatFn, z: Tensor, fz: Tensor, *, positions: int = 0, coupled: bool = False
+    ) -> _AndersonState:
         B, D = z.shape
         m = self.history_length
         wd = work_dtype(z.dtype)  # fp32 for fp32/bf16/fp16 states, fp64 for fp64

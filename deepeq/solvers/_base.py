@@ -32,13 +32,18 @@ class AbstractSolver(abc.ABC):
     returns_last: ClassVar[bool] = False
 
     @abc.abstractmethod
-    def init(self, f: FlatFn, z: Tensor, fz: Tensor, *, positions: int = 0) -> Any:
+    def init(
+        self, f: FlatFn, z: Tensor, fz: Tensor, *, positions: int = 0, coupled: bool = False
+    ) -> Any:
         """Build the solver state (e.g. a history buffer) for ``z``, ``fz = f(z)`` of shape (B, D).
 
         ``positions`` > 0: causal solving, the rows being (sample, position) pairs, this many per
         sample in order; a solver that mixes rows (Anderson) keeps it in its state and mixes per
         prefix. Solvers whose mixing cannot be made causal are refused before the solve
-        (``deepeq._fixed_point.check_causal_solver``)."""
+        (``deepeq._fixed_point.check_causal_solver``). ``coupled``: the rows' outputs depend on
+        each other (``independent=False``): f's value for some rows (``f(z_rows, rows=...)``)
+        is then only valid with the others held, so a solver that re-evaluates some rows
+        (Broyden's line search) must evaluate whole batches instead."""
 
     @abc.abstractmethod
     def step(self, f: FlatFn, z: Tensor, fz: Tensor, state: Any) -> tuple[Tensor, Tensor, Any]:

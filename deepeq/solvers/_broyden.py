@@ -17,6 +17,7 @@ class _BroydenState(NamedTuple):
     U: Tensor  # (B, m, D)  rank-one factors: J⁻¹ ≈ -I + Σ_i u_i v_iᵀ; only [:, :count] is used
     V: Tensor  # (B, m, D)
     count: int  # slots in use (the same for every active sample)
+    coupled: bool = False  # the rows' outputs depend on each other: evaluate whole batches
 
 
 def _lowrank(x: Tensor, A: Tensor, C: Tensor, beta: float, alpha: float) -> Tensor:
@@ -80,15 +81,17 @@ class Broyden(AbstractSolver):
         if not isinstance(self.line_search, bool):
             raise TypeError(f"Broyden.line_search must be a bool; got {self.line_search!r}.")
 
-    def init(self, f: FlatFn, z: Tensor, fz: Tensor, *, positions: int = 0) -> _BroydenState:
+    def init(
+        self, f: FlatFn, z: Tensor, fz: Tensor, *, positions: int = 0, coupled: bool = False
+    ) -> _BroydenState:
         B, D = z.shape
         m = self.history_length
         # Uninitialised on purpose: slots are written before they are read (count tracks them).
-        return _BroydenState(z.new_empty(B, m, D), z.new_empty(B, m, D), 0)
+        return _BroydenState(z.new_empty(B, m, D), z.new_empty(B, m, D), 0, coupled)
 
     def step(self, f: FlatFn, z: Tensor, fz: Tensor, state: _BroydenState):
         # Written for few tensor ops per step: with cheap f the per-op overhead dominates.
-        U, V, n = state
+        U, V, n, coupled = state
         Un, Vn = U[:, :n], V[:, :n]  # the used slots only: no work on empty history
         g = fz - z
         dz = _lowrank(g, Un, Vn, beta=1.0, alpha=-1.0)  # -J⁻¹g = g - Σ u_i (v_i·g)
@@ -106,7 +109,7 @@ class Broyden(AbstractSolver):
         z_new = z + dz
         fz_new = f(z_new)
         if self.line_search:
-            z_new, fz_new = self._backtrack(f, z, g, dz, z_new, fz_new)
+            z_new, fz_new = self._backtrack(f, z, g, dz, z_new, fz_new, coupled)
         s = z_new - z
         y = fz_new - z_new - g
         if n == self.history_length:
@@ -136,11 +139,11 @@ class Broyden(AbstractSolver):
             U[:, :n], V[:, :n] = Un, Vn
         U[:, n] = (s - Jy) * inv.unsqueeze(1)
         V[:, n] = unit
-        return z_new, fz_new, _BroydenState(U, V, n + 1)
+        return z_new, fz_new, _BroydenState(U, V, n + 1, coupled)
 
     def final_state(self, state: _BroydenState, rows: Tensor) -> tuple[Tensor, Tensor]:
         """The used factors ``(U, V)`` ``(len(rows), n, D)`` of rows ``rows``."""
-        U, V, n = state
+        U, V, n, _ = state
         return U[rows, :n], V[rows, :n]
 
     def inverse_estimate(self, final: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
@@ -149,12 +152,11 @@ class Broyden(AbstractSolver):
         U, V = final
         return U, V
 
-    def _backtrack(self, f, z, g, dz, z_new, fz_new):
+    def _backtrack(self, f, z, g, dz, z_new, fz_new, whole: bool):
         gnorm = safe_norm(g, 1)
         scale = torch.ones_like(gnorm, dtype=z.dtype)
-        # Coupled samples: a row's f(z) is only valid for the batch state it was computed at,
-        # so every trial evaluates the whole batch (f runs on it anyway).
-        whole = getattr(f, "coupled", False)
+        # Coupled samples (``whole``): a row's f(z) is only valid for the batch state it was
+        # computed at, so every trial evaluates the whole batch (f runs on it anyway).
         for _ in range(self.backtracks):
             gn = safe_norm(fz_new - z_new, 1)
             # Sufficient decrease of ||g|| (Armijo-style, c = 1e-4); NaN counts as failure.

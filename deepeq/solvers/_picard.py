@@ -43,7 +43,9 @@ class Picard(AbstractSolver):
     def __post_init__(self) -> None:
         self._validate()
 
-    def init(self, f: FlatFn, z: Tensor, fz: Tensor, *, positions: int = 0) -> _PicardState:
+    def init(
+        self, f: FlatFn, z: Tensor, fz: Tensor, *, positions: int = 0, coupled: bool = False
+    ) -> _PicardState:
         return _PicardState()
 
     def step(self, f: FlatFn, z: Tensor, fz: Tensor, state: _PicardState):

@@ -92,7 +92,9 @@ class Reversible(AbstractSolver):
             return z.dtype
         return torch.promote_types(self.chain_dtype, z.dtype)
 
-    def init(self, f: FlatFn, z: Tensor, fz: Tensor, *, positions: int = 0) -> _ReversibleState:
+    def init(
+        self, f: FlatFn, z: Tensor, fz: Tensor, *, positions: int = 0, coupled: bool = False
+    ) -> _ReversibleState:
         zc = z.to(self.dtype_for(z))
         return _ReversibleState(y=zc, z=zc, fy=fz)
 
