@@ -19,6 +19,7 @@ from .._types import State
 from ..backward import AbstractBackward, ImplicitBackward
 from ..regularization.correction import FixedPointCorrection
 from ..solvers import AbstractSolver, Anderson
+from ..solvers._base import check_solver
 from .cache import FixedPointCache
 from .dropout import reset_deq_state
 
@@ -68,19 +69,10 @@ class SolvePolicy:
         if self.eval_solver is None:
             object.__setattr__(self, "eval_solver", self.solver)
         for name in ("solver", "eval_solver"):
-            s = getattr(self, name)
-            if not isinstance(s, AbstractSolver):
-                raise TypeError(
-                    f"DEQ {name} must be a deepeq solver object such as deepeq.Anderson(); got "
-                    f"{type(s).__name__}. Use deepeq.make_solver(name, **hp) for strings."
-                )
+            check_solver(getattr(self, name), f"DEQ {name}")
         if self.backward is None:
             object.__setattr__(self, "backward", ImplicitBackward())
-        if not isinstance(self.backward, AbstractBackward):
-            raise TypeError(
-                f"DEQ backward must be a deepeq backward rule such as deepeq.ImplicitBackward(); "
-                f"got {type(self.backward).__name__}."
-            )
+        AbstractBackward.check(self.backward, "DEQ backward")
         self.backward.check_forward_solver(self.solver)  # fail now, not at the first step
         c = self.correction
         if c is not None and not isinstance(c, FixedPointCorrection):
